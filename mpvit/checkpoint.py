@@ -1,0 +1,175 @@
+"""Reading MPViT weights from any of the released checkpoint formats.
+
+The authors released the same backbone inside four wrappers:
+
+==================  ====================================  =====================
+format              where the weights sit                 backbone key prefix
+==================  ====================================  =====================
+classification      ``checkpoint["model"]`` or bare dict  (none)
+Detectron2          ``checkpoint["model"]``               ``backbone.bottom_up.backbone.``
+mmsegmentation      ``checkpoint["state_dict"]``          ``backbone.``
+Deformable DETR     ``checkpoint["model"]``               ``backbone.0.backbone.``
+==================  ====================================  =====================
+
+:func:`checkpoint_filter_fn` (timm's ``pretrained_filter_fn`` hook) turns any of
+them into a state dict for :class:`mpvit.models.mpvit.MPViT`, and refuses a
+checkpoint that does not fit with a short list of what is wrong, instead of
+torch's wall of keys or a silently half-loaded model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+_logger = logging.getLogger(__name__)
+
+# Longest first: 'backbone.' is a prefix of the other two.
+BACKBONE_PREFIXES = ('backbone.bottom_up.backbone.', 'backbone.0.backbone.', 'backbone.')
+_NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
+_SHOW = 5
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or whose tensors do not fit the model."""
+
+
+def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
+    """The state dict inside a training checkpoint (``state_dict`` / ``model`` entries), ``module.`` stripped."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
+    for key in ('state_dict', 'model'):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    return {k[7:] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
+
+
+def backbone_prefix(state_dict: Mapping[str, Any]) -> str:
+    """Which wrapper the backbone weights sit under ('' for a classification checkpoint)."""
+    if 'stem.0.conv.weight' in state_dict:
+        return ''
+    for prefix in BACKBONE_PREFIXES:
+        if prefix + 'stem.0.conv.weight' in state_dict:
+            return prefix
+    sample = ', '.join(list(state_dict)[:_SHOW])
+    raise CheckpointError(
+        'no MPViT weights in this checkpoint: found no stem.0.conv.weight, bare or under any of '
+        f'{", ".join(BACKBONE_PREFIXES)} ({len(state_dict)} keys, e.g. {sample})')
+
+
+def _listing(keys: List[str]) -> str:
+    more = f', ... (+{len(keys) - _SHOW} more)' if len(keys) > _SHOW else ''
+    return ', '.join(keys[:_SHOW]) + more
+
+
+def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: str = 'checkpoint') -> None:
+    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys (first few, with counts)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [
+        f'{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})'
+        for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f'{len(missing)} missing keys: {_listing(missing)}')
+    if unexpected:
+        problems.append(f'{len(unexpected)} unexpected keys: {_listing(unexpected)}')
+    if wrong_shape:
+        problems.append(f'{len(wrong_shape)} keys of the wrong shape: {_listing(wrong_shape)}')
+    if problems:
+        name = getattr(getattr(model, 'pretrained_cfg', None), 'get', lambda *_: None)('architecture')
+        target = name or type(model).__name__
+        raise CheckpointError(f'{what} does not fit {target}; ' + '; '.join(problems)
+                              + '. Is it a checkpoint of another variant?')
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert a classification / Detectron2 / mmseg / Deformable DETR checkpoint for ``model``.
+
+    Keeps only the backbone, drops the classifier when it does not fit (other
+    class count, head removed, dense-task checkpoint without one: the model's
+    own freshly initialised classifier is kept), drops BN statistics the model
+    has no place for (FrozenBN / GroupNorm adapters), then checks the rest fits
+    exactly.
+    """
+    state_dict = unwrap_checkpoint(state_dict)
+    prefix = backbone_prefix(state_dict)
+    # Everything outside the prefix belongs to necks / heads of other tasks.
+    weights = {k[len(prefix):]: torch.as_tensor(v) for k, v in state_dict.items() if k.startswith(prefix)}
+
+    own = model.state_dict()
+    own_head = {k: v for k, v in own.items() if k.startswith('cls_head.')}
+    ckpt_head = {k: v for k, v in weights.items() if k.startswith('cls_head.')}
+    head_fits = set(own_head) == set(ckpt_head) and all(v.shape == own_head[k].shape for k, v in ckpt_head.items())
+    if not head_fits:
+        if ckpt_head and own_head:
+            _logger.info('Classifier in checkpoint does not fit the model (%s vs %s); keeping a fresh one.',
+                         tuple(ckpt_head['cls_head.cls.weight'].shape), tuple(own_head['cls_head.cls.weight'].shape))
+        for k in ckpt_head:
+            del weights[k]
+        weights.update(own_head)
+
+    for k in [k for k in weights if k.endswith(_NORM_STATS) and k not in own]:
+        del weights[k]
+
+    check_fit(weights, model)
+    return weights
+
+
+def ensure_checkpoint_file(path: str) -> None:
+    """Refuse, with a clear message, a path that is missing or holds no PyTorch checkpoint.
+
+    Sniffing the container (zip archive, legacy pickle, safetensors) is cheap and
+    avoids torch.load's unpickler errors, which for a corrupt file can be anything.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    if path.endswith('.safetensors'):
+        return
+    with open(path, 'rb') as f:
+        head = f.read(1)
+    if not (zipfile.is_zipfile(path) or head == b'\x80'):
+        raise CheckpointError(
+            f'{path} is not a readable PyTorch checkpoint (neither a zip archive nor a pickle; truncated download?)')
+
+
+def read_checkpoint(path_or_url: str) -> Dict[str, Any]:
+    """Load a checkpoint from a local file or URL (cached by torch.hub) on the CPU, with clear errors."""
+    if path_or_url.startswith(('http://', 'https://')):
+        from timm.models._hub import download_cached_file
+        path = download_cached_file(path_or_url, check_hash=False, progress=True)
+    else:
+        path = os.path.expanduser(path_or_url)
+    ensure_checkpoint_file(path)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e):
+            raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({e})') from e
+    # Training checkpoints can hold arbitrary Python objects (argparse args, configs).
+    _logger.warning('%s holds non-tensor objects; loading it with full unpickling.', path)
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def load_backbone_weights(model: nn.Module, path_or_url: str, strict: bool = True) -> None:
+    """Read a checkpoint in any released format and load its backbone part into ``model``."""
+    weights = checkpoint_filter_fn(read_checkpoint(path_or_url), model)
+    model.load_state_dict(weights, strict=strict)
+
+
+def check_pretrained_file(variant: str, overlay: Optional[Mapping[str, Any]]) -> None:
+    """Validate ``pretrained_cfg_overlay=dict(file=...)`` before timm reads it."""
+    path = (overlay or {}).get('file')
+    if path:
+        try:
+            ensure_checkpoint_file(path)
+        except (FileNotFoundError, CheckpointError) as e:
+            raise type(e)(f'{variant}: {e}') from None

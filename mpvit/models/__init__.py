@@ -1,0 +1,3 @@
+from .mpvit import MPVIT_ARCHS, MPViT, checkpoint_filter_fn
+
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn']

@@ -1,0 +1,536 @@
+"""MPViT: Multi-Path Vision Transformer for Dense Prediction (Lee et al., CVPR 2022).
+
+One model file for every framework in this repository. Module and parameter
+names follow the released checkpoints exactly (``stem``, ``patch_embed_stages``,
+``mhca_stages``, ``cls_head``), including the reference's habit of registering
+each encoder's shared ``cpe`` / ``crpe`` under several names: state dicts keep
+those aliases, so released checkpoints load key for key.
+
+Inside a transformer path the tokens are kept as ``[B, H, W, C]``. That is
+both the token layout LayerNorm / Linear want and a channels-last image, so
+the convolutional position encodings see the same memory through a permuted
+view instead of reshaping tokens to maps and back around every conv.
+
+Paper: https://arxiv.org/abs/2112.11010
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+
+from mpvit.checkpoint import check_pretrained_file, checkpoint_filter_fn
+
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn']
+
+NormLayer = Callable[[int], nn.Module]
+
+# paths, layers, widths, mlp ratio and heads per stage (ARCHITECTURE.md, "Variants").
+MPVIT_ARCHS: Dict[str, Dict] = {
+    'tiny': dict(num_path=(2, 3, 3, 3), num_layers=(1, 2, 4, 1), embed_dims=(64, 96, 176, 216), mlp_ratio=2.),
+    'xsmall': dict(num_path=(2, 3, 3, 3), num_layers=(1, 2, 4, 1), embed_dims=(64, 128, 192, 256), mlp_ratio=4.),
+    'small': dict(num_path=(2, 3, 3, 3), num_layers=(1, 3, 6, 3), embed_dims=(64, 128, 216, 288), mlp_ratio=4.),
+    'base': dict(num_path=(2, 3, 3, 3), num_layers=(1, 3, 8, 3), embed_dims=(128, 224, 368, 480), mlp_ratio=4.),
+}
+
+
+def _conv_normal_init(conv: nn.Conv2d) -> None:
+    """He-normal over fan-out, the reference's init for every conv of its conv-BN blocks."""
+    fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+    nn.init.normal_(conv.weight, 0.0, (2.0 / fan_out) ** 0.5)
+
+
+def _init_norm(norm: nn.Module) -> None:
+    if getattr(norm, 'weight', None) is not None:
+        nn.init.ones_(norm.weight)
+    if getattr(norm, 'bias', None) is not None:
+        nn.init.zeros_(norm.bias)
+
+
+class Conv2d_BN(nn.Module):
+    """Conv (no bias) -> norm -> optional activation (``conv``, ``bn`` in checkpoints)."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 1,
+            stride: int = 1,
+            padding: int = 0,
+            norm_layer: NormLayer = nn.BatchNorm2d,
+            act_layer: Optional[Callable[[], nn.Module]] = None,
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, bias=False)
+        self.bn = norm_layer(out_chs)
+        self.act_layer = act_layer() if act_layer is not None else nn.Identity()
+        _conv_normal_init(self.conv)
+        _init_norm(self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_layer(self.bn(self.conv(x)))
+
+
+class DWConv2d_BN(nn.Module):
+    """Depthwise kxk -> pointwise 1x1 -> norm -> Hardswish: one step of a patch-embedding chain."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 3,
+            stride: int = 1,
+            norm_layer: NormLayer = nn.BatchNorm2d,
+            act_layer: Callable[[], nn.Module] = nn.Hardswish,
+    ):
+        super().__init__()
+        self.dwconv = nn.Conv2d(
+            in_chs, out_chs, kernel_size, stride, (kernel_size - 1) // 2, groups=out_chs, bias=False)
+        self.pwconv = nn.Conv2d(out_chs, out_chs, 1, bias=False)
+        self.bn = norm_layer(out_chs)
+        self.act = act_layer()
+        _conv_normal_init(self.dwconv)
+        _conv_normal_init(self.pwconv)
+        _init_norm(self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.pwconv(self.dwconv(x))))
+
+
+class DWCPatchEmbed(nn.Module):
+    def __init__(self, dim: int, stride: int = 1, norm_layer: NormLayer = nn.BatchNorm2d):
+        super().__init__()
+        self.patch_conv = DWConv2d_BN(dim, dim, 3, stride, norm_layer=norm_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_conv(x)
+
+
+class Patch_Embed_stage(nn.Module):
+    """Multi-scale patch embedding: a chain of 3x3 convs, one output kept per path.
+
+    Path j sees j + 1 stacked 3x3 convs (receptive field 3, 5, 7, ...), which is
+    how the paper gets coarse-to-fine token scales at equal sequence length.
+    """
+
+    def __init__(self, dim: int, num_path: int, downsample: bool, norm_layer: NormLayer = nn.BatchNorm2d):
+        super().__init__()
+        self.patch_embeds = nn.ModuleList([
+            DWCPatchEmbed(dim, stride=2 if downsample and idx == 0 else 1, norm_layer=norm_layer)
+            for idx in range(num_path)
+        ])
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        outputs = []
+        for embed in self.patch_embeds:
+            x = embed(x)
+            outputs.append(x)
+        return outputs
+
+
+class ConvPosEnc(nn.Module):
+    """Convolutional position encoding: x + depthwise3x3(x) on ``[B, H, W, C]`` tokens."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = x.permute(0, 3, 1, 2)
+        return (self.proj(feat) + feat).permute(0, 2, 3, 1)
+
+
+class ConvRelPosEnc(nn.Module):
+    """Convolutional relative position encoding (CoaT): q * depthwise_conv(v).
+
+    Heads are split into groups that use different kernel sizes
+    (``window`` maps kernel size -> number of heads).
+    """
+
+    def __init__(self, head_dim: int, num_heads: int, window: Dict[int, int]):
+        super().__init__()
+        if sum(window.values()) != num_heads:
+            raise ValueError(f'CRPE window {window} does not cover {num_heads} heads')
+        self.conv_list = nn.ModuleList()
+        self.head_splits = []
+        for kernel_size, heads in window.items():
+            chs = heads * head_dim
+            self.conv_list.append(nn.Conv2d(chs, chs, kernel_size, 1, kernel_size // 2, groups=chs))
+            self.head_splits.append(heads)
+        self.channel_splits = [heads * head_dim for heads in self.head_splits]
+
+    def forward(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, v: ``[B, H, W, heads, head_dim]``; returns q * conv(v) in that layout."""
+        B, H, W, h, Ch = v.shape
+        v_img = v.reshape(B, H, W, h * Ch).permute(0, 3, 1, 2)
+        v_groups = torch.split(v_img, self.channel_splits, dim=1)
+        conv_v = torch.cat([conv(g) for conv, g in zip(self.conv_list, v_groups)], dim=1)
+        return q * conv_v.permute(0, 2, 3, 1).reshape(B, H, W, h, Ch)
+
+
+class FactorAtt_ConvRelPosEnc(nn.Module):
+    """Factorized attention q @ (softmax_N(k)^T @ v), plus the CRPE term."""
+
+    def __init__(self, dim: int, num_heads: int, shared_crpe: ConvRelPosEnc, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.crpe = shared_crpe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(B, H, W, 3, h, C // h)
+        q, k, v = qkv.unbind(3)  # views, [B, H, W, h, Ch]
+        # Attention math wants [B, h, N, Ch]; these are views, no copies.
+        q_t, k_t, v_t = (t.reshape(B, H * W, h, C // h).transpose(1, 2) for t in (q, k, v))
+        # einsum rather than matmul so that fvcore counts FLOPs as for the published figures.
+        context = torch.einsum('bhnk,bhnv->bhkv', k_t.softmax(dim=2), v_t)
+        factor_att = torch.einsum('bhnk,bhkv->bhnv', q_t, context).transpose(1, 2).reshape(B, H, W, h, C // h)
+        x = self.scale * factor_att + self.crpe(q, v)
+        return self.proj(x.reshape(B, H, W, C))
+
+
+class MHCA_layer(nn.Module):
+    """One transformer layer of a path: CPE, factorized attention, MLP (pre-norm)."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float,
+            drop_path: float,
+            shared_cpe: ConvPosEnc,
+            shared_crpe: ConvRelPosEnc,
+    ):
+        super().__init__()
+        # Shared with the encoder and its other layers; registered here as the reference does.
+        self.cpe = shared_cpe
+        self.crpe = shared_crpe
+        self.factoratt_crpe = FactorAtt_ConvRelPosEnc(dim, num_heads, shared_crpe)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cpe(x)
+        x = x + self.drop_path(self.factoratt_crpe(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class MHCAEncoder(nn.Module):
+    """The transformer encoder of one path; its CPE and CRPE are shared by all its layers."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_layers: int,
+            num_heads: int,
+            mlp_ratio: float,
+            drop_path_list: Sequence[float],
+            crpe_window: Optional[Dict[int, int]] = None,
+    ):
+        super().__init__()
+        self.cpe = ConvPosEnc(dim, 3)
+        self.crpe = ConvRelPosEnc(dim // num_heads, num_heads, crpe_window or {3: 2, 5: 3, 7: 3})
+        self.MHCA_layers = nn.ModuleList([
+            MHCA_layer(dim, num_heads, mlp_ratio, drop_path_list[idx], self.cpe, self.crpe)
+            for idx in range(num_layers)
+        ])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` map in, ``[B, C, H, W]`` map out (a channels-last view)."""
+        x = x.permute(0, 2, 3, 1)
+        for layer in self.MHCA_layers:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(layer, x)
+            else:
+                x = layer(x)
+        return x.permute(0, 3, 1, 2)
+
+
+class InvResBlock(nn.Module):
+    """The local (convolutional) path: inverted residual with a depthwise 3x3."""
+
+    def __init__(self, dim: int, norm_layer: NormLayer = nn.BatchNorm2d):
+        super().__init__()
+        self.conv1 = Conv2d_BN(dim, dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=False)
+        self.norm = norm_layer(dim)
+        self.act = nn.Hardswish()
+        self.conv2 = Conv2d_BN(dim, dim, norm_layer=norm_layer)
+        _init_norm(self.norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.act(self.norm(self.dwconv(self.conv1(x))))
+        return x + self.conv2(feat)
+
+
+class MHCA_stage(nn.Module):
+    """One stage: a local path and one transformer path per scale, fused by a 1x1 conv."""
+
+    def __init__(
+            self,
+            dim: int,
+            out_dim: int,
+            num_layers: int,
+            num_heads: int,
+            mlp_ratio: float,
+            num_path: int,
+            drop_path_list: Sequence[float],
+            norm_layer: NormLayer = nn.BatchNorm2d,
+    ):
+        super().__init__()
+        self.mhca_blks = nn.ModuleList([
+            MHCAEncoder(dim, num_layers, num_heads, mlp_ratio, drop_path_list) for _ in range(num_path)
+        ])
+        self.InvRes = InvResBlock(dim, norm_layer=norm_layer)
+        self.aggregate = Conv2d_BN(dim * (num_path + 1), out_dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
+
+    def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
+        outputs = [self.InvRes(inputs[0])]
+        outputs.extend(encoder(x) for x, encoder in zip(inputs, self.mhca_blks))
+        return self.aggregate(torch.cat(outputs, dim=1))
+
+
+class Cls_head(nn.Module):
+    """Global average pool -> dropout -> Linear (``cls`` in checkpoints)."""
+
+    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.):
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        self.cls = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return x if pre_logits else self.cls(x)
+
+
+class MPViT(nn.Module):
+    """Multi-Path Vision Transformer.
+
+    Args:
+        num_path: transformer paths per stage.
+        num_layers: transformer layers per path, per stage.
+        embed_dims: width of each stage (stage i outputs ``embed_dims[i + 1]``).
+        mlp_ratio: MLP hidden width / width.
+        num_heads: attention heads (all stages).
+        drop_path_rate: stochastic depth, linear over all layers of all stages.
+        norm_layer: factory ``(num_channels) -> module`` for every conv-path norm
+            (BatchNorm2d by default; adapters pass SyncBN / FrozenBN / GroupNorm).
+    """
+
+    def __init__(
+            self,
+            num_path: Sequence[int] = (2, 3, 3, 3),
+            num_layers: Sequence[int] = (1, 3, 6, 3),
+            embed_dims: Sequence[int] = (64, 128, 216, 288),
+            mlp_ratio: float = 4.,
+            num_heads: int = 8,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: NormLayer = nn.BatchNorm2d,
+    ):
+        super().__init__()
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '' (got {global_pool!r})")
+        num_stages = len(embed_dims)
+        if not len(num_path) == len(num_layers) == num_stages:
+            raise ValueError('num_path, num_layers and embed_dims need one entry per stage')
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+
+        dpr = torch.linspace(0, drop_path_rate, sum(num_layers)).tolist()
+        stage_dpr = [dpr[sum(num_layers[:i]):sum(num_layers[:i + 1])] for i in range(num_stages)]
+        out_dims = list(embed_dims[1:]) + [embed_dims[-1]]
+
+        stem_dim = embed_dims[0] // 2
+        self.stem = nn.Sequential(
+            Conv2d_BN(in_chans, stem_dim, 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
+            Conv2d_BN(stem_dim, embed_dims[0], 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
+        )
+        self.patch_embed_stages = nn.ModuleList([
+            Patch_Embed_stage(embed_dims[i], num_path[i], downsample=i > 0, norm_layer=norm_layer)
+            for i in range(num_stages)
+        ])
+        self.mhca_stages = nn.ModuleList([
+            MHCA_stage(
+                embed_dims[i], out_dims[i], num_layers[i], num_heads, mlp_ratio, num_path[i],
+                stage_dpr[i], norm_layer=norm_layer,
+            )
+            for i in range(num_stages)
+        ])
+        self.feature_info = [
+            dict(num_chs=out_dims[i], reduction=4 * 2 ** i, module=f'mhca_stages.{i}') for i in range(num_stages)
+        ]
+        self.cls_head = Cls_head(embed_dims[-1], num_classes if global_pool else 0, drop_rate)
+        self.apply(self._init_transformer_weights)
+
+    @staticmethod
+    def _init_transformer_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            _init_norm(m)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(stem=r'^stem', blocks=r'^(?:patch_embed_stages|mhca_stages)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for module in self.modules():
+            if isinstance(module, MHCAEncoder):
+                module.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.cls_head.cls
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '' (got {global_pool!r})")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.cls_head.cls = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_transformer_weights(self.cls_head.cls)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The stage outputs at ``indices`` (strides 4, 8, 16, 32), and optionally the final map."""
+        if output_fmt != 'NCHW':
+            raise ValueError('MPViT intermediates are NCHW maps')
+        take_indices, max_index = feature_take_indices(len(self.mhca_stages), indices)
+        intermediates = []
+        x = self.stem(x)
+        last = max_index if (stop_early or intermediates_only) else len(self.mhca_stages) - 1
+        for i in range(last + 1):
+            x = self.mhca_stages[i](self.patch_embed_stages[i](x))
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last one in ``indices`` (and the head)."""
+        take_indices, max_index = feature_take_indices(len(self.mhca_stages), indices)
+        self.patch_embed_stages = self.patch_embed_stages[:max_index + 1]
+        self.mhca_stages = self.mhca_stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for embed, stage in zip(self.patch_embed_stages, self.mhca_stages):
+            x = stage(embed(x))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if not self.global_pool:
+            return x
+        return self.cls_head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
+    arch = MPVIT_ARCHS[variant.split('_', 1)[1]]
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    if pretrained:
+        check_pretrained_file(variant, kwargs.get('pretrained_cfg_overlay'))
+    return build_model_with_cfg(
+        MPViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **dict(arch, **kwargs),
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.9,
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0.conv',
+        'classifier': 'cls_head.cls',
+        'paper_ids': 'arXiv:2112.11010',
+        'paper_name': 'MPViT: Multi-Path Vision Transformer for Dense Prediction',
+        'origin_url': 'https://github.com/youngwanLEE/MPViT',
+        **kwargs,
+    }
+
+
+# The authors' ImageNet-1k weights (DeiT recipe, 300 epochs); top-1 78.2 / 80.9 / 83.0 / 84.3.
+default_cfgs = generate_default_cfgs({
+    'mpvit_tiny.in1k': _cfg(url='https://dl.dropbox.com/s/1cmquqyjmaeeg1n/mpvit_tiny.pth'),
+    'mpvit_xsmall.in1k': _cfg(url='https://dl.dropbox.com/s/vvpq2m474g8tvyq/mpvit_xsmall.pth'),
+    'mpvit_small.in1k': _cfg(url='https://dl.dropbox.com/s/y3dnmmy8h4npz7a/mpvit_small.pth'),
+    'mpvit_base.in1k': _cfg(url='https://dl.dropbox.com/s/la8w31m0apj2830/mpvit_base.pth'),
+})
+
+
+@register_model
+def mpvit_tiny(pretrained: bool = False, **kwargs) -> MPViT:
+    """MPViT-T: 5.8M params, 1.6 GFLOPs at 224."""
+    return _create_mpvit('mpvit_tiny', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mpvit_xsmall(pretrained: bool = False, **kwargs) -> MPViT:
+    """MPViT-XS: 10.5M params, 2.9 GFLOPs at 224."""
+    return _create_mpvit('mpvit_xsmall', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mpvit_small(pretrained: bool = False, **kwargs) -> MPViT:
+    """MPViT-S: 22.8M params, 4.7 GFLOPs at 224."""
+    return _create_mpvit('mpvit_small', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mpvit_base(pretrained: bool = False, **kwargs) -> MPViT:
+    """MPViT-B: 74.8M params, 16.4 GFLOPs at 224."""
+    return _create_mpvit('mpvit_base', pretrained=pretrained, **kwargs)

@@ -1,0 +1,20 @@
+"""MPViT: Multi-Path Vision Transformer for Dense Prediction. Exact versions: requirements.txt."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name='mpvit',
+    version='0.1.0',
+    description='MPViT (CVPR 2022) as a timm model, with Detectron2, mmsegmentation and Deformable DETR adapters',
+    long_description=Path(__file__).with_name('README.md').read_text(encoding='utf-8'),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    packages=find_packages(include=['mpvit', 'mpvit.*']),
+    python_requires='>=3.10',
+    install_requires=['torch>=2.1', 'torchvision', 'timm>=1.0.15', 'fvcore'],
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+    ],
+)

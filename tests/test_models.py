@@ -1,0 +1,234 @@
+"""The core model: exact layout and figures of the reference, fidelity, and timm behaviour."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from fidelity import compare, golden, synth_input, synth_state_dict
+from fvcore.nn import FlopCountAnalysis
+
+import mpvit
+from mpvit import CheckpointError
+
+VARIANTS = ['tiny', 'xsmall', 'small', 'base']
+CHANNELS = {
+    'tiny': [96, 176, 216, 216], 'xsmall': [128, 192, 256, 256],
+    'small': [128, 216, 288, 288], 'base': [224, 368, 480, 480],
+}
+
+
+def _write(path, checkpoint) -> str:
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def _from_file(variant: str, path: str, **kwargs) -> torch.nn.Module:
+    return timm.create_model(
+        f'mpvit_{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+
+
+@pytest.fixture(scope='module')
+def synthetic_small(tmp_path_factory):
+    """MPViT-S synthetic weights (the fidelity recipe), written as a released classification checkpoint."""
+    weights = synth_state_dict(golden('manifest_mpvit_small.json')['tensors'])
+    path = _write(tmp_path_factory.mktemp('ckpt') / 'mpvit_small.pth', {'model': weights})
+    return weights, path
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_layout_params_and_flops_match_reference(variant):
+    manifest = golden(f'manifest_mpvit_{variant}.json')
+    model = timm.create_model(f'mpvit_{variant}').eval()
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == manifest['tensors']
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == manifest['params_trainable']
+    flops = FlopCountAnalysis(model, torch.zeros(1, 3, 224, 224))
+    flops.unsupported_ops_warnings(False)
+    flops.uncalled_modules_warnings(False)
+    assert flops.total() == manifest['fvcore_flops_224']
+
+
+@pytest.mark.parametrize('variant', ['tiny', 'small'])
+def test_fidelity_against_reference_outputs(variant, tmp_path):
+    ref = golden(f'cls_mpvit_{variant}_224x224.json')
+    weights = synth_state_dict(golden(f'manifest_mpvit_{variant}.json')['tensors'])
+    path = _write(tmp_path / 'ckpt.pth', {'model': weights})
+    x = synth_input(**ref['input'])
+
+    model = _from_file(variant, path).eval()
+    with torch.no_grad():
+        logits = model(x)
+    assert compare(ref['logits'], logits) == []
+
+    features = _from_file(variant, path, features_only=True).eval()
+    with torch.no_grad():
+        stages = features(x)
+    for i, (summary, out) in enumerate(zip(ref['stages'], stages)):
+        assert compare(summary, out) == [], f'stage {i}'
+
+
+def test_fidelity_check_notices_a_changed_weight(synthetic_small, tmp_path):
+    """The comparison is sharp enough to catch one aliased CRPE kernel being off."""
+    weights, _ = synthetic_small
+    ref = golden('cls_mpvit_small_224x224.json')
+    changed = dict(weights)
+    key = 'mhca_stages.2.mhca_blks.1.MHCA_layers.5.factoratt_crpe.crpe.conv_list.2.weight'
+    changed[key] = changed[key] * 1.01
+    model = _from_file('small', _write(tmp_path / 'changed.pth', {'model': changed})).eval()
+    with torch.no_grad():
+        assert compare(ref['logits'], model(synth_input(**ref['input']))) != []
+
+
+@pytest.mark.parametrize('wrap', [
+    lambda sd: sd,  # bare state dict
+    lambda sd: {'model': sd, 'epoch': 299},  # DeiT-style training checkpoint
+    lambda sd: {'model': {f'backbone.bottom_up.backbone.{k}': v for k, v in sd.items() if 'cls_head' not in k}
+                | {'backbone.fpn_lateral3.weight': torch.zeros(256, 216, 1, 1), 'head.cls_score.bias': torch.zeros(9)}},
+    lambda sd: {'state_dict': {f'backbone.{k}': v for k, v in sd.items() if 'cls_head' not in k}
+                | {'decode_head.conv_seg.weight': torch.zeros(150, 512, 1, 1)}, 'meta': {'iter': 160000}},
+    lambda sd: {'model': {f'backbone.0.backbone.{k}': v for k, v in sd.items() if 'cls_head' not in k}
+                | {'transformer.level_embed': torch.zeros(4, 256)}},
+], ids=['bare', 'classification', 'detectron2', 'mmseg', 'deformable_detr'])
+def test_loads_every_released_format(wrap, synthetic_small, tmp_path):
+    weights, _ = synthetic_small
+    expected = timm.create_model('mpvit_small')
+    expected.load_state_dict(weights)  # shared CPE/CRPE aliases: the last one loaded wins, as in the reference
+    model = _from_file('small', _write(tmp_path / 'ckpt.pth', wrap(weights)))
+    for key, value in model.state_dict().items():
+        if not key.startswith('cls_head'):
+            assert torch.equal(value, expected.state_dict()[key]), key
+
+
+def test_num_classes_and_headless_load_backbone(synthetic_small):
+    weights, path = synthetic_small
+    model = _from_file('small', path, num_classes=10)
+    assert model.get_classifier().out_features == 10
+    headless = _from_file('small', path, num_classes=0)
+    assert isinstance(headless.get_classifier(), torch.nn.Identity)
+    assert torch.equal(headless.state_dict()['stem.0.conv.weight'], weights['stem.0.conv.weight'])
+
+
+def test_checkpoint_of_another_variant_is_refused_with_key_summary(tmp_path):
+    tiny = synth_state_dict(golden('manifest_mpvit_tiny.json')['tensors'])
+    path = _write(tmp_path / 'tiny.pth', {'model': tiny})
+    with pytest.raises(CheckpointError, match=r'does not fit mpvit_small.*missing keys.*wrong shape') as err:
+        _from_file('small', path)
+    assert len(str(err.value)) < 2000  # a summary, not torch's wall of keys
+
+
+def test_unrelated_and_corrupt_files_are_refused(tmp_path):
+    path = _write(tmp_path / 'resnet.pth', {'model': {'conv1.weight': torch.zeros(64, 3, 7, 7)}})
+    with pytest.raises(CheckpointError, match='no MPViT weights'):
+        _from_file('tiny', path)
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(b'this is not a checkpoint' * 10)
+    with pytest.raises(CheckpointError, match='not a readable PyTorch checkpoint'):
+        _from_file('tiny', str(corrupt))
+    truncated = tmp_path / 'truncated.pth'
+    good = _write(tmp_path / 'good.pth', {'model': timm.create_model('mpvit_tiny').state_dict()})
+    truncated.write_bytes(open(good, 'rb').read()[:5000])
+    with pytest.raises(CheckpointError, match='not a readable PyTorch checkpoint'):
+        _from_file('tiny', str(truncated))
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        _from_file('tiny', str(tmp_path / 'missing.pth'))
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_forward_backward_and_features(variant):
+    torch.manual_seed(0)
+    model = timm.create_model(f'mpvit_{variant}', num_classes=7, drop_path_rate=0.1)
+    x = torch.randn(2, 3, 96, 128)
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert no_grad == []
+
+    features = timm.create_model(f'mpvit_{variant}', features_only=True).eval()
+    assert features.feature_info.channels() == CHANNELS[variant]
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+    maps = features(torch.randn(1, 3, 128, 160))
+    assert [tuple(m.shape) for m in maps] == [
+        (1, c, 128 // s, 160 // s) for c, s in zip(CHANNELS[variant], [4, 8, 16, 32])]
+
+
+def test_out_indices_prune_later_stages():
+    model = timm.create_model('mpvit_tiny', features_only=True, out_indices=(1, 2))
+    assert model.feature_info.channels() == [176, 216]
+    assert len(model.model.mhca_stages) == 3
+    maps = model(torch.randn(1, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(1, 176, 8, 8), (1, 216, 4, 4)]
+
+
+def test_odd_input_sizes():
+    model = timm.create_model('mpvit_tiny', features_only=True).eval()
+    maps = model(torch.randn(1, 3, 97, 141))
+    # Every stride-2 conv pads by one: ceil-halving at each step.
+    assert [tuple(m.shape[-2:]) for m in maps] == [(25, 36), (13, 18), (7, 9), (4, 5)]
+
+
+def test_head_api():
+    model = timm.create_model('mpvit_tiny').eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 216, 2, 2)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 216)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    model.reset_classifier(5)
+    assert model.get_classifier().out_features == 5 and model(x).shape == (2, 5)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 216)
+    model.reset_classifier(0, global_pool='')
+    assert model(x).shape == (2, 216, 2, 2)
+    assert model.pretrained_cfg['first_conv'] == 'stem.0.conv'
+    assert model.pretrained_cfg['classifier'] == 'cls_head.cls'
+    assert model.pretrained_cfg['crop_pct'] == 0.9 and model.pretrained_cfg['interpolation'] == 'bicubic'
+    assert model.get_submodule('stem.0.conv').in_channels == 3
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model('mpvit_tiny')
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name], msg=name)
+
+
+def test_drop_path_schedule_is_linear_over_all_layers():
+    model = timm.create_model('mpvit_small', drop_path_rate=0.3)
+    rates = [stage.mhca_blks[0].MHCA_layers[i].drop_path for stage in model.mhca_stages
+             for i in range(len(stage.mhca_blks[0].MHCA_layers))]
+    probs = [getattr(d, 'drop_prob', 0.0) for d in rates]
+    torch.testing.assert_close(torch.tensor(probs), torch.linspace(0, 0.3, 13))
+
+
+def test_save_load_round_trip_and_trace(tmp_path):
+    model = timm.create_model('mpvit_tiny').eval()
+    x = torch.randn(1, 3, 64, 64)
+    path = _write(tmp_path / 'model.pth', model.state_dict())
+    reloaded = _from_file('tiny', path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x))
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(x), model(x))
+
+
+def test_export():
+    model = timm.create_model('mpvit_tiny').eval()
+    x = torch.randn(1, 3, 64, 64)
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x))
+
+
+def test_norm_layer_is_an_argument():
+    model = mpvit.MPViT(**mpvit.MPVIT_ARCHS['tiny'], norm_layer=lambda c: torch.nn.GroupNorm(1, c))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    default = timm.create_model('mpvit_tiny')
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in default.modules())
