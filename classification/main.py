@@ -1,0 +1,479 @@
+"""ImageNet training and evaluation of MPViT with the DeiT recipe, on timm's parts.
+
+Single process:     python classification/main.py -c configs/classification/mpvit_small.yaml --data-path /data/imagenet
+Several GPUs:       torchrun --nproc_per_node 8 classification/main.py -c ... --data-path ...
+Evaluate weights:   python classification/main.py --model mpvit_small --eval --resume <file or URL> --data-path ...
+Throughput:         python classification/main.py --model mpvit_small --throughput --batch-size 128
+
+Every epoch writes ``<output-dir>/checkpoint.pth`` atomically; ``--auto-resume``
+continues from it after an interruption with identical optimizer, scheduler,
+scaler, sampler and RNG state.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from timm.data import Mixup, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import accuracy
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torchvision.datasets import ImageFolder
+
+import mpvit
+from mpvit.checkpoint import checkpoint_filter_fn, read_checkpoint
+
+_logger = logging.getLogger('mpvit.classification')
+
+# Stochastic depth of the released models (DeiT recipe otherwise identical across variants).
+DROP_PATH = {'mpvit_tiny': 0.0, 'mpvit_xsmall': 0.0, 'mpvit_small': 0.05, 'mpvit_base': 0.3}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-c', '--config', help='YAML file whose keys override these defaults (command line wins)')
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='mpvit_small')
+    g.add_argument('--drop-path', type=float, default=None, help='default: the variant\'s (T/XS 0, S 0.05, B 0.3)')
+    g.add_argument('--input-size', type=int, default=224)
+    g.add_argument('--pretrained', default='', help='initialise from a checkpoint file or URL (fine-tuning)')
+    g = p.add_argument_group('data')
+    g.add_argument('--data-path', default='', help='ImageFolder root with train/ and val/')
+    g.add_argument('--batch-size', type=int, default=128, help='per process')
+    g.add_argument('--num-workers', type=int, default=8)
+    g.add_argument('--crop-pct', type=float, default=0.9)
+    g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='RandomResizedCrop area range')
+    g.add_argument('--interpolation', default='bicubic')
+    g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="RandAugment policy ('none' to disable)")
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--reprob', type=float, default=0.25)
+    g.add_argument('--remode', default='pixel')
+    g.add_argument('--repeated-aug', action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument('--mixup', type=float, default=0.8)
+    g.add_argument('--cutmix', type=float, default=1.0)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--smoothing', type=float, default=0.1)
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--lr', type=float, default=None, help='default: 5e-4 x total batch / 512')
+    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-lr', type=float, default=1e-6)
+    g.add_argument('--min-lr', type=float, default=1e-5)
+    g.add_argument('--clip-grad', type=float, default=None)
+    g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation')
+    g.add_argument('--amp', choices=['none', 'bf16', 'fp16'], default='bf16')
+    g.add_argument('--grad-checkpointing', action='store_true')
+    g = p.add_argument_group('run')
+    g.add_argument('--output-dir', default='output/classification')
+    g.add_argument('--resume', default='', help='training checkpoint to continue, or weights to --eval')
+    g.add_argument('--auto-resume', action='store_true', help='continue from <output-dir>/checkpoint.pth if present')
+    g.add_argument('--run-epochs', type=int, default=None,
+                   help='train at most this many epochs in this invocation (time-limited jobs)')
+    g.add_argument('--eval', action='store_true')
+    g.add_argument('--throughput', action='store_true')
+    g.add_argument('--max-steps', type=int, default=None, help='stop each epoch after this many steps (smoke runs)')
+    g.add_argument('--log-interval', type=int, default=50)
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--deterministic', action='store_true', help='deterministic algorithms (slower)')
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        with open(first.config) as f:
+            overrides = yaml.safe_load(f) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            parser.error(f'{first.config}: unknown keys {unknown}')
+        parser.set_defaults(**overrides)
+    args = parser.parse_args(argv)
+    if args.drop_path is None:
+        args.drop_path = DROP_PATH.get(args.model, 0.0)
+    return args
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    args.distributed = 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', 1)) > 1
+    args.rank, args.world_size, args.local_rank = 0, 1, 0
+    if args.distributed:
+        args.rank, args.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        args.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        if args.device.startswith('cuda'):
+            torch.cuda.set_device(args.local_rank)
+            args.device = f'cuda:{args.local_rank}'
+        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+
+
+def is_main(args) -> bool:
+    return args.rank == 0
+
+
+def all_reduce_sum(values, device) -> list:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class CheckedImageFolder(ImageFolder):
+    """ImageFolder that names the path when it is missing or empty, and skips unreadable images."""
+
+    def __init__(self, root: str, **kwargs):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f'dataset folder not found: {root}')
+        try:
+            super().__init__(root, **kwargs)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f'{root}: {e}') from None
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self)):
+            try:
+                return super().__getitem__((index + offset) % len(self))
+            except OSError as e:  # PIL's UnidentifiedImageError / truncated files
+                _logger.warning('skipping unreadable image %s (%s)', self.samples[(index + offset) % len(self)][0], e)
+        raise RuntimeError(f'no readable image in {self.root}')
+
+
+def build_dataset(args, split: str) -> Dataset:
+    if not args.data_path:
+        raise ValueError('--data-path is required (an ImageFolder root with train/ and val/)')
+    training = split == 'train'
+    transform = create_transform(
+        args.input_size,
+        is_training=training,
+        auto_augment=None if args.aa in ('', 'none') else args.aa,
+        color_jitter=args.color_jitter,
+        interpolation=args.interpolation,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        crop_pct=args.crop_pct,
+        scale=tuple(args.scale),
+    )
+    return CheckedImageFolder(os.path.join(args.data_path, split), transform=transform)
+
+
+def build_train_loader(args, dataset) -> DataLoader:
+    if args.repeated_aug:
+        # DeiT's rounding to 256 samples would empty a small dataset; round only when it is large enough.
+        sampler = RepeatAugSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True,
+                                   selected_round=256 if len(dataset) >= 256 * args.world_size else 0)
+    elif args.distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, shuffle=True)
+    else:
+        sampler = RandomSampler(dataset)
+    return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                      pin_memory=args.device.startswith('cuda'), drop_last=True,
+                      persistent_workers=args.num_workers > 0)
+
+
+def build_val_loader(args, dataset) -> DataLoader:
+    # Each rank evaluates a disjoint slice; sums are reduced, so no sample counts twice.
+    indices = list(range(args.rank, len(dataset), args.world_size))
+    return DataLoader(torch.utils.data.Subset(dataset, indices), args.batch_size,
+                      sampler=SequentialSampler(indices), num_workers=args.num_workers,
+                      pin_memory=args.device.startswith('cuda'))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> Dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's key array as a tensor keeps checkpoints loadable with torch.load(weights_only=True).
+    state = {'torch': torch.get_rng_state(), 'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, cached), 'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    torch.set_rng_state(state['torch'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def load_weights(model: nn.Module, path_or_url: str) -> None:
+    """Released weights or a checkpoint of ours, in any format mpvit reads; refuses what does not fit."""
+    model.load_state_dict(checkpoint_filter_fn(read_checkpoint(path_or_url), model))
+
+
+# ---------------------------------------------------------------------------- loops
+
+
+def autocast(args):
+    if args.amp == 'none':
+        return nullcontext()
+    dtype = torch.bfloat16 if args.amp == 'bf16' else torch.float16
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=dtype)
+
+
+def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, scaler, mixup, epoch, step) -> Dict:
+    model.train()
+    steps_per_epoch = len(loader) // args.accum_steps
+    if args.max_steps:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    loss_sum, seen, start = 0.0, 0, time.time()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets) in enumerate(loader):
+        if i // args.accum_steps >= steps_per_epoch:
+            break
+        images = images.to(args.device, non_blocking=True)
+        targets = targets.to(args.device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        sync = (i + 1) % args.accum_steps == 0
+        no_sync = model.no_sync() if args.distributed and not sync else nullcontext()
+        with no_sync, autocast(args):
+            loss = criterion(model(images), targets)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} iteration {i}; stopping')
+        scaler.scale(loss / args.accum_steps).backward()
+        loss_sum += loss.item() * images.shape[0]
+        seen += images.shape[0]
+        if not sync:
+            continue
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        scheduler.step_update(step)
+        done = (i + 1) // args.accum_steps
+        if is_main(args) and (done % args.log_interval == 0 or done == steps_per_epoch):
+            elapsed = time.time() - start
+            eta = datetime.timedelta(seconds=int(elapsed / done * (steps_per_epoch - done)))
+            _logger.info('Epoch %d [%d/%d] eta %s loss %.4f lr %.3e %.1f img/s', epoch, done, steps_per_epoch,
+                         eta, loss_sum / seen, optimizer.param_groups[0]['lr'], seen * args.world_size / elapsed)
+    loss_avg = all_reduce_sum([loss_sum, seen], args.device)
+    return {'train_loss': loss_avg[0] / max(loss_avg[1], 1), 'lr': optimizer.param_groups[0]['lr'], 'step': step}
+
+
+@torch.no_grad()
+def evaluate(args, model, loader) -> Dict:
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction='sum')
+    loss_sum = top1 = top5 = count = 0.0
+    for images, targets in loader:
+        images, targets = images.to(args.device), targets.to(args.device)
+        with autocast(args):
+            logits = model(images)
+        loss_sum += criterion(logits.float(), targets).item()
+        acc1, acc5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
+        top1 += acc1.item() * images.shape[0] / 100
+        top5 += acc5.item() * images.shape[0] / 100
+        count += images.shape[0]
+    loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], args.device)
+    metrics = {'acc1': 100 * top1 / count, 'acc5': 100 * top5 / count, 'loss': loss_sum / count, 'images': int(count)}
+    if is_main(args):
+        print(f"* Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} loss {metrics['loss']:.3f}", flush=True)
+    return metrics
+
+
+def measure_throughput(args, model) -> Dict:
+    """Forward images/s on random data (after warm-up) and peak memory."""
+    model.eval()
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=args.device)
+    cuda = args.device.startswith('cuda')
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), autocast(args):
+        for _ in range(5):
+            model(x)
+        if cuda:
+            torch.cuda.synchronize()
+        start, iters = time.perf_counter(), 20
+        for _ in range(iters):
+            model(x)
+        if cuda:
+            torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {'images_per_s': iters * args.batch_size / elapsed, 'peak_memory_gib': peak / 2 ** 30,
+              'batch_size': args.batch_size, 'amp': args.amp, 'device': args.device}
+    print(f"throughput {result['images_per_s']:.1f} images/s, peak memory {result['peak_memory_gib']:.2f} GiB "
+          f"({'GPU' if cuda else 'process RSS'}), batch {args.batch_size}, amp {args.amp}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(args: argparse.Namespace) -> Dict:
+    init_distributed(args)
+    logging.basicConfig(format='%(asctime)s %(message)s', datefmt='%H:%M:%S')  # no-op if already configured
+    _logger.setLevel(logging.INFO if is_main(args) else logging.WARNING)
+    output_dir = Path(args.output_dir)
+    if is_main(args):
+        output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed + args.rank)
+    np.random.seed(args.seed + args.rank)
+    random.seed(args.seed + args.rank)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    num_classes = 1000
+    if not args.throughput:
+        dataset_val = build_dataset(args, 'val')
+        num_classes = len(dataset_val.classes)
+    model = timm.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
+    if args.pretrained:
+        load_weights(model, args.pretrained)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    model.to(args.device)
+    _logger.info('%s: %.2fM parameters, %d classes', args.model,
+                 sum(p.numel() for p in model.parameters()) / 1e6, num_classes)
+
+    if args.throughput:
+        result = measure_throughput(args, model)
+        if is_main(args):
+            (output_dir / 'throughput.json').write_text(json.dumps(result, indent=2))
+        return result
+
+    val_loader = build_val_loader(args, dataset_val)
+    if args.eval:
+        if args.resume:
+            load_weights(model, args.resume)
+        metrics = evaluate(args, model, val_loader)
+        if is_main(args):
+            (output_dir / 'eval_metrics.json').write_text(json.dumps(dict(metrics, model=args.model), indent=2))
+        return metrics
+
+    dataset_train = build_dataset(args, 'train')
+    if dataset_train.classes != dataset_val.classes:
+        raise ValueError(f'train and val classes differ under {args.data_path}')
+    train_loader = build_train_loader(args, dataset_train)
+    if len(train_loader) < args.accum_steps:
+        raise ValueError(f'{args.data_path}/train has {len(dataset_train)} images: not one full batch of '
+                         f'{args.batch_size} x {args.accum_steps} accumulation steps per process')
+    total_batch = args.batch_size * args.accum_steps * args.world_size
+    if args.lr is None:
+        args.lr = 5e-4 * total_batch / 512
+    optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay)
+    updates_per_epoch = len(train_loader) // args.accum_steps
+    if args.max_steps:
+        updates_per_epoch = min(updates_per_epoch, args.max_steps)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, 'cosine', num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        if args.batch_size % 2:
+            raise ValueError(f'mixup / cutmix pair images within a batch: --batch-size {args.batch_size} must be even')
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    start_epoch, step, best = 0, 0, 0.0
+    resume = args.resume
+    if args.auto_resume and (output_dir / 'checkpoint.pth').is_file():
+        resume = str(output_dir / 'checkpoint.pth')
+    if resume:
+        state = read_checkpoint(resume)
+        if not (isinstance(state, dict) and 'optimizer' in state):
+            raise ValueError(f'{resume} is not a training checkpoint of this script (use --pretrained for weights)')
+        model.load_state_dict(checkpoint_filter_fn(state['model'], model))
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        scaler.load_state_dict(state['scaler'])
+        start_epoch, step, best = state['epoch'] + 1, state['step'], state.get('best_acc1', 0.0)
+        set_rng_state(state['rng'][min(args.rank, len(state['rng']) - 1)])
+        _logger.info('resumed from %s at epoch %d', resume, start_epoch)
+
+    ddp_model = model
+    if args.distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.local_rank] if args.device.startswith('cuda') else None)
+
+    last_epoch = num_epochs if args.run_epochs is None else min(num_epochs, start_epoch + args.run_epochs)
+    metrics: Dict = {}
+    for epoch in range(start_epoch, last_epoch):
+        if hasattr(train_loader.sampler, 'set_epoch'):
+            train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(args, ddp_model, train_loader, criterion, optimizer, scheduler, scaler,
+                                      mixup, epoch, step)
+        step = train_stats['step']
+        metrics = evaluate(args, model, val_loader)
+        best = max(best, metrics['acc1'])
+        rngs = [rng_state()]
+        if args.distributed:
+            gathered = [None] * args.world_size
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if is_main(args):
+            state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
+                     'step': step, 'best_acc1': best, 'rng': rngs, 'args': vars(args)}
+            save_atomic(state, output_dir / 'checkpoint.pth')
+            row = dict(epoch=epoch, step=step, **{k: v for k, v in train_stats.items() if k != 'step'},
+                       val_acc1=metrics['acc1'], val_acc5=metrics['acc5'], val_loss=metrics['loss'])
+            log_csv = output_dir / 'log.csv'
+            write_header = not log_csv.exists()
+            with open(log_csv, 'a', newline='') as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if write_header:
+                    writer.writeheader()
+                writer.writerow(row)
+            _logger.info('epoch %d: val Acc@1 %.2f (best %.2f)', epoch, metrics['acc1'], best)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return dict(metrics, best_acc1=best)
+
+
+if __name__ == '__main__':
+    try:
+        main(parse_args())
+    except (FileNotFoundError, ValueError, mpvit.CheckpointError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
