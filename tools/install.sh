@@ -10,6 +10,15 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 pip_install() { "$PY" -m pip install --quiet --root-user-action=ignore "$@"; }
 
+# Upstream OpenMMLab packages share import directories with the onedl forks pinned here.
+for upstream in mmcv mmcv-full mmcv-lite mmengine mmsegmentation; do
+  if "$PY" -m pip show --quiet "$upstream" >/dev/null 2>&1; then
+    echo "[install] upstream '$upstream' is installed; it clashes with the onedl-* forks in requirements.txt." >&2
+    echo "[install] uninstall it first (pip uninstall $upstream), or see semantic_segmentation/README.md." >&2
+    exit 1
+  fi
+done
+
 echo "[install] pinned requirements (requirements.txt)"
 # torch first and alone, so that no other requirement can choose its version.
 pip_install torch==2.14.1 torchvision==0.29.1

@@ -1,0 +1,91 @@
+"""MPViT as an mmsegmentation 1.x backbone (``type='MPViT'`` in a config).
+
+Importing this module registers the backbone with ``mmseg.registry.MODELS``;
+configs do it with ``custom_imports = dict(imports=['mpvit.mmseg'])``.
+
+The backbone *is* the core model (a subclass, not a wrapper), so a segmentor's
+``backbone.*`` keys are the classification checkpoint's keys, as in the
+released UperNet checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from mmcv.cnn import build_norm_layer
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmseg.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mpvit.checkpoint import load_backbone_weights
+from mpvit.models.mpvit import MPVIT_ARCHS
+from mpvit.models.mpvit import MPViT as _MPViT
+
+
+@MODELS.register_module(name='MPViT')
+class MMSegMPViT(_MPViT, BaseModule):
+    """MPViT backbone returning the stage maps at ``out_indices`` (strides 4, 8, 16, 32).
+
+    Args:
+        arch: 'tiny' | 'xsmall' | 'small' | 'base', or a dict of MPViT's own arguments
+            (``num_path``, ``num_layers``, ``embed_dims``, ``mlp_ratio``).
+        out_indices: stages to return.
+        drop_path_rate: stochastic depth.
+        norm_cfg: mmcv norm config for the conv paths (BN / SyncBN / GN ...).
+        norm_eval: keep BN layers in eval mode (frozen statistics) while training.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` takes a classification checkpoint
+            or a released segmentation / detection checkpoint (its backbone part), read by
+            :func:`mpvit.checkpoint_filter_fn`.
+    """
+
+    def __init__(
+            self,
+            arch: Union[str, Dict] = 'small',
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            drop_path_rate: float = 0.,
+            norm_cfg: Optional[Dict] = None,
+            norm_eval: bool = False,
+            in_channels: int = 3,
+            init_cfg: Optional[Dict] = None,
+    ):
+        if isinstance(arch, str):
+            if arch not in MPVIT_ARCHS:
+                raise KeyError(f"unknown MPViT arch {arch!r}; choose from {sorted(MPVIT_ARCHS)}")
+            arch = MPVIT_ARCHS[arch]
+        norm_cfg = dict(norm_cfg or dict(type='BN', requires_grad=True))
+        super().__init__(
+            **arch, in_chans=in_channels, num_classes=0, global_pool='', drop_path_rate=drop_path_rate,
+            norm_layer=lambda channels: build_norm_layer(norm_cfg, channels)[1],
+        )
+        self.init_cfg = init_cfg
+        self._is_init = False
+        num_stages = len(self.mhca_stages)
+        if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
+            raise ValueError(f'out_indices {tuple(out_indices)} must be stage indices in 0..{num_stages - 1}')
+        self.out_indices = tuple(out_indices)
+        self.norm_eval = norm_eval
+
+    def init_weights(self) -> None:
+        if self.init_cfg and self.init_cfg.get('type') == 'Pretrained':
+            checkpoint = self.init_cfg['checkpoint']
+            print_log(f'MPViT: loading backbone weights from {checkpoint}', logger='current')
+            load_backbone_weights(self, checkpoint)
+            self._is_init = True
+        else:
+            BaseModule.init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return tuple(self.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True))
+
+    def train(self, mode: bool = True) -> MMSegMPViT:
+        super().train(mode)
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    @property
+    def out_channels(self) -> List[int]:
+        return [self.feature_info[i]['num_chs'] for i in self.out_indices]

@@ -1,0 +1,55 @@
+"""Evaluate a segmentation checkpoint (file or URL) with mmengine's Runner; prints the mIoU table.
+
+    python semantic_segmentation/tools/test.py CONFIG CHECKPOINT [--show-dir vis/]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Test a segmentor')
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('--work-dir')
+    parser.add_argument('--show-dir', help='write prediction overlays (PNG) into this folder')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    # The backbone's ImageNet init is pointless before loading a whole segmentor.
+    cfg.model.backbone.pop('init_cfg', None)
+    if args.show_dir:
+        hook = cfg.default_hooks.visualization
+        hook.draw = True
+        hook.interval = 1
+        cfg.visualizer.save_dir = args.show_dir
+        # The visualizer is a named singleton: a fixed name would reuse an earlier one (and its save_dir)
+        # in the same process; unnamed, the Runner names it after its timestamped experiment.
+        cfg.visualizer.pop('name', None)
+    data_root = cfg.test_dataloader.dataset.get('data_root')
+    if data_root and not osp.isdir(data_root):
+        raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
+    return Runner.from_cfg(cfg).test()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,54 @@
+"""Train a segmentor with mmengine's Runner (mmseg's own train tool, for this repository's configs).
+
+    python semantic_segmentation/tools/train.py configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py
+    bash semantic_segmentation/tools/dist_train.sh CONFIG 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Train a segmentor')
+    parser.add_argument('config')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/<config name>)')
+    parser.add_argument('--resume', action='store_true', help='resume from the latest checkpoint in work-dir')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys, a.b=value')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    if args.amp:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    cfg.resume = args.resume
+    data_root = cfg.train_dataloader.dataset.get('data_root')
+    if data_root and not osp.isdir(data_root):
+        raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
+    return cfg
+
+
+def main(argv=None) -> Runner:
+    runner = Runner.from_cfg(build_config(parse_args(argv)))
+    runner.train()
+    return runner
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,176 @@
+"""UperNet + MPViT on mmsegmentation: fidelity, released checkpoints, and the Runner end to end (CPU)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fidelity import compare, golden, synth_input, synth_state_dict
+from PIL import Image
+
+pytest.importorskip('mmseg')
+from mmengine.config import Config  # noqa: E402
+from mmengine.runner import Runner, load_checkpoint  # noqa: E402
+from mmseg.apis import inference_model, init_model  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
+from mmseg.utils import register_all_modules  # noqa: E402
+
+import mpvit.mmseg  # noqa: E402,F401
+from mpvit import CheckpointError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / 'configs' / 'semantic_segmentation'
+register_all_modules()
+
+
+def _tool(name):
+    path = REPO / 'semantic_segmentation' / 'tools' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'seg_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _model_cfg(variant: str):
+    cfg = Config.fromfile(str(CONFIGS / f'upernet_mpvit_{variant}_160k_ade20k.py'))
+    cfg.model.backbone.pop('init_cfg')
+    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+        cfg.model[part].norm_cfg = dict(type='BN', requires_grad=True)
+    return cfg
+
+
+@pytest.mark.parametrize('variant,params', [('small', 51_588_020), ('base', 105_295_196)])
+def test_released_layout_and_parameter_count(variant, params, tmp_path):
+    model = MODELS.build(_model_cfg(variant).model)
+    manifest = golden(f'manifest_mmseg_upernet_mpvit_{variant}.json')
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest['tensors']
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == params == manifest['params_trainable']
+    # A released checkpoint (state_dict + meta) loads strictly, nothing missing or unexpected.
+    path = tmp_path / 'released.pth'
+    torch.save({'state_dict': synth_state_dict(manifest['tensors']), 'meta': {'iter': 160000}}, path)
+    load_checkpoint(model, str(path), strict=True)
+
+
+def test_upernet_fidelity_against_reference():
+    model = MODELS.build(_model_cfg('small').model).eval()
+    model.load_state_dict(synth_state_dict(golden('manifest_mmseg_upernet_mpvit_small.json')['tensors']))
+    ref = golden('mmseg_upernet_mpvit_small_256x256.json')
+    with torch.no_grad():
+        logits = model.decode_head(model.backbone(synth_input(**ref['input'])))
+    assert compare(ref['outputs']['seg_logits'], logits) == []
+
+
+def test_pretrained_init_cfg_reads_classification_and_refuses_other_variants(tmp_path):
+    weights = synth_state_dict(golden('manifest_mpvit_tiny.json')['tensors'])
+    path = tmp_path / 'mpvit_tiny.pth'
+    torch.save({'model': weights}, path)
+    backbone = MODELS.build(dict(type='MPViT', arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=str(path))))
+    backbone.init_weights()
+    assert torch.equal(backbone.state_dict()['stem.0.conv.weight'], weights['stem.0.conv.weight'])
+    assert [o.shape[1] for o in backbone(torch.randn(1, 3, 64, 64))] == [96, 176, 216, 216]
+
+    other = MODELS.build(dict(type='MPViT', arch='small', init_cfg=dict(type='Pretrained', checkpoint=str(path))))
+    with pytest.raises(CheckpointError, match='does not fit'):
+        other.init_weights()
+    with pytest.raises(KeyError, match='unknown MPViT arch'):
+        MODELS.build(dict(type='MPViT', arch='huge'))
+    with pytest.raises(ValueError, match='out_indices'):
+        MODELS.build(dict(type='MPViT', arch='tiny', out_indices=(4,)))
+
+
+def test_norm_eval_keeps_bn_frozen():
+    backbone = MODELS.build(dict(type='MPViT', arch='tiny', norm_eval=True)).train()
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert backbone.mhca_stages[0].mhca_blks[0].MHCA_layers[0].training
+
+
+def _write_ade(root: Path, train: int = 4, val: int = 2, size=(96, 80)) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (('training', train), ('validation', val)):
+        (root / 'images' / split).mkdir(parents=True)
+        (root / 'annotations' / split).mkdir(parents=True)
+        for i in range(count):
+            label = np.zeros(size[::-1], np.uint8)
+            label[:, size[0] // 2:] = 1 + i % 3  # left half "other" (0, ignored), right half a class
+            image = rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)
+            image[label > 0] //= 3
+            Image.fromarray(image).save(root / 'images' / split / f'ADE_{split}_{i:08d}.jpg')
+            Image.fromarray(label).save(root / 'annotations' / split / f'ADE_{split}_{i:08d}.png')
+    return root
+
+
+def _small_run_cfg(data_root: Path, work_dir: Path, max_iters: int):
+    train_tool = _tool('train')
+    cfg = train_tool.build_config(train_tool.parse_args([
+        str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), '--work-dir', str(work_dir), '--cfg-options',
+        f'data_root={data_root}', f'train_dataloader.dataset.data_root={data_root}',
+        f'val_dataloader.dataset.data_root={data_root}', f'test_dataloader.dataset.data_root={data_root}',
+    ]))
+    # Only size, iterations and norm differ from the real config.
+    cfg.model.backbone.pop('init_cfg')
+    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+        cfg.model[part].norm_cfg = dict(type='BN', requires_grad=True)
+    cfg.model.data_preprocessor.size = (64, 64)
+    cfg.train_dataloader.dataset.pipeline[2].scale = (128, 64)
+    cfg.train_dataloader.dataset.pipeline[3].crop_size = (64, 64)
+    cfg.val_dataloader.dataset.pipeline[1].scale = (128, 64)
+    cfg.test_dataloader = cfg.val_dataloader
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].num_workers = 0
+        cfg[loader].persistent_workers = False
+    cfg.train_cfg.max_iters = max_iters
+    cfg.train_cfg.val_interval = 2
+    cfg.default_hooks.checkpoint.interval = 2
+    cfg.default_hooks.logger.interval = 1
+    cfg.param_scheduler[0].end = 1
+    cfg.env_cfg.cudnn_benchmark = False
+    return cfg
+
+
+def test_runner_train_val_resume_test_and_inference(tmp_path):
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016')
+    work_dir = tmp_path / 'work'
+    runner = Runner.from_cfg(_small_run_cfg(data_root, work_dir, max_iters=2))
+    runner.train()
+    assert (work_dir / 'iter_2.pth').is_file()
+    log = ''.join(p.read_text() for p in work_dir.rglob('*.log'))
+    assert 'mIoU' in log
+
+    cfg = _small_run_cfg(data_root, work_dir, max_iters=4)
+    cfg.resume = True
+    resumed = Runner.from_cfg(cfg)
+    resumed.train()
+    assert resumed.iter == 4 and (work_dir / 'iter_4.pth').is_file()
+
+    metrics = _tool('test').main([
+        str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), str(work_dir / 'iter_4.pth'),
+        '--work-dir', str(tmp_path / 'test'), '--show-dir', str(tmp_path / 'vis'), '--cfg-options',
+        f'test_dataloader.dataset.data_root={data_root}', 'test_dataloader.num_workers=0',
+        'test_dataloader.persistent_workers=False', 'model.backbone.norm_cfg.type=BN',
+        'model.decode_head.norm_cfg.type=BN', 'model.auxiliary_head.norm_cfg.type=BN'])
+    assert 'mIoU' in metrics
+    assert list((tmp_path / 'vis').rglob('*.png'))
+
+    model = init_model(cfg, str(work_dir / 'iter_4.pth'), device='cpu')
+    image = str(next((data_root / 'images' / 'validation').glob('*.jpg')))
+    result = inference_model(model, image)
+    assert tuple(result.pred_sem_seg.data.shape[-2:]) == (80, 96)
+
+    config = tmp_path / 'run_config.py'
+    cfg.dump(str(config))
+    spec = importlib.util.spec_from_file_location('seg_demo', REPO / 'semantic_segmentation' / 'demo.py')
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = demo.main([image, str(config), str(work_dir / 'iter_4.pth'), '--out', str(tmp_path / 'overlay.png')])
+    assert Image.open(out).size == (96, 80)
+
+
+def test_missing_data_root_is_named(tmp_path):
+    train_tool = _tool('train')
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        train_tool.build_config(train_tool.parse_args([
+            str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), '--work-dir', str(tmp_path),
+            '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path / "nowhere"}']))
