@@ -114,8 +114,8 @@ def _small_run_cfg(data_root: Path, work_dir: Path, max_iters: int):
     for part in ('backbone', 'decode_head', 'auxiliary_head'):
         cfg.model[part].norm_cfg = dict(type='BN', requires_grad=True)
     cfg.model.data_preprocessor.size = (64, 64)
-    cfg.train_dataloader.dataset.pipeline[2].scale = (128, 64)
-    cfg.train_dataloader.dataset.pipeline[3].crop_size = (64, 64)
+    cfg.train_dataloader.dataset.pipeline[3].scale = (128, 64)
+    cfg.train_dataloader.dataset.pipeline[4].crop_size = (64, 64)
     cfg.val_dataloader.dataset.pipeline[1].scale = (128, 64)
     cfg.test_dataloader = cfg.val_dataloader
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
@@ -174,3 +174,12 @@ def test_missing_data_root_is_named(tmp_path):
         train_tool.build_config(train_tool.parse_args([
             str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), '--work-dir', str(tmp_path),
             '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path / "nowhere"}']))
+
+
+def test_label_of_the_wrong_size_is_named(tmp_path):
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016')
+    label = next((data_root / 'annotations' / 'training').glob('*.png'))
+    Image.fromarray(np.ones((40, 50), np.uint8)).save(label)
+    runner = Runner.from_cfg(_small_run_cfg(data_root, tmp_path / 'work', max_iters=2))
+    with pytest.raises(ValueError, match=f'{label.name} is 50x40 but image .* is 96x80'):
+        runner.train()

@@ -3,6 +3,7 @@ _base_ = [
     '_base_/models/upernet_mpvit.py', '_base_/datasets/ade20k.py',
     '_base_/default_runtime.py', '_base_/schedules/schedule_160k.py'
 ]
+custom_imports = dict(imports=['mpvit.mmseg'], allow_failed_imports=False)
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)
 model = dict(
