@@ -24,7 +24,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import timm
@@ -37,12 +37,12 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import accuracy
+from timm.utils import ModelEmaV3, accuracy
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from torchvision.datasets import ImageFolder
 
 import mpvit
-from mpvit.checkpoint import checkpoint_filter_fn, read_checkpoint
+from mpvit.checkpoint import checkpoint_filter_fn, load_backbone_weights, read_checkpoint
 
 _logger = logging.getLogger('mpvit.classification')
 
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation')
     g.add_argument('--amp', choices=['none', 'bf16', 'fp16'], default='bf16')
     g.add_argument('--grad-checkpointing', action='store_true')
+    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (timm ModelEmaV3)')
+    g.add_argument('--model-ema-decay', type=float, default=0.99996)
     g = p.add_argument_group('run')
     g.add_argument('--output-dir', default='output/classification')
     g.add_argument('--resume', default='', help='training checkpoint to continue, or weights to --eval')
@@ -236,11 +238,6 @@ def set_rng_state(state: Dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def load_weights(model: nn.Module, path_or_url: str) -> None:
-    """Released weights or a checkpoint of ours, in any format mpvit reads; refuses what does not fit."""
-    model.load_state_dict(checkpoint_filter_fn(read_checkpoint(path_or_url), model))
-
-
 # ---------------------------------------------------------------------------- loops
 
 
@@ -251,7 +248,8 @@ def autocast(args):
     return torch.autocast(device_type=torch.device(args.device).type, dtype=dtype)
 
 
-def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, scaler, mixup, epoch, step) -> Dict:
+def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, scaler, mixup, epoch, step,
+                    ema: Optional[ModelEmaV3] = None) -> Dict:
     model.train()
     steps_per_epoch = len(loader) // args.accum_steps
     if args.max_steps:
@@ -284,6 +282,8 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, scaler
         optimizer.zero_grad(set_to_none=True)
         step += 1
         scheduler.step_update(step)
+        if ema is not None:
+            ema.update(getattr(model, 'module', model), step=step)
         done = (i + 1) // args.accum_steps
         if is_main(args) and (done % args.log_interval == 0 or done == steps_per_epoch):
             elapsed = time.time() - start
@@ -363,7 +363,7 @@ def main(args: argparse.Namespace) -> Dict:
         num_classes = len(dataset_val.classes)
     model = timm.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
     if args.pretrained:
-        load_weights(model, args.pretrained)
+        load_backbone_weights(model, args.pretrained)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     model.to(args.device)
@@ -379,7 +379,7 @@ def main(args: argparse.Namespace) -> Dict:
     val_loader = build_val_loader(args, dataset_val)
     if args.eval:
         if args.resume:
-            load_weights(model, args.resume)
+            load_backbone_weights(model, args.resume)
         metrics = evaluate(args, model, val_loader)
         if is_main(args):
             (output_dir / 'eval_metrics.json').write_text(json.dumps(dict(metrics, model=args.model), indent=2))
@@ -431,6 +431,9 @@ def main(args: argparse.Namespace) -> Dict:
         set_rng_state(state['rng'][min(args.rank, len(state['rng']) - 1)])
         _logger.info('resumed from %s at epoch %d', resume, start_epoch)
 
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    if ema is not None and resume and 'model_ema' in state:
+        ema.module.load_state_dict(state['model_ema'])
     ddp_model = model
     if args.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -442,10 +445,13 @@ def main(args: argparse.Namespace) -> Dict:
         if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(args, ddp_model, train_loader, criterion, optimizer, scheduler, scaler,
-                                      mixup, epoch, step)
+                                      mixup, epoch, step, ema)
         step = train_stats['step']
         metrics = evaluate(args, model, val_loader)
         best = max(best, metrics['acc1'])
+        if ema is not None:
+            _logger.info('EMA model:')
+            metrics['ema_acc1'] = evaluate(args, ema.module, val_loader)['acc1']
         rngs = [rng_state()]
         if args.distributed:
             gathered = [None] * args.world_size
@@ -455,6 +461,8 @@ def main(args: argparse.Namespace) -> Dict:
             state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                      'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
                      'step': step, 'best_acc1': best, 'rng': rngs, 'args': vars(args)}
+            if ema is not None:
+                state['model_ema'] = ema.module.state_dict()
             save_atomic(state, output_dir / 'checkpoint.pth')
             row = dict(epoch=epoch, step=step, **{k: v for k, v in train_stats.items() if k != 'step'},
                        val_acc1=metrics['acc1'], val_acc5=metrics['acc5'], val_loss=metrics['loss'])

@@ -85,8 +85,7 @@ def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: st
     if wrong_shape:
         problems.append(f'{len(wrong_shape)} keys of the wrong shape: {_listing(wrong_shape)}')
     if problems:
-        name = getattr(getattr(model, 'pretrained_cfg', None), 'get', lambda *_: None)('architecture')
-        target = name or type(model).__name__
+        target = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
         raise CheckpointError(f'{what} does not fit {target}; ' + '; '.join(problems)
                               + '. Is it a checkpoint of another variant?')
 

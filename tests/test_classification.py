@@ -129,3 +129,14 @@ def test_throughput_mode_reports(tmp_path, capsys):
     assert result['images_per_s'] > 0 and result['peak_memory_gib'] > 0
     assert 'images/s' in capsys.readouterr().out
     assert json.loads((tmp_path / 'throughput.json').read_text())['batch_size'] == 2
+
+
+def test_model_ema_is_evaluated_saved_and_resumed(two_class, tmp_path):
+    result = run(two_class, tmp_path, '--epochs', '1', '--max-steps', '2', '--model-ema', '--model-ema-decay', '0.5')
+    assert 0 <= result['ema_acc1'] <= 100
+    state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    assert state['model_ema'].keys() == state['model'].keys()
+    key = 'mhca_stages.0.mhca_blks.0.MHCA_layers.0.factoratt_crpe.qkv.weight'
+    assert not torch.equal(state['model_ema'][key], state['model'][key])
+    resumed = run(two_class, tmp_path, '--epochs', '2', '--max-steps', '2', '--model-ema', '--auto-resume')
+    assert 'ema_acc1' in resumed

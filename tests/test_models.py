@@ -1,6 +1,9 @@
 """The core model: exact layout and figures of the reference, fidelity, and timm behaviour."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -10,6 +13,7 @@ from fvcore.nn import FlopCountAnalysis
 import mpvit
 from mpvit import CheckpointError
 
+REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ['tiny', 'xsmall', 'small', 'base']
 CHANNELS = {
     'tiny': [96, 176, 216, 216], 'xsmall': [128, 192, 256, 256],
@@ -232,3 +236,13 @@ def test_norm_layer_is_an_argument():
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
     default = timm.create_model('mpvit_tiny')
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in default.modules())
+
+
+def test_model_table_tool_computes_live_figures(tmp_path):
+    spec = importlib.util.spec_from_file_location('model_table', REPO / 'tools' / 'model_table.py')
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    row = table.measure('mpvit_tiny')
+    manifest = golden('manifest_mpvit_tiny.json')
+    assert row['params'] == manifest['params_trainable'] and row['flops'] == manifest['fvcore_flops_224']
+    assert '| mpvit_tiny | 224x224 | 78.2 | 5.84M (5,843,736)' in table.render([row])
