@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,18 @@ def test_model_table_tool_computes_live_figures(tmp_path):
     manifest = golden('manifest_mpvit_tiny.json')
     assert row['params'] == manifest['params_trainable'] and row['flops'] == manifest['fvcore_flops_224']
     assert '| mpvit_tiny | 224x224 | 78.2 | 5.84M (5,843,736)' in table.render([row])
+
+
+def test_benchmark_tool_smoke(tmp_path):
+    """CPU smoke run of tools/benchmark.py (the real figures need a GPU; see the README)."""
+    spec = importlib.util.spec_from_file_location('benchmark', REPO / 'tools' / 'benchmark.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / 'bench.json'
+    rows = bench.main(['--models', 'mpvit_tiny', '--batch-size', '2', '--img-size', '64', '96', '--amp', 'none',
+                       '--warmup', '1', '--iters', '1', '--device', 'cpu', '--json', str(out)])
+    assert [r['mode'] for r in rows] == ['infer', 'train'] and all(r['images_per_s'] > 0 for r in rows)
+    features = bench.main(['--models', 'mpvit_tiny', '--features', '--mode', 'train', '--batch-size', '1',
+                           '--img-size', '64', '--amp', 'bf16', '--channels-last', '--warmup', '0', '--iters', '1',
+                           '--device', 'cpu'])
+    assert features[0]['features'] and json.loads(out.read_text())[0]['img_size'] == [64, 96]
