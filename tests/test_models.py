@@ -262,3 +262,12 @@ def test_benchmark_tool_smoke(tmp_path):
                            '--img-size', '64', '--amp', 'bf16', '--channels-last', '--warmup', '0', '--iters', '1',
                            '--device', 'cpu'])
     assert features[0]['features'] and json.loads(out.read_text())[0]['img_size'] == [64, 96]
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """No graph breaks (fullgraph) and the same numbers; takes about a minute on 2 CPU cores."""
+    model = timm.create_model('mpvit_tiny').eval()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
