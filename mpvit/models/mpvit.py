@@ -158,13 +158,11 @@ class ConvRelPosEnc(nn.Module):
         super().__init__()
         if sum(window.values()) != num_heads:
             raise ValueError(f'CRPE window {window} does not cover {num_heads} heads')
-        self.conv_list = nn.ModuleList()
-        self.head_splits = []
-        for kernel_size, heads in window.items():
-            chs = heads * head_dim
-            self.conv_list.append(nn.Conv2d(chs, chs, kernel_size, 1, kernel_size // 2, groups=chs))
-            self.head_splits.append(heads)
-        self.channel_splits = [heads * head_dim for heads in self.head_splits]
+        self.channel_splits = [heads * head_dim for heads in window.values()]
+        self.conv_list = nn.ModuleList([
+            nn.Conv2d(chs, chs, kernel_size, 1, kernel_size // 2, groups=chs)
+            for kernel_size, chs in zip(window, self.channel_splits)
+        ])
 
     def forward(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, v: ``[B, H, W, heads, head_dim]``; returns q * conv(v) in that layout."""
@@ -471,7 +469,6 @@ class MPViT(nn.Module):
 
 def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
     arch = MPVIT_ARCHS[variant.split('_', 1)[1]]
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     if pretrained:
         check_pretrained_file(variant, kwargs.get('pretrained_cfg_overlay'))
     return build_model_with_cfg(
@@ -479,7 +476,7 @@ def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),  # timm takes out_indices= over this
         **dict(arch, **kwargs),
     )
 
