@@ -15,3 +15,18 @@ echo "[demo] evaluating the saved checkpoint"
 "$PY" classification/main.py -c configs/classification/demo_shapes.yaml --data-path "$data" --output-dir "$out" \
     --eval --resume "$out/checkpoint.pth"
 echo "[demo] metrics: $out/eval_metrics.json, training log: $out/log.csv"
+
+echo "[demo] detection: Mask R-CNN MPViT-T on COCO-format shapes (Detectron2), backbone from the run above"
+coco=output/demo/shapes_coco
+[ -f "$coco/annotations/instances_val.json" ] || "$PY" -m mpvit.demo_data "$coco" --coco --train-images 32 --val-images 8
+d2cfg=configs/detectron2/demo/mask_rcnn_mpvit_tiny_shapes.yaml
+d2out=output/demo/mask_rcnn_shapes
+rm -rf "$d2out"
+"$PY" detectron2/train_net.py --config-file "$d2cfg" \
+    --coco-dataset shapes_train "$coco/annotations/instances_train.json" "$coco/train" \
+    --coco-dataset shapes_val "$coco/annotations/instances_val.json" "$coco/val" \
+    OUTPUT_DIR "$d2out" MODEL.WEIGHTS "$out/checkpoint.pth"  # backbone from the classification demo
+"$PY" detectron2/demo.py --config-file "$d2cfg" --input "$coco/val/000002.jpg" --output "$d2out/demo" \
+    --coco-dataset shapes_val "$coco/annotations/instances_val.json" "$coco/val" \
+    --confidence-threshold 0.3 MODEL.WEIGHTS "$d2out/model_final.pth"
+echo "[demo] detection: COCO AP above, drawing in $d2out/demo/000002.png"

@@ -23,6 +23,7 @@ echo "[install] pinned requirements (requirements.txt)"
 # torch first and alone, so that no other requirement can choose its version.
 pip_install torch==2.14.1 torchvision==0.29.1
 pip_install -r requirements.txt
+PYTHON=$PY bash tools/install_detectron2.sh
 
 # The mpvit package itself, editable, once (checked from outside the checkout).
 repo=$(pwd)

@@ -1,0 +1,87 @@
+"""Draw an MPViT detector's predictions (boxes, masks) on images with Detectron2's Visualizer.
+
+    python detectron2/demo.py --config-file configs/detectron2/mask_rcnn_mpvit_small_ms_3x.yaml \\
+        --input street.jpg more/*.jpg --output output/demo_d2 MODEL.WEIGHTS mask_rcnn_mpvit_small_ms_3x.pth
+
+Writes one PNG per input image into ``--output``. Class names come from the
+config's first test dataset (COCO's by default).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from mpvit.d2 import MPViTCheckpointer, add_mpvit_config, register_coco_datasets
+
+
+class Predictor(DefaultPredictor):
+    """DefaultPredictor whose weights go through MPViTCheckpointer (every released format, clear errors)."""
+
+    def __init__(self, cfg: CfgNode):
+        weights, cfg = cfg.MODEL.WEIGHTS, cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = ''
+        super().__init__(cfg)
+        if weights:
+            MPViTCheckpointer(self.model).load(weights)
+
+
+def setup(args: argparse.Namespace) -> CfgNode:
+    cfg = get_cfg()
+    add_mpvit_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = 'cpu'
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
+    cfg.freeze()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config-file', required=True)
+    parser.add_argument('--input', nargs='+', required=True, help='image files')
+    parser.add_argument('--output', required=True, help='folder for the PNGs')
+    parser.add_argument('--confidence-threshold', type=float, default=0.5)
+    parser.add_argument('--coco-dataset', nargs=3, action='append', metavar=('NAME', 'JSON', 'IMAGE_DIR'),
+                        help='register a COCO-format dataset, for the class names of DATASETS.TEST')
+    parser.add_argument('opts', nargs=argparse.REMAINDER, help='config overrides, KEY VALUE pairs')
+    args = parser.parse_args(argv)
+    setup_logger(name='mpvit')
+    cfg = setup(args)
+    register_coco_datasets(args.coco_dataset)
+    missing = [p for p in args.input if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f'input image(s) not found: {", ".join(missing)}')
+    predictor = Predictor(cfg)
+    name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else '__unused'
+    if name in DatasetCatalog.list():
+        DatasetCatalog.get(name)  # loading a COCO json fills in its class names
+    metadata = MetadataCatalog.get(name)
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+    for path in args.input:
+        image = read_image(path, format='BGR')  # DefaultPredictor takes BGR and converts to INPUT.FORMAT
+        instances = predictor(image)['instances'].to('cpu')
+        visualizer = Visualizer(image[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+        drawn = visualizer.draw_instance_predictions(instances)
+        out = Path(args.output) / (Path(path).stem + '.png')
+        drawn.save(str(out))
+        print(f'{path}: {len(instances)} instances -> {out}')
+        written.append(out)
+    return written
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,125 @@
+"""Train and evaluate MPViT detectors (RetinaNet, Mask R-CNN, Cascade Mask R-CNN) with Detectron2.
+
+Train on 8 GPUs:    python detectron2/train_net.py --config-file configs/detectron2/mask_rcnn_mpvit_small_1x.yaml \\
+                        --num-gpus 8
+Resume after a stop: add --resume (continues from OUTPUT_DIR/last_checkpoint)
+Evaluate weights:   python detectron2/train_net.py --config-file ... --eval-only MODEL.WEIGHTS <file or URL>
+Own COCO-format data: --coco-dataset NAME ANNOTATIONS.json IMAGE_DIR (repeatable), then
+                      DATASETS.TRAIN "('NAME',)" DATASETS.TEST "('NAME',)"
+
+COCO itself is read from ``$DETECTRON2_DATASETS/coco`` (default ``./datasets/coco``), Detectron2's layout.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import weakref
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.layers import deform_conv
+from detectron2.utils import comm
+
+from mpvit.d2 import (
+    MPViTCheckpointer,
+    add_mpvit_config,
+    build_detr_augmentation,
+    build_optimizer,
+    register_coco_datasets,
+)
+
+logger = logging.getLogger('detectron2')
+# The patched PyPI build of Detectron2 has no C++ ops; pycocotools' evaluator is the official one anyway.
+HAS_D2_C_OPS = deform_conv._C is not None
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the reference's optimizer, DETR-style augmentation and checkpoint formats."""
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        if cfg.AUG.DETR:
+            logger.info('AUG.DETR: flip, then multi-scale resize %s (max %d), or with p=0.5 resize to 400/500/600 + '
+                        '%s crop %s first', tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN,
+                        cfg.INPUT.CROP.TYPE, tuple(cfg.INPUT.CROP.SIZE))
+            mapper = DatasetMapper(cfg, is_train=True, augmentations=build_detr_augmentation(cfg),
+                                   recompute_boxes=cfg.MODEL.MASK_ON)
+            return build_detection_train_loader(cfg, mapper=mapper)
+        return build_detection_train_loader(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, 'inference', dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=HAS_D2_C_OPS)
+
+    def build_hooks(self):
+        # DefaultTrainer made a plain DetectionCheckpointer just before this call; the hooks (periodic
+        # checkpointing) and resume_or_load must use ours, which reads every released format.
+        self.checkpointer = MPViTCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        return super().build_hooks()
+
+
+def check_dataset_paths(cfg: CfgNode) -> None:
+    """Fail early, naming the path, when a COCO-format dataset's files are missing."""
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        if name not in DatasetCatalog.list():
+            raise KeyError(f"dataset {name!r} is not registered; use --coco-dataset {name} JSON IMAGE_DIR")
+        meta = MetadataCatalog.get(name)
+        for path in (meta.get('json_file'), meta.get('image_root')):
+            if path and not os.path.exists(path):
+                root = os.getenv('DETECTRON2_DATASETS', 'datasets')
+                raise FileNotFoundError(f'dataset {name!r}: {path} does not exist (builtin datasets are read '
+                                        f'from $DETECTRON2_DATASETS={root}; see OBJECT_DETECTION.md)')
+
+
+def setup(args: argparse.Namespace) -> CfgNode:
+    cfg = get_cfg()
+    add_mpvit_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if not torch.cuda.is_available() and cfg.MODEL.DEVICE == 'cuda':
+        cfg.MODEL.DEVICE = 'cpu'
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args: argparse.Namespace):
+    cfg = setup(args)
+    register_coco_datasets(args.coco_dataset)
+    check_dataset_paths(cfg)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        MPViTCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    parser = default_argument_parser()
+    parser.add_argument('--coco-dataset', nargs=3, action='append', metavar=('NAME', 'JSON', 'IMAGE_DIR'),
+                        help='register a COCO-format dataset under NAME (repeatable)')
+    return parser
+
+
+if __name__ == '__main__':
+    args = argument_parser().parse_args()
+    print('Command Line Args:', args, file=sys.stderr)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+

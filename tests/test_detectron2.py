@@ -1,0 +1,295 @@
+"""MPViT on Detectron2: README configs, fidelity, released checkpoints, errors, and train/eval end to end (CPU)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fidelity import compare, golden, synth_input, synth_state_dict
+
+pytest.importorskip('detectron2')
+import timm  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.transforms import CropTransform  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from mpvit import CheckpointError  # noqa: E402
+from mpvit.d2 import MPViTCheckpointer, add_mpvit_config, build_detr_augmentation, build_optimizer  # noqa: E402
+from mpvit.demo_data import write_shapes_coco  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / 'configs' / 'detectron2'
+VARIANTS = ('tiny', 'xsmall', 'small', 'base')
+PARAMS = {  # the reference implementation's trainable parameters (shared/fidelity/README.md)
+    'retinanet': dict(zip(VARIANTS, (15_104_612, 19_911_060, 32_294_268, 84_635_428))),
+    'mask_rcnn': dict(zip(VARIANTS, (25_712_224, 30_434_704, 42_744_184, 94_667_552))),
+}
+
+
+def _cfg(name: str, *opts):
+    cfg = get_cfg()
+    add_mpvit_config(cfg)
+    cfg.merge_from_file(str(CONFIGS / name))
+    cfg.merge_from_list(['MODEL.DEVICE', 'cpu', 'MODEL.WEIGHTS', '', *opts])
+    return cfg
+
+
+def _params(model):
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+def test_compat_patch_fails_loudly_on_other_sources(tmp_path):
+    spec = importlib.util.spec_from_file_location('patch_detectron2', REPO / 'tools' / 'patch_detectron2.py')
+    patch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(patch)
+    transform = tmp_path / 'detectron2' / 'data' / 'transforms' / 'transform.py'
+    transform.parent.mkdir(parents=True)
+    (tmp_path / 'detectron2' / '__init__.py').write_text('')
+    transform.write_text('interp = Image.BILINEAR\n')  # already changed: refuse rather than half-patch
+    with pytest.raises(SystemExit, match=r'transform.py: expected 1 match'):
+        patch.patch_tree(tmp_path)
+    transform.write_text('interp = Image.LINEAR\n')
+    with pytest.raises(SystemExit, match='model_zoo.py is missing'):
+        patch.patch_tree(tmp_path)
+    assert transform.read_text() == 'interp = Image.LINEAR\n'  # nothing written before every check passed
+
+
+def test_readme_configs_exist():
+    expected = {f'{d}_mpvit_{v}_{s}.yaml' for d in PARAMS for v in VARIANTS for s in ('1x', 'ms_3x')}
+    expected |= {f'cascade_mask_rcnn_mpvit_{v}_ms_3x.yaml' for v in ('small', 'base')}
+    assert expected <= {p.name for p in CONFIGS.glob('*.yaml')}
+
+
+@pytest.mark.parametrize('detector', sorted(PARAMS))
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_released_layout_and_parameter_count(detector, variant):
+    manifest = golden(f'manifest_d2_{detector}_mpvit_{variant}.json')
+    for schedule in ('1x', 'ms_3x'):
+        cfg = _cfg(f'{detector}_mpvit_{variant}_{schedule}.yaml')
+        assert cfg.MODEL.MPVIT.NORM == 'SyncBN' and cfg.SOLVER.BASE_LR == 1e-4 and cfg.SOLVER.IMS_PER_BATCH == 16
+        assert cfg.AUG.DETR == (schedule == 'ms_3x')
+        assert cfg.SOLVER.MAX_ITER == (90_000 if schedule == '1x' else 270_000)
+        model = build_model(cfg)
+        assert _params(model) == PARAMS[detector][variant] == manifest['params_trainable']
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == manifest['tensors']
+
+
+@pytest.mark.parametrize('variant,drop_path', [('small', 0.2), ('base', 0.5)])
+def test_cascade_configs_build(variant, drop_path):
+    cfg = _cfg(f'cascade_mask_rcnn_mpvit_{variant}_ms_3x.yaml')
+    assert cfg.MODEL.MPVIT.DROP_PATH == drop_path
+    model = build_model(cfg)
+    assert type(model.roi_heads).__name__ == 'CascadeROIHeads' and len(model.roi_heads.box_predictor) == 3
+
+
+def _released_checkpoint(tmp_path, detector, variant):
+    path = tmp_path / f'{detector}_mpvit_{variant}.pth'
+    weights = synth_state_dict(golden(f'manifest_d2_{detector}_mpvit_{variant}.json')['tensors'])
+    torch.save({'model': weights, 'iteration': 89999}, path)
+    return path, weights
+
+
+def test_retinanet_fpn_fidelity_against_reference(tmp_path):
+    path, _ = _released_checkpoint(tmp_path, 'retinanet', 'small')
+    cfg = _cfg('retinanet_mpvit_small_1x.yaml', 'MODEL.MPVIT.NORM', 'BN')
+    model = build_model(cfg).eval()
+    MPViTCheckpointer(model).load(str(path))
+    ref = golden('d2_retinanet_mpvit_small_fpn_320x416.json')
+    with torch.no_grad():
+        features = model.backbone(synth_input(**ref['input']))
+    assert list(features) == list(ref['outputs'])
+    for name, summary in ref['outputs'].items():
+        assert not compare(summary, features[name]), (name, compare(summary, features[name]))
+    # The check can fail: one perturbed FPN weight changes P6/P7.
+    model.backbone.top_block.p6.weight.data[0, 0, 0, 0] += 0.5
+    with torch.no_grad():
+        assert compare(ref['outputs']['p6'], model.backbone(synth_input(**ref['input']))['p6'])
+
+
+def test_classification_checkpoint_initialises_backbone(tmp_path):
+    classifier = timm.create_model('mpvit_tiny', num_classes=1000)
+    path = tmp_path / 'mpvit_tiny.pth'
+    torch.save({'model': classifier.state_dict(), 'epoch': 299}, path)
+    model = build_model(_cfg('mask_rcnn_mpvit_tiny_1x.yaml', 'MODEL.MPVIT.NORM', 'FrozenBN'))
+    MPViTCheckpointer(model).load(str(path))
+    for key, value in model.backbone.bottom_up.backbone.state_dict().items():
+        torch.testing.assert_close(value, classifier.state_dict()[key], msg=key)
+
+
+def test_mismatched_checkpoint_is_named(tmp_path):
+    path, _ = _released_checkpoint(tmp_path, 'retinanet', 'tiny')
+    model = build_model(_cfg('retinanet_mpvit_small_1x.yaml'))
+    with pytest.raises(CheckpointError, match='390 missing keys: .*743 backbone keys of the wrong shape'):
+        MPViTCheckpointer(model).load(str(path))
+    # A RetinaNet checkpoint does not silently half-load into Mask R-CNN.
+    model = build_model(_cfg('mask_rcnn_mpvit_tiny_1x.yaml'))
+    expected = r'30 missing keys: backbone.fpn_lateral2.*24 unexpected keys: backbone.top_block.p6'
+    with pytest.raises(CheckpointError, match=expected):
+        MPViTCheckpointer(model).load(str(path))
+    other = tmp_path / 'resnet.pth'
+    torch.save({'model': {'backbone.bottom_up.res2.conv1.weight': torch.zeros(1)}}, other)
+    with pytest.raises(CheckpointError, match='no MPViT weights'):
+        MPViTCheckpointer(model).load(str(other))
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="'mpvit_huge' is not an MPViT variant"):
+        build_model(_cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.MPVIT.NAME', 'mpvit_huge'))
+    with pytest.raises(ValueError, match='OUT_FEATURES'):
+        build_model(_cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.MPVIT.OUT_FEATURES', ['res3', 'res4']))
+    with pytest.raises(ValueError, match=r"needs \['stage2'\]"):
+        build_model(_cfg('mask_rcnn_mpvit_tiny_1x.yaml', 'MODEL.MPVIT.OUT_FEATURES', ['stage3', 'stage4', 'stage5']))
+    with pytest.raises(ValueError, match='MODEL.MPVIT.NORM'):
+        build_model(_cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.MPVIT.NORM', 'LN'))
+
+
+@pytest.mark.parametrize('norm', ['BN', 'FrozenBN', 'GN', 'SyncBN'])
+def test_norms_and_output_shape(norm):
+    model = build_model(_cfg('mask_rcnn_mpvit_tiny_1x.yaml', 'MODEL.MPVIT.NORM', norm))
+    bottom_up = model.backbone.bottom_up
+    shapes = bottom_up.output_shape()
+    assert {k: (v.channels, v.stride) for k, v in shapes.items()} == {
+        'stage2': (96, 4), 'stage3': (176, 8), 'stage4': (216, 16), 'stage5': (216, 32)}
+    assert bottom_up.size_divisibility == 32
+    with torch.no_grad():
+        maps = bottom_up.eval()(torch.randn(1, 3, 64, 96))
+    assert {k: tuple(v.shape[1:]) for k, v in maps.items()} == {
+        k: (s.channels, 64 // s.stride, 96 // s.stride) for k, s in shapes.items()}
+
+
+def test_optimizer_groups_and_full_model_gradient_clipping():
+    cfg = _cfg('retinanet_mpvit_tiny_1x.yaml', 'SOLVER.BACKBONE_MULTIPLIER', 0.1)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    assert type(optimizer).__name__ == 'AdamWFullModelGradientClipping'
+    assert sorted(g['lr'] for g in optimizer.param_groups) == pytest.approx([1e-5, 1e-4])
+    assert {g['weight_decay'] for g in optimizer.param_groups} == {0.05}
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    assert len({id(p) for p in params}) == len(params) == len({id(p) for p in model.parameters()})
+    for p in params:
+        p.grad = torch.full_like(p, 10.)
+    optimizer.step()
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_detr_augmentation_multi_scale_and_crop():
+    cfg = _cfg('mask_rcnn_mpvit_tiny_ms_3x.yaml', 'INPUT.MIN_SIZE_TRAIN', (96, 128), 'INPUT.MAX_SIZE_TRAIN', 200)
+    augs = T.AugmentationList(build_detr_augmentation(cfg))
+    np.random.seed(0)
+    shapes, cropped = set(), 0
+    for _ in range(16):
+        aug_input = T.AugInput(np.zeros((480, 640, 3), np.uint8), boxes=np.array([[0., 0., 640., 480.]]))
+        transform = augs(aug_input)
+        h, w = aug_input.image.shape[:2]
+        shapes.add((h, w))
+        assert min(h, w) in (96, 128) or max(h, w) == 200
+        cropped += any(isinstance(t, CropTransform) for t in transform.transforms)
+    assert 0 < cropped < 16 and len(shapes) > 2  # half of the samples take the crop branch
+
+
+# ---------------------------------------------------------------- end to end (real Detectron2 trainer, CPU)
+
+@pytest.fixture(scope='module')
+def coco(tmp_path_factory):
+    return write_shapes_coco(tmp_path_factory.mktemp('coco_shapes'), train_images=6, val_images=3, size=(128, 96))
+
+
+def _train_net(coco, config, out, *opts, flags=(), expect_ok=True):
+    cmd = [
+        sys.executable, str(REPO / 'detectron2' / 'train_net.py'), '--config-file', str(CONFIGS / config),
+        '--coco-dataset', 'shapes_train', str(coco / 'annotations' / 'instances_train.json'), str(coco / 'train'),
+        '--coco-dataset', 'shapes_val', str(coco / 'annotations' / 'instances_val.json'), str(coco / 'val'),
+        *flags,
+        'MODEL.DEVICE', 'cpu', 'MODEL.WEIGHTS', '', 'OUTPUT_DIR', str(out),
+        'DATASETS.TRAIN', "('shapes_train',)", 'DATASETS.TEST', "('shapes_val',)", 'DATALOADER.NUM_WORKERS', '0',
+        'SOLVER.IMS_PER_BATCH', '2', 'SOLVER.WARMUP_ITERS', '1', 'SOLVER.CHECKPOINT_PERIOD', '2',
+        'INPUT.MIN_SIZE_TRAIN', '(96,)', 'INPUT.MAX_SIZE_TRAIN', '160', 'INPUT.MIN_SIZE_TEST', '96',
+        'INPUT.MAX_SIZE_TEST', '160', 'MODEL.RETINANET.NUM_CLASSES', '4', 'MODEL.ROI_HEADS.NUM_CLASSES', '4',
+        'MODEL.RETINANET.SCORE_THRESH_TEST', '0.0', 'MODEL.ROI_HEADS.SCORE_THRESH_TEST', '0.0',
+        *opts,
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    log = run.stdout + run.stderr
+    assert (run.returncode == 0) == expect_ok, log[-4000:]
+    return log
+
+
+def test_retinanet_train_eval_resume(coco, tmp_path):
+    out = tmp_path / 'retinanet'
+    log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', out, 'SOLVER.MAX_ITER', '2')
+    assert 'Starting training from iteration 0' in log
+    assert 'Evaluation results for bbox' in log and '|  AP   |  AP50  |' in log
+    assert (out / 'model_final.pth').is_file() and (out / 'last_checkpoint').read_text() == 'model_final.pth'
+    # Resume: continues from the saved iteration with the saved optimizer/scheduler.
+    log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', out, 'SOLVER.MAX_ITER', '4', flags=['--resume'])
+    assert 'Starting training from iteration 2' in log
+    iters = [json.loads(line)['iteration'] for line in (out / 'metrics.json').read_text().splitlines()
+             if 'total_loss' in line]
+    assert iters[-1] == 3
+    # Evaluate the saved checkpoint, as a user evaluates a released one.
+    log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', tmp_path / 'eval',
+                     'MODEL.WEIGHTS', str(out / 'model_final.pth'), flags=['--eval-only'])
+    assert 'Evaluation results for bbox' in log
+
+
+def test_mask_rcnn_detr_augmentation_train_eval(coco, tmp_path):
+    out = tmp_path / 'mask_rcnn'
+    log = _train_net(coco, 'mask_rcnn_mpvit_tiny_ms_3x.yaml', out, 'SOLVER.MAX_ITER', '3',
+                     'INPUT.CROP.SIZE', '(64, 96)')
+    assert 'AUG.DETR: flip, then multi-scale resize (96,)' in log and 'absolute_range crop (64, 96)' in log
+    assert 'Evaluation results for bbox' in log and 'Evaluation results for segm' in log
+    # And the demo draws the trained model's masks into a PNG.
+    from PIL import Image
+    demo_out = tmp_path / 'demo'
+    run = subprocess.run(
+        [sys.executable, str(REPO / 'detectron2' / 'demo.py'),
+         '--config-file', str(CONFIGS / 'mask_rcnn_mpvit_tiny_ms_3x.yaml'),
+         '--input', str(coco / 'val' / '000001.jpg'), '--output', str(demo_out), '--confidence-threshold', '0',
+         '--coco-dataset', 'shapes_val', str(coco / 'annotations' / 'instances_val.json'), str(coco / 'val'),
+         'MODEL.WEIGHTS', str(out / 'model_final.pth'), 'MODEL.ROI_HEADS.NUM_CLASSES', '4',
+         'INPUT.MIN_SIZE_TEST', '96', 'INPUT.MAX_SIZE_TEST', '160'],
+        capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert Image.open(demo_out / '000001.png').size == (128, 96)
+
+
+def test_bad_dataset_path_is_named(coco, tmp_path):
+    log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', tmp_path / 'x', expect_ok=False,
+                     flags=['--coco-dataset', 'broken', str(tmp_path / 'nope.json'), str(coco / 'train')])
+    assert f"{tmp_path / 'nope.json'} does not exist" in log
+
+
+@pytest.fixture(scope='module')
+def train_net(coco):
+    """detectron2/train_net.py imported in-process, with the shapes dataset registered."""
+    spec = importlib.util.spec_from_file_location('d2_train_net', REPO / 'detectron2' / 'train_net.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.register_coco_datasets([
+        ['shapes_train', str(coco / 'annotations' / 'instances_train.json'), str(coco / 'train')],
+        ['shapes_val', str(coco / 'annotations' / 'instances_val.json'), str(coco / 'val')],
+    ])
+    return module
+
+
+@pytest.mark.parametrize('config', sorted(p.name for p in CONFIGS.glob('*.yaml') if not p.name.startswith('Base-')))
+def test_every_config_trains_a_step_and_evaluates(config, train_net, tmp_path):
+    cfg = _cfg(config, 'OUTPUT_DIR', str(tmp_path),
+               'DATASETS.TRAIN', ('shapes_train',), 'DATASETS.TEST', ('shapes_val',),
+               'DATALOADER.NUM_WORKERS', 0, 'SOLVER.IMS_PER_BATCH', 1, 'SOLVER.MAX_ITER', 1,
+               'INPUT.MIN_SIZE_TRAIN', (64,), 'INPUT.MAX_SIZE_TRAIN', 96, 'INPUT.CROP.SIZE', (48, 64),
+               'INPUT.MIN_SIZE_TEST', 64, 'INPUT.MAX_SIZE_TEST', 96,
+               'MODEL.RETINANET.NUM_CLASSES', 4, 'MODEL.ROI_HEADS.NUM_CLASSES', 4)
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    results = trainer._last_eval_results  # what DefaultTrainer's final EvalHook computed
+    assert trainer.iter == cfg.SOLVER.MAX_ITER and set(results['bbox']) >= {'AP', 'AP50', 'AP75'}
+    assert ('segm' in results) == cfg.MODEL.MASK_ON

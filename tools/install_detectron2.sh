@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs Detectron2 v0.6 for the current interpreter; called by tools/install.sh. Idempotent.
+#
+# Detectron2 is not on PyPI under its own name. Two routes:
+#  * DETECTRON2_SOURCE=<source dir | git URL> installs upstream the official way (builds the C++/CUDA
+#    ops), e.g. DETECTRON2_SOURCE=git+https://github.com/facebookresearch/detectron2.git
+#  * otherwise the PyPI sdist pb1-detectron2==0.6 (upstream v0.6's Python code, without layers/csrc),
+#    checked against its sha256, patched for today's numpy / Pillow / setuptools by
+#    tools/patch_detectron2.py, built once into a pure-Python wheel cached in .cache/wheels/.
+#    No C++ ops: rotated boxes, deformable convs and the fast COCO evaluator are unavailable;
+#    none of this repository's configs needs them.
+# Runtime dependencies are pinned in requirements.txt, so the wheel is installed with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --quiet --root-user-action=ignore "$@"; }
+
+SDIST_VERSION=0.6
+SDIST_SHA256=5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29
+WHEEL_DIR=.cache/wheels
+WHEEL=$WHEEL_DIR/pb1_detectron2-$SDIST_VERSION-py3-none-any.whl
+
+# The modules our code needs, including the ones v0.6 breaks on today's stack.
+healthy() {
+  (cd / && "$PY" - <<'PY') >/dev/null 2>&1
+import detectron2, detectron2.utils.analysis, detectron2.model_zoo
+from detectron2.data.transforms import transform  # Image.LINEAR
+from detectron2.evaluation import COCOEvaluator  # optional _C
+assert detectron2.__version__.startswith("0.6"), detectron2.__version__
+PY
+}
+
+if healthy; then
+  exit 0
+fi
+if [ -n "${DETECTRON2_SOURCE:-}" ]; then
+  echo "[install] detectron2 from $DETECTRON2_SOURCE (official build)"
+  pip_install --no-build-isolation "$DETECTRON2_SOURCE"
+else
+  if [ ! -f "$WHEEL" ]; then
+    echo "[install] detectron2: building a wheel from the sdist pb1-detectron2==$SDIST_VERSION"
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    # --no-build-isolation: its setup.py imports torch, which must be ours, never a fresh download.
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
+      -d "$work" "pb1-detectron2==$SDIST_VERSION"
+    sdist=$work/pb1-detectron2-$SDIST_VERSION.tar.gz
+    echo "$SDIST_SHA256  $sdist" | sha256sum --check --quiet \
+      || { echo "[install] sha256 mismatch for $sdist" >&2; exit 1; }
+    tar -xzf "$sdist" -C "$work"
+    "$PY" tools/patch_detectron2.py "$work/pb1-detectron2-$SDIST_VERSION" >/dev/null
+    mkdir -p "$WHEEL_DIR"
+    "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WHEEL_DIR" "$work/pb1-detectron2-$SDIST_VERSION"
+  fi
+  echo "[install] detectron2 (patched v$SDIST_VERSION wheel, $WHEEL)"
+  pip_install --no-deps --force-reinstall "$WHEEL"
+fi
+healthy || { echo "[install] detectron2 was installed but does not import; see tools/install_detectron2.sh" >&2; exit 1; }

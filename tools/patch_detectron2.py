@@ -1,0 +1,110 @@
+"""Make Detectron2 v0.6's Python sources work on today's stack, in place.
+
+Used by ``tools/install_detectron2.sh`` on the unpacked ``pb1-detectron2==0.6``
+sdist (an unmodified copy of upstream v0.6 without ``layers/csrc``). Each change
+is the smallest one that restores the old behaviour:
+
+* ``PIL.Image.LINEAR`` was removed in Pillow 10; it was an alias of ``BILINEAR``.
+* ``np.int`` / ``np.float`` / ``np.str`` / ``np.bool`` were removed in numpy 1.24;
+  they were aliases of the Python builtins.
+* ``pkg_resources`` is gone from setuptools >= 82; the model-zoo config lookup
+  only needs the package directory.
+* ``detectron2.export`` imports caffe2 at import time, which breaks
+  ``detectron2.utils.analysis`` (FLOP counting); the caffe2 API becomes optional.
+* Without ``csrc`` there is no ``detectron2._C``: its importers get ``_C = None``
+  (only rotated boxes, deformable convs and the fast COCO evaluator use it), and
+  ``setup.py`` builds no extension when the C++ sources are absent.
+
+Every pattern must be found exactly as expected, so a different Detectron2
+source fails loudly here instead of being half patched.
+
+    python tools/patch_detectron2.py SOURCE_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+OPTIONAL_C = "try:\n    from detectron2 import _C\nexcept ImportError:  # built without csrc\n    _C = None\n"
+
+# (file, regex, replacement, expected number of matches or None for "at least one")
+LITERAL_PATCHES: list[tuple[str, str, str, int | None]] = [
+    ("detectron2/data/transforms/transform.py", r"Image\.LINEAR\b", "Image.BILINEAR", 1),
+    ("detectron2/model_zoo/model_zoo.py", r"^import pkg_resources\n", "", 1),
+    (
+        "detectron2/model_zoo/model_zoo.py",
+        r'pkg_resources\.resource_filename\(\s*"detectron2\.model_zoo", '
+        r'(os\.path\.join\("configs", config_path\))\s*\)',
+        r"os.path.join(os.path.dirname(__file__), \1)",
+        1,
+    ),
+    (
+        "detectron2/export/__init__.py",
+        r"^from \.api import \*\n",
+        "try:\n    from .api import *  # needs caffe2\nexcept ImportError:\n    pass\n",
+        1,
+    ),
+    (
+        "setup.py",
+        r"ext_modules=get_extensions\(\),",
+        'ext_modules=get_extensions() if path.isdir("detectron2/layers/csrc") else [],',
+        1,
+    ),
+]
+NUMPY_ALIAS = re.compile(r"\bnp\.(int|float|str|bool)\b(?![\w.])")
+C_IMPORT = re.compile(r"^from detectron2 import _C\n", re.MULTILINE)
+C_IMPORTERS = [
+    "detectron2/layers/deform_conv.py",
+    "detectron2/layers/rotated_boxes.py",
+    "detectron2/layers/roi_align_rotated.py",
+    "detectron2/evaluation/fast_eval_api.py",
+]
+
+
+def patch_tree(root: Path) -> list[str]:
+    """Apply all changes under ``root``; return a log line per changed file."""
+    if not (root / "detectron2" / "__init__.py").is_file():
+        raise SystemExit(f"{root} is not a Detectron2 source tree (no detectron2/__init__.py)")
+    edits: dict[Path, str] = {}
+
+    def text(rel: str) -> str:
+        path = root / rel
+        if path not in edits and not path.is_file():
+            raise SystemExit(f"{rel} is missing from {root}: not Detectron2 v0.6's source tree?")
+        return edits.get(path, path.read_text())
+
+    log = []
+    for rel, pattern, repl, expected in LITERAL_PATCHES:
+        new, count = re.subn(pattern, repl, text(rel), flags=re.MULTILINE)
+        if count == 0 or (expected is not None and count != expected):
+            raise SystemExit(f"{rel}: expected {expected} match(es) of {pattern!r}, found {count}")
+        edits[root / rel] = new
+        log.append(f"{rel}: {pattern} x{count}")
+    for rel in C_IMPORTERS:
+        new, count = C_IMPORT.subn(OPTIONAL_C, text(rel))
+        if count != 1:
+            raise SystemExit(f"{rel}: expected one 'from detectron2 import _C', found {count}")
+        edits[root / rel] = new
+        log.append(f"{rel}: optional _C")
+    for path in sorted((root / "detectron2").rglob("*.py")):
+        new, count = NUMPY_ALIAS.subn(r"\1", edits.get(path, path.read_text()))
+        if count:
+            edits[path] = new
+            log.append(f"{path.relative_to(root)}: numpy aliases x{count}")
+    for path, new in edits.items():
+        path.write_text(new)
+    return log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("source", type=Path, help="unpacked Detectron2 v0.6 source tree")
+    args = parser.parse_args()
+    for line in patch_tree(args.source):
+        print(f"[patch_detectron2] {line}")
+
+
+if __name__ == "__main__":
+    main()
