@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise FileNotFoundError(f'input image(s) not found: {", ".join(missing)}')
     predictor = Predictor(cfg)
     name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else '__unused'
-    if name in DatasetCatalog.list():
-        DatasetCatalog.get(name)  # loading a COCO json fills in its class names
+    if name in DatasetCatalog.list() and not MetadataCatalog.get(name).get('thing_classes'):
+        DatasetCatalog.get(name)  # loading a registered COCO json fills in its class names
     metadata = MetadataCatalog.get(name)
     os.makedirs(args.output, exist_ok=True)
     written = []

@@ -254,6 +254,7 @@ def test_mask_rcnn_detr_augmentation_train_eval(coco, tmp_path):
          '--input', str(coco / 'val' / '000001.jpg'), '--output', str(demo_out), '--confidence-threshold', '0',
          '--coco-dataset', 'shapes_val', str(coco / 'annotations' / 'instances_val.json'), str(coco / 'val'),
          'MODEL.WEIGHTS', str(out / 'model_final.pth'), 'MODEL.ROI_HEADS.NUM_CLASSES', '4',
+         'DATASETS.TEST', "('shapes_val',)",
          'INPUT.MIN_SIZE_TEST', '96', 'INPUT.MAX_SIZE_TEST', '160'],
         capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
