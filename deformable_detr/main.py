@@ -1,0 +1,378 @@
+"""Train and evaluate Deformable DETR + MPViT on COCO (the original recipe, on Hugging Face transformers).
+
+Train, 8 GPUs:   torchrun --nproc_per_node 8 deformable_detr/main.py -c configs/deformable_detr/mpvit_small.yaml \\
+                     --coco-path datasets/coco --pretrained <mpvit_small.pth file or URL>
+Resume:          the same command with --resume output/deformable_detr/mpvit_small/checkpoint.pth
+Evaluate:        python deformable_detr/main.py -c configs/deformable_detr/mpvit_small.yaml --coco-path datasets/coco \\
+                     --eval --resume <released checkpoint, original layout, file or URL>
+
+Data layout (the original's): COCO_PATH/{train2017,val2017}/*.jpg and
+COCO_PATH/annotations/instances_{train2017,val2017}.json (``--train-set`` / ``--val-set`` rename the splits).
+Every epoch writes OUTPUT_DIR/checkpoint.pth atomically; --resume continues from it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from mpvit.checkpoint import read_checkpoint
+from mpvit.deformable_detr import (
+    build_deformable_detr,
+    count_parameters,
+    is_original_layout,
+    load_detector_weights,
+    param_groups,
+    weighted_loss,
+)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a random h x w region with both sides drawn from [min_size, min(side, max_size)] (the original's)."""
+
+    def __init__(self, min_size: int, max_size: int):
+        super().__init__()
+        self.min_size, self.max_size = min_size, max_size
+
+    def make_params(self, flat_inputs: List) -> Dict:
+        height, width = v2.query_size(flat_inputs)
+        w = random.randint(min(width, self.min_size), min(width, self.max_size))
+        h = random.randint(min(height, self.min_size), min(height, self.max_size))
+        return dict(top=random.randint(0, height - h), left=random.randint(0, width - w), height=h, width=w)
+
+    def transform(self, inpt, params: Dict):
+        return self._call_kernel(F.crop, inpt, **params)
+
+
+def build_transforms(train: bool, args: argparse.Namespace) -> v2.Compose:
+    """The original multi-scale augmentation: flip, then a resize of the shorter side to one of
+    ``--train-sizes``, or (half of the time) a resize to ``--crop-resize``, a random crop of
+    ``--crop-range`` and that resize; evaluation resizes to ``--test-size``. Longer side <= ``--max-size``."""
+    if train:
+        resize = v2.RandomShortestSize(args.train_sizes, max_size=args.max_size)
+        geometric = [
+            v2.RandomHorizontalFlip(),
+            v2.RandomChoice([
+                resize,
+                v2.Compose([v2.RandomShortestSize(args.crop_resize), RandomSizeCrop(*args.crop_range), resize]),
+            ]),
+            v2.SanitizeBoundingBoxes(labels_getter=lambda sample: sample[1]['labels']),
+        ]
+    else:
+        geometric = [v2.RandomShortestSize([args.test_size], max_size=args.max_size)]
+    return v2.Compose([*geometric, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class CocoDetection(Dataset):
+    """COCO instances (boxes only, crowd annotations dropped, category ids kept as labels like the original)."""
+
+    def __init__(self, image_dir: Path, annotation_file: Path, transforms: v2.Compose):
+        for path in (annotation_file, image_dir):
+            if not path.exists():
+                raise FileNotFoundError(f'COCO data: {path} does not exist (see deformable_detr/README.md)')
+        self.image_dir, self.transforms = image_dir, transforms
+        self.coco = COCO(str(annotation_file))
+        self.ids = sorted(self.coco.imgs)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        image = Image.open(self.image_dir / info['file_name']).convert('RGB')
+        w, h = image.size
+        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get('iscrowd', 0)]
+        boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(0, w)
+        boxes[:, 1::2].clamp_(0, h)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target = dict(
+            boxes=tv_tensors.BoundingBoxes(boxes[keep], format='XYXY', canvas_size=(h, w)),
+            labels=torch.tensor([a['category_id'] for a in anns], dtype=torch.int64)[keep],
+        )
+        image, target = self.transforms(F.to_image(image), target)
+        out_h, out_w = image.shape[-2:]
+        cxcywh = F.convert_bounding_box_format(target['boxes'], new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
+        normalised = cxcywh.as_subclass(torch.Tensor) / torch.tensor([out_w, out_h, out_w, out_h])
+        return image, dict(class_labels=target['labels'], boxes=normalised, image_id=image_id, orig_size=(h, w))
+
+
+def collate(batch: List[Tuple[torch.Tensor, Dict]]) -> Dict:
+    """Pad to the largest image of the batch; pixel_mask marks the real pixels."""
+    height = max(img.shape[1] for img, _ in batch)
+    width = max(img.shape[2] for img, _ in batch)
+    pixel_values = torch.zeros(len(batch), 3, height, width)
+    pixel_mask = torch.zeros(len(batch), height, width, dtype=torch.long)
+    for i, (img, _) in enumerate(batch):
+        pixel_values[i, :, :img.shape[1], :img.shape[2]] = img
+        pixel_mask[i, :img.shape[1], :img.shape[2]] = 1
+    return dict(pixel_values=pixel_values, pixel_mask=pixel_mask, targets=[t for _, t in batch])
+
+
+# ------------------------------------------------------------------------------------------- distributed
+
+def init_distributed() -> Tuple[int, int, int]:
+    if 'RANK' not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return rank, world, local
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    if is_main():
+        print(f'{datetime.datetime.now():%H:%M:%S} {message}', flush=True)
+
+
+def save_atomic(obj: Dict, path: Path) -> None:
+    tmp = path.with_suffix('.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- train / eval
+
+def autocast(args, device):
+    if args.amp == 'none':
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args) -> Dict[str, float]:
+    model.train()
+    totals: Dict[str, float] = {}
+    start = time.time()
+    steps = len(loader) if args.max_iters <= 0 else min(len(loader), args.max_iters)
+    for step, batch in enumerate(loader):
+        if step >= steps:
+            break
+        labels = [{k: t[k].to(device) for k in ('class_labels', 'boxes')} for t in batch['targets']]
+        with autocast(args, device):
+            out = model(pixel_values=batch['pixel_values'].to(device), pixel_mask=batch['pixel_mask'].to(device),
+                        labels=labels)
+        loss = weighted_loss(out.loss_dict)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}: '
+                                     f'{ {k: v.item() for k, v in out.loss_dict.items()} }')
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_max_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        values = {'loss': loss.item(), **{k: out.loss_dict[k].item() for k in ('loss_ce', 'loss_bbox', 'loss_giou')}}
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0.) + v
+        if step % args.print_freq == 0 or step == steps - 1:
+            parts = ' '.join(f'{k} {v:.4f}' for k, v in values.items())
+            log(f'epoch {epoch} [{step + 1}/{steps}] {parts} lr {optimizer.param_groups[0]["lr"]:.2e} '
+                f'({(time.time() - start) / (step + 1):.2f} s/it)')
+    return {k: v / steps for k, v in totals.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
+    """COCO box AP with pycocotools; top-100 (query, class) pairs per image, as the original."""
+    from transformers import DeformableDetrImageProcessor
+
+    processor = DeformableDetrImageProcessor()
+    model.eval()
+    results = []
+    for batch in loader:
+        with autocast(args, device):
+            out = model(pixel_values=batch['pixel_values'].to(device), pixel_mask=batch['pixel_mask'].to(device))
+        out.logits, out.pred_boxes = out.logits.float(), out.pred_boxes.float()
+        sizes = torch.tensor([t['orig_size'] for t in batch['targets']], device=device)
+        for target, det in zip(batch['targets'], processor.post_process_object_detection(
+                out, threshold=0.0, target_sizes=sizes, top_k=100)):
+            for score, label, (x0, y0, x1, y1) in zip(det['scores'].tolist(), det['labels'].tolist(),
+                                                      det['boxes'].tolist()):
+                results.append(dict(image_id=target['image_id'], category_id=label, bbox=[x0, y0, x1 - x0, y1 - y0],
+                                    score=score))
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    if not is_main():
+        return {}
+    if not results:
+        log('no detections; AP is 0')
+        return {'AP': 0.0}
+    coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), 'bbox')
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    names = ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']
+    return {n: float(v) * 100 for n, v in zip(names, coco_eval.stats[:6])}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def get_args(argv=None) -> argparse.Namespace:
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='', help='YAML file of argument defaults')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[config_parser])
+    add = parser.add_argument
+    add('--backbone', default='mpvit_small')
+    add('--drop-path', type=float, default=0.2)
+    add('--pretrained', default='', help='backbone weights: classification (or any MPViT) checkpoint, file or URL')
+    add('--num-classes', type=int, default=91, help='largest category id + 1 (91 for COCO)')
+    add('--num-queries', type=int, default=300)
+    add('--num-feature-levels', type=int, default=4)
+    add('--lr', type=float, default=2e-4)
+    add('--lr-backbone', type=float, default=2e-5)
+    add('--lr-linear-proj-mult', type=float, default=0.1)
+    add('--weight-decay', type=float, default=1e-4)
+    add('--epochs', type=int, default=50)
+    add('--lr-drop', type=int, default=40)
+    add('--batch-size', type=int, default=2, help='per GPU')
+    add('--clip-max-norm', type=float, default=0.1)
+    add('--sync-bn', action='store_true')
+    add('--amp', choices=('none', 'bf16', 'fp16'), default='none')
+    add('--train-sizes', type=int, nargs='+', default=list(range(480, 801, 32)), help='shorter sides, training')
+    add('--crop-resize', type=int, nargs='+', default=[400, 500, 600], help='shorter sides before the crop')
+    add('--crop-range', type=int, nargs=2, default=[384, 600], help='crop side range')
+    add('--max-size', type=int, default=1333, help='longest side')
+    add('--test-size', type=int, default=800, help='shorter side, evaluation')
+    add('--coco-path', default='datasets/coco')
+    add('--train-set', default='train2017')
+    add('--val-set', default='val2017')
+    add('--output-dir', default='output/deformable_detr')
+    add('--resume', default='', help='our checkpoint or a released one (original layout), file or URL')
+    add('--eval', action='store_true')
+    add('--num-workers', type=int, default=2)
+    add('--seed', type=int, default=42)
+    add('--print-freq', type=int, default=50)
+    add('--max-iters', type=int, default=0, help='limit iterations per epoch (smoke tests)')
+    add('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    known, rest = config_parser.parse_known_args(argv)
+    if known.config:
+        with open(known.config) as f:
+            defaults = {k.replace('-', '_'): v for k, v in (yaml.safe_load(f) or {}).items()}
+        unknown = set(defaults) - {a.dest for a in parser._actions}
+        if unknown:
+            raise SystemExit(f'{known.config}: unknown keys {sorted(unknown)}')
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Dict[str, float]:
+    args = get_args(argv)
+    rank, world, local = init_distributed()
+    device = torch.device(args.device if args.device != 'cuda' else f'cuda:{local}')
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    output_dir = Path(args.output_dir)
+    if is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    model = build_deformable_detr(args.backbone, args.num_classes, args.num_queries, args.num_feature_levels,
+                                  args.drop_path, sync_bn=args.sync_bn and world > 1)
+    if args.pretrained and not args.resume:  # a resumed / evaluated checkpoint holds the backbone anyway
+        load_detector_weights(model, read_checkpoint(args.pretrained))
+        log(f'backbone initialised from {args.pretrained}')
+    model.to(device)
+    log(f'Deformable DETR + {args.backbone}: {count_parameters(model):,} trainable parameters')
+
+    root = Path(args.coco_path)
+    val_set = CocoDetection(root / args.val_set, root / 'annotations' / f'instances_{args.val_set}.json',
+                            build_transforms(False, args))
+    val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, collate_fn=collate,
+                            num_workers=args.num_workers)
+
+    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone, args.lr_linear_proj_mult),
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    start_epoch = 0
+    if args.resume:
+        checkpoint = read_checkpoint(args.resume)
+        load_detector_weights(model, checkpoint)
+        ours = isinstance(checkpoint, dict) and 'model' in checkpoint and not is_original_layout(checkpoint['model'])
+        if not args.eval and ours and 'optimizer' in checkpoint:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            scheduler.load_state_dict(checkpoint['lr_scheduler'])
+            scaler.load_state_dict(checkpoint['scaler'])
+            start_epoch = checkpoint['epoch'] + 1
+        log(f'resumed from {args.resume}' + (f' at epoch {start_epoch}' if start_epoch else ''))
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == 'cuda'
+                                                              else None)
+    if args.eval:
+        stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
+        if is_main():
+            (output_dir / 'eval_metrics.json').write_text(json.dumps(stats, indent=2))
+            log(f'* box AP {stats.get("AP", 0):.2f}')
+        return stats
+
+    train_set = CocoDetection(root / args.train_set, root / 'annotations' / f'instances_{args.train_set}.json',
+                              build_transforms(True, args))
+    train_sampler = DistributedSampler(train_set, seed=args.seed) if world > 1 else None
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler,
+                              shuffle=train_sampler is None, generator=generator, collate_fn=collate,
+                              num_workers=args.num_workers, drop_last=True)
+    stats: Dict[str, float] = {}
+    for epoch in range(start_epoch, args.epochs):
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(ddp_model, train_loader, optimizer, scaler, device, epoch, args)
+        scheduler.step()
+        if is_main():
+            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                             args=vars(args)), output_dir / 'checkpoint.pth')
+        stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
+        if is_main():
+            with open(output_dir / 'log.txt', 'a') as f:
+                f.write(json.dumps({'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+                                    **{f'test_{k}': v for k, v in stats.items()}}) + '\n')
+            log(f'epoch {epoch}: box AP {stats.get("AP", 0):.2f}')
+    return stats
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(0)

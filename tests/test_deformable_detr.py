@@ -1,0 +1,168 @@
+"""Deformable DETR + MPViT on transformers: fidelity to the original, recipe settings, loss, training end to end."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fidelity import compare, golden, synth_input, synth_state_dict
+
+pytest.importorskip('transformers')
+import timm  # noqa: E402
+
+from mpvit import CheckpointError  # noqa: E402
+from mpvit.deformable_detr import (  # noqa: E402
+    build_deformable_detr,
+    convert_original_state_dict,
+    count_parameters,
+    load_detector_weights,
+    param_groups,
+    weighted_loss,
+)
+from mpvit.demo_data import write_shapes_coco  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = 'manifest_deformable_detr_mpvit_small.json'
+
+
+@pytest.fixture(scope='module')
+def released(tmp_path_factory):
+    """A checkpoint in the original repository's layout, synthetic weights of the fidelity recipe."""
+    path = tmp_path_factory.mktemp('released') / 'deformable_detr_mpvit_small.pth'
+    torch.save({'model': synth_state_dict(golden(MANIFEST)['tensors']), 'epoch': 49}, path)
+    return path
+
+
+def test_parameters_heads_and_norms_match_the_reference():
+    model = build_deformable_detr('mpvit_small')
+    assert count_parameters(model) == golden(MANIFEST)['params_trainable'] == 34_448_361
+    # Plain Deformable DETR: one class / box head for all six decoder layers.
+    assert all(head is model.class_embed[0] for head in model.class_embed)
+    assert all(head is model.bbox_embed[0] for head in model.bbox_embed)
+    assert not model.config.tie_word_embeddings
+    # The backbone keeps trainable BatchNorm (transformers would have frozen it).
+    norms = [m for m in model.model.backbone.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.weight.requires_grad for m in norms)
+    assert not any('Frozen' in type(m).__name__ for m in model.modules())
+    # The original's head initialisation.
+    assert torch.allclose(model.class_embed[0].bias, torch.full((91,), -math.log(99)))
+    last = model.bbox_embed[0].layers[-1]
+    assert not last.weight.any() and last.bias.tolist() == [0, 0, -2, -2]
+    assert model.config.class_cost == 2 and model.config.bbox_cost == 5 and model.config.giou_cost == 2
+
+
+def test_original_layout_converts_key_for_key():
+    shapes = golden(MANIFEST)['tensors']
+    original = {k: torch.empty(s) for k, s in shapes.items()}
+    converted = convert_original_state_dict(original)
+    own = build_deformable_detr('mpvit_small').state_dict()
+    assert {k: list(v.shape) for k, v in converted.items()} == {k: list(v.shape) for k, v in own.items()}
+    with pytest.raises(CheckpointError, match='1 keys .* no place .*: transformer.enc_output.weight'):
+        convert_original_state_dict({**original, 'transformer.enc_output.weight': torch.zeros(1)})
+
+
+def test_fidelity_against_reference(released):
+    model = build_deformable_detr('mpvit_small').eval()
+    load_detector_weights(model, torch.load(released, weights_only=True))
+    ref = golden('dd_mpvit_small_256x320.json')
+    x = synth_input(**ref['input'])
+    mask = torch.ones(1, x.shape[2], x.shape[3], dtype=torch.long)
+    with torch.no_grad():
+        out = model(pixel_values=x, pixel_mask=mask)
+    assert not compare(ref['outputs']['pred_logits'], out.logits)
+    assert not compare(ref['outputs']['pred_boxes'], out.pred_boxes)
+    with torch.no_grad():  # the check can fail: a decoder layer's self-attention value projection matters
+        model.model.decoder.layers[3].self_attn.v_proj.weight.mul_(1.05)
+        assert compare(ref['outputs']['pred_logits'], model(pixel_values=x, pixel_mask=mask).logits)
+
+
+def test_checkpoint_errors_and_backbone_init(tmp_path):
+    model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
+    classifier = timm.create_model('mpvit_tiny')
+    left = load_detector_weights(model, {'model': classifier.state_dict()})
+    for key, value in classifier.state_dict().items():
+        if not key.startswith('cls_head.'):
+            assert torch.equal(model.model.backbone.model.state_dict()[key], value)
+    assert left and not any(k.startswith('model.backbone.') for k in left)
+    with pytest.raises(CheckpointError, match='does not fit'):  # MPViT-S weights into MPViT-T
+        load_detector_weights(model, {'model': synth_state_dict(golden(MANIFEST)['tensors'])})
+    with pytest.raises(ValueError, match="'mpvit_huge' is not an MPViT variant"):
+        build_deformable_detr('mpvit_huge')
+
+
+def test_loss_uses_the_original_weights():
+    torch.manual_seed(0)
+    model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=20).train()
+    labels = [dict(class_labels=torch.tensor([1, 3]), boxes=torch.tensor([[.3, .4, .2, .3], [.7, .6, .3, .2]])),
+              dict(class_labels=torch.tensor([2]), boxes=torch.tensor([[.5, .5, .4, .4]]))]
+    out = model(pixel_values=torch.randn(2, 3, 64, 96), pixel_mask=torch.ones(2, 64, 96, dtype=torch.long),
+                labels=labels)
+    d = out.loss_dict
+    suffixes = [''] + [f'_{i}' for i in range(5)]  # last decoder layer + five auxiliary ones
+    expected = sum(2 * d[f'loss_ce{s}'] + 5 * d[f'loss_bbox{s}'] + 2 * d[f'loss_giou{s}'] for s in suffixes)
+    total = weighted_loss(d)
+    torch.testing.assert_close(total, expected)
+    # transformers' own total weighs the class loss 1: ours exceeds it by exactly the class terms.
+    torch.testing.assert_close(total - out.loss, sum(d[f'loss_ce{s}'] for s in suffixes))
+
+
+def test_param_groups_follow_the_original():
+    model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
+    rest, backbone, proj = param_groups(model, lr=2e-4, lr_backbone=2e-5)
+    assert (rest['lr'], backbone['lr'], proj['lr']) == (2e-4, 2e-5, pytest.approx(2e-5))
+    assert sum(p.numel() for p in backbone['params']) == count_parameters(model.model.backbone.model)
+    assert len(proj['params']) == 2 * (6 + 6) + 2  # sampling_offsets of 12 attention layers + reference_points
+    total = sum(p.numel() for g in (rest, backbone, proj) for p in g['params'])
+    assert total == count_parameters(model)
+
+
+# ------------------------------------------------------------------------ end to end (CPU)
+
+@pytest.fixture(scope='module')
+def coco(tmp_path_factory):
+    return write_shapes_coco(tmp_path_factory.mktemp('dd_coco'), train_images=4, val_images=2, size=(128, 96))
+
+
+def _main(coco, out, *args, expect_ok=True):
+    cmd = [sys.executable, str(REPO / 'deformable_detr' / 'main.py'), '-c', str(REPO / 'configs' / 'deformable_detr'
+                                                                                / 'mpvit_tiny.yaml'),
+           '--pretrained', '', '--coco-path', str(coco), '--train-set', 'train', '--val-set', 'val',
+           '--num-classes', '5', '--num-queries', '30', '--num-workers', '0', '--print-freq', '1',
+           '--train-sizes', '96', '128', '--crop-resize', '96', '112', '--crop-range', '64', '96',
+           '--max-size', '160', '--test-size', '128', '--output-dir', str(out), '--device', 'cpu', *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert (run.returncode == 0) == expect_ok, (run.stdout + run.stderr)[-4000:]
+    return run.stdout + run.stderr
+
+
+def test_train_eval_resume(coco, tmp_path):
+    out = tmp_path / 'run'
+    log = _main(coco, out, '--epochs', '1')
+    assert 'epoch 0 [2/2] loss' in log and 'Average Precision  (AP) @[ IoU=0.50:0.95' in log
+    saved = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert saved['epoch'] == 0 and set(saved) >= {'model', 'optimizer', 'lr_scheduler', 'scaler'}
+    log = _main(coco, out, '--epochs', '2', '--resume', str(out / 'checkpoint.pth'))
+    assert 'at epoch 1' in log and 'epoch 1 [2/2] loss' in log and 'epoch 0 [' not in log
+    epochs = [json.loads(line)['epoch'] for line in (out / 'log.txt').read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
+def test_eval_of_released_checkpoint_and_converter(coco, released, tmp_path):
+    log = _main(coco, tmp_path / 'eval', '--backbone', 'mpvit_small', '--num-classes', '91', '--num-queries', '300',
+                '--eval', '--resume', str(released))
+    assert 'Average Precision' in log and (tmp_path / 'eval' / 'eval_metrics.json').is_file()
+    converted = tmp_path / 'converted.pth'
+    run = subprocess.run([sys.executable, str(REPO / 'tools' / 'convert_deformable_detr.py'), str(released),
+                          str(converted)], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    model = build_deformable_detr('mpvit_small')
+    model.load_state_dict(torch.load(converted, weights_only=True)['model'], strict=True)
+
+
+def test_bad_dataset_path_is_named(tmp_path):
+    log = _main(tmp_path, tmp_path / 'x', '--epochs', '1', expect_ok=False)
+    assert f"{tmp_path / 'annotations' / 'instances_val.json'} does not exist" in log

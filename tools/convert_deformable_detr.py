@@ -1,0 +1,32 @@
+"""Convert a released Deformable DETR + MPViT checkpoint (original repository's layout) to ours.
+
+    python tools/convert_deformable_detr.py deformable_detr_mpvit_small.pth converted.pth
+
+``deformable_detr/main.py --resume`` converts on the fly, so this is only needed to
+store the converted file. Fails, listing them, on keys it cannot place.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from mpvit.checkpoint import read_checkpoint, unwrap_checkpoint
+from mpvit.deformable_detr import convert_original_state_dict, is_original_layout
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('src', help='original-layout checkpoint, file or URL')
+    parser.add_argument('dst', help='output file')
+    args = parser.parse_args(argv)
+    state = unwrap_checkpoint(read_checkpoint(args.src))
+    if not is_original_layout(state):
+        raise SystemExit(f'{args.src} is not in the original Deformable DETR layout (no transformer.* keys)')
+    converted = convert_original_state_dict(state)
+    torch.save({'model': converted}, args.dst)
+    print(f'{len(state)} tensors -> {len(converted)} tensors: {args.dst}')
+
+
+if __name__ == '__main__':
+    main()
