@@ -302,10 +302,12 @@ def main(argv=None) -> Dict[str, float]:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     model = build_deformable_detr(args.backbone, args.num_classes, args.num_queries, args.num_feature_levels,
-                                  args.drop_path, sync_bn=args.sync_bn and world > 1)
+                                  args.drop_path, sync_bn=args.sync_bn and world > 1 and device.type == 'cuda')
     if args.pretrained and not args.resume:  # a resumed / evaluated checkpoint holds the backbone anyway
         load_detector_weights(model, read_checkpoint(args.pretrained))
         log(f'backbone initialised from {args.pretrained}')
+    if args.sync_bn and world > 1 and device.type != 'cuda':
+        log('--sync-bn: SyncBatchNorm needs CUDA; using per-process BatchNorm on CPU')
     model.to(device)
     log(f'Deformable DETR + {args.backbone}: {count_parameters(model):,} trainable parameters')
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, TimmBackboneConfig
 
-from mpvit.checkpoint import CheckpointError, unwrap_checkpoint
+from mpvit.checkpoint import CheckpointError, backbone_prefix, check_fit, unwrap_checkpoint
 from mpvit.models.mpvit import MPVIT_ARCHS, MPViT
 
 __all__ = [
@@ -210,8 +210,6 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
 def load_detector_weights(model: nn.Module, checkpoint: Mapping, strict: bool = True) -> List[str]:
     """Load a detector checkpoint in our or the original layout; a backbone-only one (classification or
     another task's) fills the backbone. Returns the keys left at their initial values."""
-    from mpvit.checkpoint import backbone_prefix, check_fit
-
     state = unwrap_checkpoint(checkpoint)
     own = model.state_dict()
     if is_original_layout(state):
@@ -224,16 +222,9 @@ def load_detector_weights(model: nn.Module, checkpoint: Mapping, strict: bool = 
         check_fit(weights, backbone, what='backbone weights')
         backbone.load_state_dict(weights)
         return [k for k in own if not k.startswith(BACKBONE_KEY)]
+    if strict:
+        check_fit(state, model)  # names missing, unexpected and mis-shaped keys
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f'{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})'
-             for k, v in state.items() if k in own and v.shape != own[k].shape]
-    problems = [f'{len(v)} {what}: ' + ', '.join(v[:5]) + (f', ... (+{len(v) - 5} more)' if len(v) > 5 else '')
-                for what, v in (('missing keys', missing), ('unexpected keys', unexpected),
-                                ('keys of the wrong shape', wrong)) if v]
-    if problems and strict:
-        raise CheckpointError('checkpoint does not fit this Deformable DETR; ' + '; '.join(problems)
-                              + '. Is it a checkpoint of another variant or class count?')
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
     return missing
 

@@ -166,3 +166,18 @@ def test_eval_of_released_checkpoint_and_converter(coco, released, tmp_path):
 def test_bad_dataset_path_is_named(tmp_path):
     log = _main(tmp_path, tmp_path / 'x', '--epochs', '1', expect_ok=False)
     assert f"{tmp_path / 'annotations' / 'instances_val.json'} does not exist" in log
+
+
+def test_torchrun_ddp_two_processes(coco, tmp_path):
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+           str(REPO / 'deformable_detr' / 'main.py'),
+           '-c', str(REPO / 'configs' / 'deformable_detr' / 'mpvit_tiny.yaml'),
+           '--pretrained', '', '--coco-path', str(coco), '--train-set', 'train', '--val-set', 'val',
+           '--num-classes', '5', '--num-queries', '30', '--num-workers', '0', '--print-freq', '1', '--batch-size', '1',
+           '--train-sizes', '96', '--crop-resize', '96', '--crop-range', '64', '96', '--max-size', '160',
+           '--test-size', '96', '--output-dir', str(out), '--device', 'cpu', '--epochs', '1']
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert 'epoch 0 [2/2] loss' in run.stdout  # 4 images / (2 processes x 1) = 2 steps each
+    assert (out / 'checkpoint.pth').is_file()
