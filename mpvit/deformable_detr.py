@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
@@ -229,6 +229,6 @@ def load_detector_weights(model: nn.Module, checkpoint: Mapping, strict: bool = 
     return missing
 
 
-def count_parameters(model: nn.Module, params: Optional[Iterable[nn.Parameter]] = None) -> int:
+def count_parameters(model: nn.Module) -> int:
     """Trainable parameters, shared ones once (as ``model.parameters()`` yields them)."""
-    return sum(p.numel() for p in (params if params is not None else model.parameters()) if p.requires_grad)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
