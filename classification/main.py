@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation')
     g.add_argument('--amp', choices=['none', 'bf16', 'fp16'], default='bf16')
     g.add_argument('--grad-checkpointing', action='store_true')
+    g.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+                   help='torch.compile the model (training, evaluation, throughput); backend: inductor')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (timm ModelEmaV3)')
     g.add_argument('--model-ema-decay', type=float, default=0.99996)
     g = p.add_argument_group('run')
@@ -370,8 +372,11 @@ def main(args: argparse.Namespace) -> Dict:
     _logger.info('%s: %.2fM parameters, %d classes', args.model,
                  sum(p.numel() for p in model.parameters()) / 1e6, num_classes)
 
+    def compiled(module: nn.Module) -> nn.Module:
+        return torch.compile(module, backend=args.compile) if args.compile else module
+
     if args.throughput:
-        result = measure_throughput(args, model)
+        result = measure_throughput(args, compiled(model))
         if is_main(args):
             (output_dir / 'throughput.json').write_text(json.dumps(result, indent=2))
         return result
@@ -380,7 +385,7 @@ def main(args: argparse.Namespace) -> Dict:
     if args.eval:
         if args.resume:
             load_backbone_weights(model, args.resume)
-        metrics = evaluate(args, model, val_loader)
+        metrics = evaluate(args, compiled(model), val_loader)
         if is_main(args):
             (output_dir / 'eval_metrics.json').write_text(json.dumps(dict(metrics, model=args.model), indent=2))
         return metrics
@@ -438,6 +443,7 @@ def main(args: argparse.Namespace) -> Dict:
     if args.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.local_rank] if args.device.startswith('cuda') else None)
+    ddp_model, eval_model = compiled(ddp_model), compiled(model)
 
     last_epoch = num_epochs if args.run_epochs is None else min(num_epochs, start_epoch + args.run_epochs)
     metrics: Dict = {}
@@ -447,7 +453,7 @@ def main(args: argparse.Namespace) -> Dict:
         train_stats = train_one_epoch(args, ddp_model, train_loader, criterion, optimizer, scheduler, scaler,
                                       mixup, epoch, step, ema)
         step = train_stats['step']
-        metrics = evaluate(args, model, val_loader)
+        metrics = evaluate(args, eval_model, val_loader)
         best = max(best, metrics['acc1'])
         if ema is not None:
             _logger.info('EMA model:')

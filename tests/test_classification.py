@@ -131,6 +131,14 @@ def test_throughput_mode_reports(tmp_path, capsys):
     assert json.loads((tmp_path / 'throughput.json').read_text())['batch_size'] == 2
 
 
+def test_compiled_training_saves_plain_checkpoints(two_class, tmp_path):
+    """--compile wraps the model for training and evaluation; checkpoints keep the released key layout."""
+    result = run(two_class, tmp_path, '--epochs', '1', '--max-steps', '2', '--compile', 'aot_eager')
+    assert result['images'] > 0 and 0 <= result['acc1'] <= 100
+    keys = torch.load(tmp_path / 'checkpoint.pth', weights_only=False)['model'].keys()
+    assert 'stem.0.conv.weight' in keys and not [k for k in keys if '_orig_mod' in k]
+
+
 def test_model_ema_is_evaluated_saved_and_resumed(two_class, tmp_path):
     result = run(two_class, tmp_path, '--epochs', '1', '--max-steps', '2', '--model-ema', '--model-ema-decay', '0.5')
     assert 0 <= result['ema_acc1'] <= 100

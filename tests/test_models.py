@@ -262,6 +262,37 @@ def test_benchmark_tool_smoke(tmp_path):
                            '--img-size', '64', '--amp', 'bf16', '--channels-last', '--warmup', '0', '--iters', '1',
                            '--device', 'cpu'])
     assert features[0]['features'] and json.loads(out.read_text())[0]['img_size'] == [64, 96]
+    side_by_side = bench.main(['--models', 'mpvit_tiny', '--impl', 'both', '--fuse', '--mode', 'infer',
+                               '--batch-size', '1', '--img-size', '64', '--amp', 'none', '--warmup', '0',
+                               '--iters', '1', '--device', 'cpu'])
+    assert [r['impl'] for r in side_by_side] == ['straightforward', 'fast'] and side_by_side[1]['fused']
+    assert side_by_side[1]['vs_straightforward'] > 0 and 'vs_reference' not in side_by_side[1]
+
+
+def test_benchmark_ratios_to_the_reference_table():
+    """Rows measured on an H100 at the reference's settings are divided by its figures and judged on the targets."""
+    spec = importlib.util.spec_from_file_location('benchmark', REPO / 'tools' / 'benchmark.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = dict(model='mpvit_small', impl='fast', batch_size=128, img_size=[224, 224], fused=False, features=False,
+                  device='NVIDIA H100 80GB HBM3')
+    rows = [
+        dict(common, mode='infer', amp='bf16', channels_last=False, compile=False, images_per_s=4800.,
+             peak_memory_gib=3.),
+        dict(common, mode='infer', amp='bf16', channels_last=True, compile=True, images_per_s=6000.,
+             peak_memory_gib=3.),
+        dict(common, mode='train', amp='bf16', channels_last=False, compile=False, images_per_s=1100.,
+             peak_memory_gib=17.),
+        dict(common, mode='train', amp='bf16', channels_last=False, compile=False, images_per_s=1100.,
+             peak_memory_gib=17., batch_size=64),
+    ]
+    bench.add_ratios(rows)
+    assert rows[0]['reference_column'] == 'bf16' and rows[0]['meets_target']
+    assert abs(rows[0]['vs_reference'] - 4800 / 1885) < 1e-9
+    assert rows[1]['reference_column'] == 'bf16_cl_compile' and not rows[1]['meets_target']
+    assert rows[2]['vs_reference'] > 2 and not rows[2]['meets_target']  # faster, but more memory than 16.3 GiB
+    assert 'vs_reference' not in rows[3]
+    assert 'NOT met' in bench.render(rows)
 
 
 def test_torch_compile_fullgraph_matches_eager():

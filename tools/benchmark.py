@@ -2,13 +2,24 @@
 
     python tools/benchmark.py --models mpvit_small coat_lite_small --batch-size 128 --amp bf16 --channels-last
     python tools/benchmark.py --models mpvit_small --compile --mode infer
-    python tools/benchmark.py --models mpvit_small --features --img-size 800 1216 --batch-size 2   # Detectron2 shape
+    python tools/benchmark.py --models mpvit_small --features --img-size 800 1216 --batch-size 2 --impl both
+    python tools/benchmark.py --preset reference-table --models mpvit_small --json results.json
 
-Inference: images/s of ``model(x)`` under ``torch.no_grad``. Training: images/s of a
-full step (forward, cross-entropy, backward, AdamW) on random data. With
-``--features`` the backbone (``features_only=True``) is timed and the loss is the
-sum of its stage-map means, as for dense-task shapes. Peak memory is the GPU's
-``max_memory_allocated``; on the CPU, timings are for smoke runs only.
+Inference: images/s of ``model(x)`` under ``torch.no_grad`` (``--fuse`` folds the
+batch norms first). Training: images/s of a full step (forward, cross-entropy,
+backward, AdamW) on random data. With ``--features`` the backbone
+(``features_only=True``) is timed and the loss is the sum of its stage-map means,
+as for dense-task shapes. Peak memory is the GPU's ``max_memory_allocated``; on
+the CPU, timings are for smoke runs only.
+
+Two kinds of ratio are printed, both measured, never assumed:
+- ``--impl both`` times MPViT's optimised ops and its straightforward ones
+  (``mpvit.straightforward_ops``: per-head einsum attention, split CRPE convs,
+  float32 LayerNorm under autocast, NCHW maps) in the same run, and prints
+  fast / straightforward per configuration.
+- On an H100 at batch 128 and 224x224, each MPViT / CoaT-Lite-S row is also
+  divided by the reference implementation's throughput measured on an H100
+  (the table in issue #7) and checked against that issue's target ratio.
 """
 from __future__ import annotations
 
@@ -16,13 +27,35 @@ import argparse
 import json
 import time
 from contextlib import nullcontext
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
 import torch.nn.functional as F
 
-import mpvit  # noqa: F401  (registers the models)
+import mpvit
+
+# The reference implementation (youngwanLEE/MPViT) on one H100, batch 128, 224x224, images/s (issue #7):
+# eager float32, eager bf16 autocast, + channels_last, + torch.compile, and the bf16 AdamW training step
+# with its peak memory (GiB).
+REFERENCE_H100 = {
+    'mpvit_tiny': dict(fp32=3173, bf16=2422, bf16_cl=3595, bf16_cl_compile=9378, train=923, train_gib=9.0),
+    'mpvit_xsmall': dict(fp32=2970, bf16=3063, bf16_cl=3511, bf16_cl_compile=4191, train=825, train_gib=11.8),
+    'mpvit_small': dict(fp32=2064, bf16=1885, bf16_cl=2335, bf16_cl_compile=3207, train=510, train_gib=16.3),
+    'mpvit_base': dict(fp32=1159, bf16=1323, bf16_cl=1387, bf16_cl_compile=3124, train=387, train_gib=32.2),
+    'coat_lite_small': dict(fp32=3322, bf16=3865, bf16_cl=3732, bf16_cl_compile=7008, train=1335, train_gib=11.9),
+}
+# Issue #7's targets, as ratios to the reference column they are stated against.
+TARGETS = {'bf16': 2.5, 'bf16_cl': 2.5, 'bf16_cl_compile': 2.0, 'train': 2.0}
+
+# (mode, amp, channels_last, compile) of each column of the reference table.
+REFERENCE_TABLE_CONFIGS = [
+    ('infer', 'none', False, False),
+    ('infer', 'bf16', False, False),
+    ('infer', 'bf16', True, False),
+    ('infer', 'bf16', True, True),
+    ('train', 'bf16', False, False),
+]
 
 
 def _sync(device: torch.device) -> None:
@@ -47,36 +80,53 @@ def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return time.perf_counter() - start
 
 
-def benchmark(name: str, args: argparse.Namespace, mode: str) -> Dict:
+def reference_column(row: Dict) -> Optional[str]:
+    """The reference-table column a row is comparable with, or None."""
+    if row['batch_size'] != 128 or row['img_size'] != [224, 224] or row['features'] or row['impl'] != 'fast':
+        return None
+    if 'H100' not in row['device'] or row['model'] not in REFERENCE_H100:
+        return None
+    if row['mode'] == 'train':
+        return 'train' if row['amp'] == 'bf16' and not row['compile'] else None
+    if row['amp'] == 'none':
+        return 'fp32' if not row['compile'] else None
+    if row['amp'] != 'bf16':
+        return None
+    if row['compile']:
+        return 'bf16_cl_compile' if row['channels_last'] else None
+    return 'bf16_cl' if row['channels_last'] else 'bf16'
+
+
+def benchmark(name: str, args: argparse.Namespace, mode: str, amp: str, channels_last: bool, compile_model: bool,
+              impl: str) -> Dict:
     device = torch.device(args.device)
     kwargs = dict(features_only=True) if args.features else {}
     model = timm.create_model(name, **kwargs).to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     height, width = args.img_size if len(args.img_size) == 2 else args.img_size * 2
     x = torch.randn(args.batch_size, 3, height, width, device=device).to(memory_format=memory_format)
-    run_model = torch.compile(model) if args.compile else model
-
-    def loss_of(out) -> torch.Tensor:
-        if args.features:
-            return sum(o.float().mean() for o in out)
-        return F.cross_entropy(out.float(), target)
-
+    ops = mpvit.straightforward_ops(impl == 'straightforward')
     if mode == 'infer':
         model.eval()
+        if args.fuse and hasattr(model, 'fuse'):
+            model.fuse()
+    run_model = torch.compile(model, mode=args.compile_mode) if compile_model else model
 
+    if mode == 'infer':
         def step():
-            with torch.no_grad(), _autocast(device, args.amp):
+            with torch.no_grad(), _autocast(device, amp):
                 run_model(x)
     else:
         model.train()
         target = torch.randint(0, 1000, (args.batch_size,), device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
+        scaler = torch.amp.GradScaler(enabled=amp == 'fp16')
 
         def step():
-            with _autocast(device, args.amp):
-                loss = loss_of(run_model(x))
+            with _autocast(device, amp):
+                out = run_model(x)
+                loss = sum(o.float().mean() for o in out) if args.features else F.cross_entropy(out.float(), target)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -85,22 +135,58 @@ def benchmark(name: str, args: argparse.Namespace, mode: str) -> Dict:
     if device.type == 'cuda':
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    elapsed = _timed(step, device, args.warmup, args.iters)
+    with ops:
+        elapsed = _timed(step, device, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else float('nan')
-    return dict(model=name, mode=mode, batch_size=args.batch_size, img_size=[height, width], amp=args.amp,
-                channels_last=args.channels_last, compile=args.compile, features=args.features,
-                images_per_s=args.iters * args.batch_size / elapsed, peak_memory_gib=peak,
-                device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                torch=torch.__version__)
+    row = dict(model=name, impl=impl, mode=mode, batch_size=args.batch_size, img_size=[height, width], amp=amp,
+               channels_last=channels_last, compile=compile_model, fused=bool(args.fuse and mode == 'infer'),
+               features=args.features, images_per_s=args.iters * args.batch_size / elapsed, peak_memory_gib=peak,
+               device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+               torch=torch.__version__)
+    return row
+
+
+def add_ratios(rows: List[Dict]) -> None:
+    """Fill ``vs_straightforward`` and ``vs_reference`` / ``target`` / ``meets_target`` where comparable."""
+    def key(r: Dict) -> Tuple:
+        return (r['model'], r['mode'], r['amp'], r['channels_last'], r['compile'], r['fused'], r['features'])
+
+    slow = {key(r): r for r in rows if r['impl'] == 'straightforward'}
+    for row in rows:
+        if row['impl'] == 'fast' and key(row) in slow:
+            row['vs_straightforward'] = row['images_per_s'] / slow[key(row)]['images_per_s']
+        column = reference_column(row)
+        if column is None:
+            continue
+        reference = REFERENCE_H100[row['model']]
+        row['reference_column'] = column
+        row['vs_reference'] = row['images_per_s'] / reference[column]
+        if column in TARGETS and row['model'].startswith('mpvit'):
+            row['target'] = TARGETS[column]
+            row['meets_target'] = row['vs_reference'] >= TARGETS[column]
+            if column == 'train':
+                row['reference_peak_gib'] = reference['train_gib']
+                row['meets_target'] = row['meets_target'] and row['peak_memory_gib'] <= reference['train_gib']
+
+
+def _ratio(row: Dict, name: str) -> str:
+    return f'{row[name]:.2f}x' if name in row else ''
 
 
 def render(rows: List[Dict]) -> str:
-    lines = ['| model | mode | batch | size | amp | channels_last | compile | img/s | peak GiB |',
-             '|' + ' --- |' * 9]
+    header = ['model', 'impl', 'mode', 'batch', 'size', 'amp', 'channels_last', 'compile', 'img/s', 'peak GiB',
+              'vs straightforward', 'vs reference (H100)', 'target']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for r in rows:
-        lines.append(f"| {r['model']}{' (features)' if r['features'] else ''} | {r['mode']} | {r['batch_size']} "
-                     f"| {r['img_size'][0]}x{r['img_size'][1]} | {r['amp']} | {r['channels_last']} | {r['compile']} "
-                     f"| {r['images_per_s']:.1f} | {r['peak_memory_gib']:.2f} |")
+        target = ''
+        if 'target' in r:
+            target = f"{r['target']:.1f}x{' + mem' if r['mode'] == 'train' else ''}: " \
+                     f"{'met' if r['meets_target'] else 'NOT met'}"
+        name = r['model'] + (' (features)' if r['features'] else '') + (' (fused)' if r['fused'] else '')
+        cells = [name, r['impl'], r['mode'], str(r['batch_size']), f"{r['img_size'][0]}x{r['img_size'][1]}", r['amp'],
+                 str(r['channels_last']), str(r['compile']), f"{r['images_per_s']:.1f}",
+                 f"{r['peak_memory_gib']:.2f}", _ratio(r, 'vs_straightforward'), _ratio(r, 'vs_reference'), target]
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -113,7 +199,14 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--amp', choices=['none', 'bf16', 'fp16'], default='bf16')
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--compile-mode', default=None, help="torch.compile mode, e.g. 'max-autotune'")
+    parser.add_argument('--fuse', action='store_true', help='inference: fold batch norms into convs (MPViT.fuse)')
     parser.add_argument('--features', action='store_true', help='time the features_only backbone')
+    parser.add_argument('--impl', choices=['fast', 'straightforward', 'both'], default='fast',
+                        help="MPViT's ops: the default optimised ones, the straightforward ones, or both side by side")
+    parser.add_argument('--preset', choices=['reference-table'],
+                        help="reference-table: issue #7's five columns (overrides --mode/--amp/--channels-last/"
+                             "--compile)")
     parser.add_argument('--warmup', type=int, default=10)
     parser.add_argument('--iters', type=int, default=50)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -121,8 +214,19 @@ def main(argv=None) -> List[Dict]:
     args = parser.parse_args(argv)
     if len(args.img_size) not in (1, 2):
         parser.error('--img-size takes one or two numbers')
-    modes = ['infer', 'train'] if args.mode == 'both' else [args.mode]
-    rows = [benchmark(name, args, mode) for name in args.models for mode in modes]
+    if args.preset == 'reference-table':
+        configs = REFERENCE_TABLE_CONFIGS
+    else:
+        modes = ['infer', 'train'] if args.mode == 'both' else [args.mode]
+        configs = [(mode, args.amp, args.channels_last, args.compile) for mode in modes]
+    impls = ['straightforward', 'fast'] if args.impl == 'both' else [args.impl]
+    rows = []
+    for name in args.models:
+        for config in configs:
+            for impl in impls if name.startswith('mpvit') else ['fast']:
+                rows.append(benchmark(name, args, *config, impl=impl))
+                print(render(rows[-1:]).splitlines()[-1], flush=True)
+    add_ratios(rows)
     print(render(rows))
     if args.json:
         with open(args.json, 'w') as f:

@@ -9,26 +9,34 @@ those aliases, so released checkpoints load key for key.
 Inside a transformer path the tokens are kept as ``[B, H, W, C]``. That is
 both the token layout LayerNorm / Linear want and a channels-last image, so
 the convolutional position encodings see the same memory through a permuted
-view instead of reshaping tokens to maps and back around every conv.
+view instead of reshaping tokens to maps and back around every conv (the
+maps are channels-last from the stem on).
+
+The model is bound by memory traffic, not arithmetic, so several ops are
+written in a faster but equivalent form (see ``straightforward_ops``, which
+switches back to the textbook form for tests, FLOP counts and benchmarks);
+``MPViT.fuse()`` re-parameterises a model for inference.
 
 Paper: https://arxiv.org/abs/2112.11010
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers.fast_norm import fast_layer_norm, get_autocast_dtype, is_autocast_enabled
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from mpvit.checkpoint import check_pretrained_file, checkpoint_filter_fn
 
-__all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn']
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn', 'fold_batchnorm', 'straightforward_ops']
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -54,6 +62,28 @@ def _init_norm(norm: nn.Module) -> None:
         nn.init.zeros_(norm.bias)
 
 
+def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
+    """``conv`` followed by an inference-mode batch norm, as one conv with a bias.
+
+    Works for any norm with running statistics (BatchNorm2d, SyncBatchNorm,
+    Detectron2's FrozenBatchNorm2d); returns None for norms that use the
+    statistics of their input (GroupNorm, or batch norm without running stats).
+    """
+    stats = [getattr(norm, name, None) for name in ('running_mean', 'running_var', 'weight', 'bias')]
+    if any(t is None for t in stats) or isinstance(norm, nn.GroupNorm):
+        return None
+    mean, var, gamma, beta = stats
+    scale = gamma / torch.sqrt(var + norm.eps)
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+        fused.bias.copy_((bias - mean) * scale + beta)
+    return fused
+
+
 class Conv2d_BN(nn.Module):
     """Conv (no bias) -> norm -> optional activation (``conv``, ``bn`` in checkpoints)."""
 
@@ -76,6 +106,11 @@ class Conv2d_BN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_layer(self.bn(self.conv(x)))
+
+    def fuse(self) -> None:
+        fused = fold_batchnorm(self.conv, self.bn)
+        if fused is not None:
+            self.conv, self.bn = fused, nn.Identity()
 
 
 class DWConv2d_BN(nn.Module):
@@ -102,6 +137,11 @@ class DWConv2d_BN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.pwconv(self.dwconv(x))))
+
+    def fuse(self) -> None:
+        fused = fold_batchnorm(self.pwconv, self.bn)
+        if fused is not None:
+            self.pwconv, self.bn = fused, nn.Identity()
 
 
 class DWCPatchEmbed(nn.Module):
@@ -135,23 +175,103 @@ class Patch_Embed_stage(nn.Module):
         return outputs
 
 
+_STRAIGHTFORWARD = False
+
+
+@contextmanager
+def straightforward_ops(enabled: bool = True) -> Iterator[None]:
+    """Run the textbook formulation of every optimised op while inside this context.
+
+    The default ops compute the same function faster: per-head attention as
+    block-diagonal products, the CRPE kernels as one zero-padded conv, the CPE
+    residual folded into its kernel, LayerNorm and softmax in the autocast dtype,
+    channels-last maps. The straightforward ones are what tests compare them
+    with, and what ``tools/benchmark.py --impl both`` times side by side.
+    """
+    global _STRAIGHTFORWARD
+    previous, _STRAIGHTFORWARD = _STRAIGHTFORWARD, enabled
+    try:
+        yield
+    finally:
+        _STRAIGHTFORWARD = previous
+
+
+def _straightforward() -> bool:
+    """Straightforward ops are also used while a FLOP counter traces the model.
+
+    fvcore (and Detectron2's and mmseg's tools built on it) counts ops from a jit
+    trace. The fast formulations add multiply-by-zero work (zero-padded kernels,
+    off-diagonal blocks) that such a count would include; the textbook ops give
+    the published FLOPs.
+    """
+    return _STRAIGHTFORWARD or torch.jit.is_tracing()
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters) that stays in the autocast dtype.
+
+    Native CUDA autocast runs LayerNorm in float32, which writes a float32 copy
+    of the tokens only for the next Linear to cast it back. The kernel
+    accumulates in float32 either way; the bf16 output is what that Linear
+    would have seen.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _straightforward():
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax in the autocast dtype (float32 accumulation inside), for the same reason as LayerNorm."""
+    if is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return x.to(get_autocast_dtype(x.device.type)).softmax(dim)
+    return x.softmax(dim)
+
+
 class ConvPosEnc(nn.Module):
-    """Convolutional position encoding: x + depthwise3x3(x) on ``[B, H, W, C]`` tokens."""
+    """Convolutional position encoding: x + depthwise3x3(x) on ``[B, H, W, C]`` tokens.
+
+    The residual is folded into the kernel (+1 at the centre tap), which is the
+    same sum in one pass over memory instead of a conv and an add.
+    """
 
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
         self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+        self.residual_in_kernel = False  # set by fuse(): the +1 is then stored in proj.weight
+
+    def _identity_tap(self, weight: torch.Tensor) -> torch.Tensor:
+        centre = self.proj.kernel_size[0] // 2
+        weight = weight.clone()
+        weight[:, :, centre, centre] += 1
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = x.permute(0, 3, 1, 2)
-        return (self.proj(feat) + feat).permute(0, 2, 3, 1)
+        if self.residual_in_kernel:
+            return self.proj(feat).permute(0, 2, 3, 1)
+        if _straightforward():
+            return (self.proj(feat) + feat).permute(0, 2, 3, 1)
+        weight = self._identity_tap(self.proj.weight)
+        out = F.conv2d(feat, weight, self.proj.bias, padding=self.proj.padding, groups=self.proj.groups)
+        return out.permute(0, 2, 3, 1)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        if not self.residual_in_kernel:
+            self.proj.weight.copy_(self._identity_tap(self.proj.weight))
+            self.residual_in_kernel = True
 
 
 class ConvRelPosEnc(nn.Module):
     """Convolutional relative position encoding (CoaT): q * depthwise_conv(v).
 
     Heads are split into groups that use different kernel sizes
-    (``window`` maps kernel size -> number of heads).
+    (``window`` maps kernel size -> number of heads). The groups run as one
+    depthwise conv whose smaller kernels are zero-padded to the largest size:
+    the same math, without splitting and re-concatenating the channels.
     """
 
     def __init__(self, head_dim: int, num_heads: int, window: Dict[int, int]):
@@ -164,17 +284,55 @@ class ConvRelPosEnc(nn.Module):
             for kernel_size, chs in zip(window, self.channel_splits)
         ])
 
+    def merged_kernel(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All groups' kernels as one ``[C, 1, k_max, k_max]`` depthwise weight, and the bias."""
+        if len(self.conv_list) == 1:
+            return self.conv_list[0].weight, self.conv_list[0].bias
+        k_max = max(conv.kernel_size[0] for conv in self.conv_list)
+        weights = []
+        for conv in self.conv_list:
+            pad = (k_max - conv.kernel_size[0]) // 2
+            weights.append(F.pad(conv.weight, (pad, pad, pad, pad)))
+        return torch.cat(weights), torch.cat([conv.bias for conv in self.conv_list])
+
+    def conv_v(self, v: torch.Tensor) -> torch.Tensor:
+        """The grouped depthwise convs on v, ``[B, H, W, C]`` in and out."""
+        v_img = v.permute(0, 3, 1, 2)
+        if _straightforward():
+            groups = torch.split(v_img, self.channel_splits, dim=1)
+            out = torch.cat([conv(g) for conv, g in zip(self.conv_list, groups)], dim=1)
+        else:
+            weight, bias = self.merged_kernel()
+            out = F.conv2d(v_img, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+        return out.permute(0, 2, 3, 1)
+
     def forward(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, v: ``[B, H, W, heads, head_dim]``; returns q * conv(v) in that layout."""
-        B, H, W, h, Ch = v.shape
-        v_img = v.reshape(B, H, W, h * Ch).permute(0, 3, 1, 2)
-        v_groups = torch.split(v_img, self.channel_splits, dim=1)
-        conv_v = torch.cat([conv(g) for conv, g in zip(self.conv_list, v_groups)], dim=1)
-        return q * conv_v.permute(0, 2, 3, 1).reshape(B, H, W, h, Ch)
+        """q, v: ``[B, H, W, C]`` (heads contiguous along C); returns q * conv(v) in that layout."""
+        return q * self.conv_v(v)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Store the merged kernel as the only conv (inference; changes the state dict)."""
+        if len(self.conv_list) > 1:
+            weight, bias = self.merged_kernel()
+            merged = nn.Conv2d(weight.shape[0], weight.shape[0], weight.shape[-1], 1, weight.shape[-1] // 2,
+                               groups=weight.shape[0], device=weight.device, dtype=weight.dtype)
+            merged.weight.copy_(weight)
+            merged.bias.copy_(bias)
+            self.conv_list = nn.ModuleList([merged])
+            self.channel_splits = [weight.shape[0]]
 
 
 class FactorAtt_ConvRelPosEnc(nn.Module):
-    """Factorized attention q @ (softmax_N(k)^T @ v), plus the CRPE term."""
+    """Factorized attention q @ (softmax_N(k)^T @ v), plus the CRPE term.
+
+    The fast path keeps every tensor as ``[B, N, C]`` (heads side by side) so
+    that no head-major copies are made: the per-head contexts come from one
+    ``[C, C]`` product of which only the diagonal ``Ch x Ch`` blocks are kept,
+    and the output is one batched matmul that also adds the CRPE term. The
+    extra FLOPs go to tensor cores; the copies it avoids were memory traffic,
+    which is what bounds this model on a GPU.
+    """
 
     def __init__(self, dim: int, num_heads: int, shared_crpe: ConvRelPosEnc, qkv_bias: bool = True):
         super().__init__()
@@ -185,17 +343,36 @@ class FactorAtt_ConvRelPosEnc(nn.Module):
         self.crpe = shared_crpe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, C]`` tokens in and out."""
+        if _straightforward():
+            return self.forward_per_head(x)
+        B, H, W, C = x.shape
+        h, N = self.num_heads, H * W
+        # Three products rather than one and three strided views: q, k and v come out
+        # contiguous, which the softmax and the CRPE conv would otherwise copy to get.
+        q, k, v = (
+            F.linear(x, w, b) for w, b in zip(self.qkv.weight.chunk(3), self._qkv_bias_chunks()))
+        context = torch.bmm(_softmax(k.reshape(B, N, C), dim=1).transpose(1, 2), v.reshape(B, N, C))
+        # Keep only each head's own block, and apply the scale there, on the small tensor
+        # (a float32 mask: the scale is not rounded to bf16).
+        head_mask = torch.eye(h, device=context.device).mul_(self.scale).view(1, h, 1, h, 1)
+        context.view(B, h, C // h, h, C // h).mul_(head_mask)
+        out = torch.baddbmm(self.crpe(q, v).reshape(B, N, C), q.reshape(B, N, C), context)
+        return self.proj(out.view(B, H, W, C))
+
+    def _qkv_bias_chunks(self) -> Sequence[Optional[torch.Tensor]]:
+        return self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None, None, None)
+
+    def forward_per_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The textbook formulation (per-head einsums), as the paper counts its FLOPs."""
         B, H, W, C = x.shape
         h = self.num_heads
-        qkv = self.qkv(x).reshape(B, H, W, 3, h, C // h)
-        q, k, v = qkv.unbind(3)  # views, [B, H, W, h, Ch]
-        # Attention math wants [B, h, N, Ch]; these are views, no copies.
-        q_t, k_t, v_t = (t.reshape(B, H * W, h, C // h).transpose(1, 2) for t in (q, k, v))
-        # einsum rather than matmul so that fvcore counts FLOPs as for the published figures.
-        context = torch.einsum('bhnk,bhnv->bhkv', k_t.softmax(dim=2), v_t)
-        factor_att = torch.einsum('bhnk,bhkv->bhnv', q_t, context).transpose(1, 2).reshape(B, H, W, h, C // h)
-        x = self.scale * factor_att + self.crpe(q, v)
-        return self.proj(x.reshape(B, H, W, C))
+        q, k, v = self.qkv(x).reshape(B, H * W, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, Ch]
+        context = torch.einsum('bhnk,bhnv->bhkv', k.softmax(dim=2), v)
+        factor_att = torch.einsum('bhnk,bhkv->bhnv', q, context)
+        q_map, v_map = (t.transpose(1, 2).reshape(B, H, W, C) for t in (q, v))
+        out = self.scale * factor_att.transpose(1, 2).reshape(B, H, W, C) + self.crpe(q_map, v_map)
+        return self.proj(out)
 
 
 class MHCA_layer(nn.Module):
@@ -217,8 +394,8 @@ class MHCA_layer(nn.Module):
         self.factoratt_crpe = FactorAtt_ConvRelPosEnc(dim, num_heads, shared_crpe)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cpe(x)
@@ -273,6 +450,11 @@ class InvResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.act(self.norm(self.dwconv(self.conv1(x))))
         return x + self.conv2(feat)
+
+    def fuse(self) -> None:
+        fused = fold_batchnorm(self.dwconv, self.norm)
+        if fused is not None:
+            self.dwconv, self.norm = fused, nn.Identity()
 
 
 class MHCA_stage(nn.Module):
@@ -390,6 +572,23 @@ class MPViT(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             _init_norm(m)
 
+    @torch.no_grad()
+    def fuse(self) -> MPViT:
+        """Re-parameterise for inference (in place; returns self).
+
+        Every batch norm is folded into the conv before it, the CPE residual into
+        its kernel, and each CRPE's kernels into one zero-padded conv, so that
+        eager inference runs no weight-preparing kernels. Outputs stay the same
+        up to float rounding; the state dict changes (norm keys go, conv biases
+        appear, CRPE has one conv), so fuse after loading weights, not before saving.
+        """
+        if self.training:
+            raise RuntimeError('MPViT.fuse() is for inference: call .eval() first')
+        for module in self.modules():
+            if isinstance(module, (Conv2d_BN, DWConv2d_BN, InvResBlock, ConvPosEnc, ConvRelPosEnc)):
+                module.fuse()
+        return self
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
         return dict(stem=r'^stem', blocks=r'^(?:patch_embed_stages|mhca_stages)\.(\d+)')
@@ -428,7 +627,7 @@ class MPViT(nn.Module):
             raise ValueError('MPViT intermediates are NCHW maps')
         take_indices, max_index = feature_take_indices(len(self.mhca_stages), indices)
         intermediates = []
-        x = self.stem(x)
+        x = self._stem(x)
         last = max_index if (stop_early or intermediates_only) else len(self.mhca_stages) - 1
         for i in range(last + 1):
             x = self.mhca_stages[i](self.patch_embed_stages[i](x))
@@ -452,8 +651,15 @@ class MPViT(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        # Channels-last from the first conv on: every later conv keeps that layout, so the
+        # transformer paths' [B, H, W, C] tokens are views of the maps, never copies.
+        if not _straightforward():
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.stem(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self._stem(x)
         for embed, stage in zip(self.patch_embed_stages, self.mhca_stages):
             x = stage(embed(x))
         return x

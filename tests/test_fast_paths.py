@@ -1,0 +1,216 @@
+"""The optimised ops against the straightforward ones they replace (float32), eager and compiled."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from fidelity import compare, golden, synth_input, synth_state_dict
+
+import mpvit
+from mpvit.models.mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc, LayerNorm, fold_batchnorm
+
+
+def _model(variant: str, **kwargs) -> nn.Module:
+    """A model whose norms hold non-trivial statistics, so that folding them is really tested."""
+    torch.manual_seed(0)
+    model = timm.create_model(f'mpvit_{variant}', **kwargs)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.normal_(1, 0.1)
+                module.bias.normal_(0, 0.05)
+    return model
+
+
+def _assert_close(fast: torch.Tensor, slow: torch.Tensor) -> None:
+    assert fast.shape == slow.shape
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4 * slow.std().item())
+
+
+@pytest.mark.parametrize('variant', ['tiny', 'xsmall', 'small', 'base'])
+def test_inference_equals_straightforward_ops(variant):
+    model = _model(variant).eval()
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        fast = model.forward_intermediates(x)
+        with mpvit.straightforward_ops():
+            slow = model.forward_intermediates(x)
+    _assert_close(fast[0], slow[0])
+    for f, s in zip(fast[1], slow[1]):
+        _assert_close(f, s)
+
+
+def test_training_gradients_equal_straightforward_ops():
+    model = _model('tiny', drop_path_rate=0.).train()
+    x = torch.randn(2, 3, 64, 96)
+
+    def grads(straightforward: bool):
+        model.zero_grad()
+        with mpvit.straightforward_ops(straightforward):
+            loss = model(x).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_fast, fast = grads(False)
+    loss_slow, slow = grads(True)
+    torch.testing.assert_close(loss_fast, loss_slow, rtol=1e-5, atol=0)
+    assert fast.keys() == slow.keys()
+    # Some gradients are zero up to rounding (biases right before a batch norm in training mode).
+    floor = 1e-3 * max(g.abs().max().item() for g in slow.values())
+    for name in fast:
+        scale = max(slow[name].abs().max().item(), floor)
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-4 * scale,
+                                   msg=lambda m, n=name: f'{n}: {m}')
+
+
+def test_attention_module_equals_per_head_einsums():
+    """The block-diagonal attention on its own, with unequal CRPE windows and random weights."""
+    torch.manual_seed(1)
+    crpe = ConvRelPosEnc(head_dim=6, num_heads=8, window={3: 2, 5: 3, 7: 3})
+    attn = FactorAtt_ConvRelPosEnc(48, 8, crpe)
+    x = torch.randn(3, 7, 9, 48)
+    _assert_close(attn(x), attn.forward_per_head(x))
+
+
+def test_merged_crpe_kernel_equals_split_convs():
+    torch.manual_seed(2)
+    crpe = ConvRelPosEnc(head_dim=4, num_heads=8, window={3: 2, 5: 3, 7: 3})
+    v = torch.randn(2, 11, 13, 32)
+    fast = crpe.conv_v(v)
+    with mpvit.straightforward_ops():
+        slow = crpe.conv_v(v)
+    _assert_close(fast, slow)
+
+
+@pytest.mark.parametrize('variant', ['tiny', 'small'])
+def test_fused_and_straightforward_models_match_golden(variant, tmp_path):
+    """Both formulations, and the batch-norm-folded model, reproduce the reference's outputs."""
+    ref = golden(f'cls_mpvit_{variant}_224x224.json')
+    weights = synth_state_dict(golden(f'manifest_mpvit_{variant}.json')['tensors'])
+    model = timm.create_model(f'mpvit_{variant}').eval()
+    model.load_state_dict(weights)
+    x = synth_input(**ref['input'])
+    with torch.no_grad():
+        with mpvit.straightforward_ops():
+            assert compare(ref['logits'], model(x)) == []
+        model.fuse()
+        assert compare(ref['logits'], model(x)) == []
+
+
+def test_fuse_folds_every_batch_norm_and_keeps_outputs():
+    model = _model('tiny').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        assert model.fuse() is model
+        after = model(x)
+    _assert_close(after, before)
+    with torch.no_grad(), mpvit.straightforward_ops():
+        _assert_close(model(x), before)
+    assert not [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(len(m.conv_list) == 1 for m in model.modules() if isinstance(m, ConvRelPosEnc))
+    assert not [k for k in model.state_dict() if 'running_mean' in k]
+    assert 'stem.0.conv.bias' in model.state_dict()
+
+
+def test_fuse_refuses_training_mode_and_leaves_group_norm():
+    with pytest.raises(RuntimeError, match='eval'):
+        _model('tiny').train().fuse()
+    model = _model('tiny', norm_layer=lambda c: nn.GroupNorm(8, c)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.fuse()
+        after = model(x)
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) > 0
+    torch.testing.assert_close(after, before)
+    assert fold_batchnorm(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4)) is None
+
+
+def test_flop_count_uses_the_published_formulation():
+    """Under jit tracing (what fvcore does) the model runs einsums, not the block-diagonal products."""
+    model = timm.create_model('mpvit_tiny').eval()
+    graph = torch.jit.trace(model, torch.zeros(1, 3, 64, 64), check_trace=False).inlined_graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert 'aten::einsum' in kinds and 'aten::baddbmm' not in kinds
+
+
+def test_bf16_autocast_is_as_accurate_as_straightforward_ops():
+    model = _model('tiny').eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        exact = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            fast = model(x).float()
+            with mpvit.straightforward_ops():
+                slow = model(x).float()
+
+    def error(out: torch.Tensor) -> float:
+        return ((out - exact).abs().mean() / exact.abs().mean()).item()
+
+    assert error(fast) < 0.02 and error(fast) <= 1.2 * error(slow)
+
+
+def test_layer_norm_keeps_the_autocast_dtype():
+    norm = LayerNorm(16, eps=1e-6)
+    x = torch.randn(4, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), nn.functional.layer_norm(x, (16,), eps=1e-6), rtol=2e-2, atol=2e-2)
+
+
+def test_stage_maps_are_channels_last_and_input_layout_does_not_matter():
+    model = _model('tiny').eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        maps_cl = model.forward_intermediates(x.to(memory_format=torch.channels_last), intermediates_only=True)
+    for a, b in zip(maps, maps_cl):
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_training_step_equals_eager():
+    """Forward and backward as one graph (fullgraph; inference through Inductor is in test_models)."""
+    model = _model('tiny', drop_path_rate=0.).train()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    compiled(x).square().mean().backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(compiled_grads[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('variant', ['tiny', 'small'])
+def test_cuda_bf16_close_to_straightforward(variant):
+    model = _model(variant).cuda().eval()
+    x = torch.randn(8, 3, 224, 224, device='cuda')
+    with torch.no_grad():
+        with mpvit.straightforward_ops():
+            slow32 = model(x)
+        fast32 = model(x)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            fast16 = model(x).float()
+            with mpvit.straightforward_ops():
+                slow16 = model(x).float()
+    _assert_close(fast32, slow32)
+    # bf16 both ways: compare each with float32 and require the fast path to be no less accurate (within 20%).
+    err_fast = (fast16 - slow32).abs().mean() / slow32.abs().mean()
+    err_slow = (slow16 - slow32).abs().mean() / slow32.abs().mean()
+    assert err_fast < 0.05 and err_fast <= 1.2 * err_slow + 1e-3
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_layer_norm_is_bf16():
+    norm = LayerNorm(64).cuda()
+    x = torch.randn(8, 64, device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        assert norm(x).dtype == torch.bfloat16
+        assert nn.LayerNorm(64).cuda()(x).dtype == torch.float32  # what native autocast does
