@@ -358,6 +358,8 @@ def main(args: argparse.Namespace) -> Dict:
     random.seed(args.seed + args.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest conv kernels
 
     num_classes = 1000
     if not args.throughput:

@@ -214,6 +214,7 @@ def main(argv=None) -> List[Dict]:
     args = parser.parse_args(argv)
     if len(args.img_size) not in (1, 2):
         parser.error('--img-size takes one or two numbers')
+    torch.backends.cudnn.benchmark = True  # fixed shapes, as in timm's benchmark
     if args.preset == 'reference-table':
         configs = REFERENCE_TABLE_CONFIGS
     else:
