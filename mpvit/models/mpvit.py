@@ -70,7 +70,7 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
     statistics of their input (GroupNorm, or batch norm without running stats).
     """
     stats = [getattr(norm, name, None) for name in ('running_mean', 'running_var', 'weight', 'bias')]
-    if any(t is None for t in stats) or isinstance(norm, nn.GroupNorm):
+    if any(t is None for t in stats):
         return None
     mean, var, gamma, beta = stats
     scale = gamma / torch.sqrt(var + norm.eps)
