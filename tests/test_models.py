@@ -302,3 +302,12 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_matches_eager():
+    """The model exports as one graph (torch.export, the successor of TorchScript) with the same numbers."""
+    model = timm.create_model('mpvit_tiny').eval()
+    x = torch.randn(1, 3, 64, 64)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
