@@ -8,7 +8,7 @@ import torch.nn as nn
 from fidelity import compare, golden, synth_input, synth_state_dict
 
 import mpvit
-from mpvit.models.mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc, LayerNorm, fold_batchnorm
+from mpvit.models.mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc, LayerNorm, _softmax, fold_batchnorm
 
 
 def _model(variant: str, **kwargs) -> nn.Module:
@@ -154,12 +154,16 @@ def test_bf16_autocast_is_as_accurate_as_straightforward_ops():
     assert error(fast) < 0.02 and error(fast) <= 1.2 * error(slow)
 
 
-def test_layer_norm_keeps_the_autocast_dtype():
+def test_layer_norm_and_softmax_keep_the_autocast_dtype():
+    """On float32 input under autocast, the native ops return float32; ours return the autocast dtype."""
     norm = LayerNorm(16, eps=1e-6)
     x = torch.randn(4, 16)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = norm(x)
-    assert out.dtype == torch.bfloat16
+        assert nn.LayerNorm(16)(x).dtype == torch.float32 and x.softmax(0).dtype == torch.float32
+        probs = _softmax(x, dim=0)
+    assert out.dtype == probs.dtype == torch.bfloat16
+    torch.testing.assert_close(probs.float(), x.softmax(0), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out.float(), nn.functional.layer_norm(x, (16,), eps=1e-6), rtol=2e-2, atol=2e-2)
 
 

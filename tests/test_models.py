@@ -22,6 +22,14 @@ CHANNELS = {
 }
 
 
+def _tool(name: str):
+    """A script of tools/ imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _write(path, checkpoint) -> str:
     torch.save(checkpoint, path)
     return str(path)
@@ -240,9 +248,7 @@ def test_norm_layer_is_an_argument():
 
 
 def test_model_table_tool_computes_live_figures(tmp_path):
-    spec = importlib.util.spec_from_file_location('model_table', REPO / 'tools' / 'model_table.py')
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _tool('model_table')
     row = table.measure('mpvit_tiny')
     manifest = golden('manifest_mpvit_tiny.json')
     assert row['params'] == manifest['params_trainable'] and row['flops'] == manifest['fvcore_flops_224']
@@ -251,9 +257,7 @@ def test_model_table_tool_computes_live_figures(tmp_path):
 
 def test_benchmark_tool_smoke(tmp_path):
     """CPU smoke run of tools/benchmark.py (the real figures need a GPU; see the README)."""
-    spec = importlib.util.spec_from_file_location('benchmark', REPO / 'tools' / 'benchmark.py')
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _tool('benchmark')
     out = tmp_path / 'bench.json'
     rows = bench.main(['--models', 'mpvit_tiny', '--batch-size', '2', '--img-size', '64', '96', '--amp', 'none',
                        '--warmup', '1', '--iters', '1', '--device', 'cpu', '--json', str(out)])
@@ -271,9 +275,7 @@ def test_benchmark_tool_smoke(tmp_path):
 
 def test_benchmark_ratios_to_the_reference_table():
     """Rows measured on an H100 at the reference's settings are divided by its figures and judged on the targets."""
-    spec = importlib.util.spec_from_file_location('benchmark', REPO / 'tools' / 'benchmark.py')
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _tool('benchmark')
     common = dict(model='mpvit_small', impl='fast', batch_size=128, img_size=[224, 224], fused=False, features=False,
                   device='NVIDIA H100 80GB HBM3')
     rows = [
