@@ -11,6 +11,7 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['mpvit', 'mpvit.*']),
+    package_data={'mpvit': ['model_zoo.json']},
     python_requires='>=3.10',
     install_requires=['torch>=2.1', 'torchvision', 'timm>=1.0.15', 'fvcore'],
     classifiers=[

@@ -3,6 +3,7 @@
 Single process:     python classification/main.py -c configs/classification/mpvit_small.yaml --data-path /data/imagenet
 Several GPUs:       torchrun --nproc_per_node 8 classification/main.py -c ... --data-path ...
 Evaluate weights:   python classification/main.py --model mpvit_small --eval --resume <file or URL> --data-path ...
+                    (--resume released: the authors' ImageNet checkpoint of --model)
 Throughput:         python classification/main.py --model mpvit_small --throughput --batch-size 128
 
 Every epoch writes ``<output-dir>/checkpoint.pth`` atomically; ``--auto-resume``
@@ -42,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from torchvision.datasets import ImageFolder
 
 import mpvit
-from mpvit.checkpoint import checkpoint_filter_fn, load_backbone_weights, read_checkpoint
+from mpvit import model_zoo
+from mpvit.checkpoint import checkpoint_filter_fn, load_backbone_weights, local_checkpoint, read_checkpoint
 
 _logger = logging.getLogger('mpvit.classification')
 
@@ -62,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--data-path', default='', help='ImageFolder root with train/ and val/')
     g.add_argument('--batch-size', type=int, default=128, help='per process')
     g.add_argument('--num-workers', type=int, default=8)
-    g.add_argument('--crop-pct', type=float, default=0.9)
+    g.add_argument('--crop-pct', type=float, default=0.875,
+                   help='evaluation: resize to input-size / crop-pct, centre crop (the authors: 256 -> 224)')
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='RandomResizedCrop area range')
     g.add_argument('--interpolation', default='bicubic')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="RandAugment policy ('none' to disable)")
@@ -120,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.drop_path is None:
         args.drop_path = DROP_PATH.get(args.model, 0.0)
+    args.resume = model_zoo.resolve(args.resume, model=args.model)
+    args.pretrained = model_zoo.resolve(args.pretrained, model=args.model)
     return args
 
 
@@ -240,6 +245,12 @@ def set_rng_state(state: Dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def build_scheduler(args, optimizer: torch.optim.Optimizer):
+    """The authors' schedule: timm's cosine with linear warm-up, stepped once per epoch with the epoch index."""
+    return create_scheduler_v2(optimizer, 'cosine', num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                               warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=True)
+
+
 # ---------------------------------------------------------------------------- loops
 
 
@@ -250,7 +261,7 @@ def autocast(args):
     return torch.autocast(device_type=torch.device(args.device).type, dtype=dtype)
 
 
-def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, scaler, mixup, epoch, step,
+def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, epoch, step,
                     ema: Optional[ModelEmaV3] = None) -> Dict:
     model.train()
     steps_per_epoch = len(loader) // args.accum_steps
@@ -283,7 +294,6 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, scaler
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        scheduler.step_update(step)
         if ema is not None:
             ema.update(getattr(model, 'module', model), step=step)
         done = (i + 1) // args.accum_steps
@@ -347,6 +357,9 @@ def measure_throughput(args, model) -> Dict:
 
 
 def main(args: argparse.Namespace) -> Dict:
+    for weights in (args.resume, args.pretrained):  # download / check before any work
+        if weights:
+            local_checkpoint(weights)
     init_distributed(args)
     logging.basicConfig(format='%(asctime)s %(message)s', datefmt='%H:%M:%S')  # no-op if already configured
     _logger.setLevel(logging.INFO if is_main(args) else logging.WARNING)
@@ -389,7 +402,8 @@ def main(args: argparse.Namespace) -> Dict:
             load_backbone_weights(model, args.resume)
         metrics = evaluate(args, compiled(model), val_loader)
         if is_main(args):
-            (output_dir / 'eval_metrics.json').write_text(json.dumps(dict(metrics, model=args.model), indent=2))
+            model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'classification', metrics,
+                                         config=args.config, model=args.model)
         return metrics
 
     dataset_train = build_dataset(args, 'train')
@@ -403,12 +417,7 @@ def main(args: argparse.Namespace) -> Dict:
     if args.lr is None:
         args.lr = 5e-4 * total_batch / 512
     optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay)
-    updates_per_epoch = len(train_loader) // args.accum_steps
-    if args.max_steps:
-        updates_per_epoch = min(updates_per_epoch, args.max_steps)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, 'cosine', num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-        min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    scheduler, num_epochs = build_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -452,9 +461,10 @@ def main(args: argparse.Namespace) -> Dict:
     for epoch in range(start_epoch, last_epoch):
         if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(args, ddp_model, train_loader, criterion, optimizer, scheduler, scaler,
-                                      mixup, epoch, step, ema)
+        train_stats = train_one_epoch(args, ddp_model, train_loader, criterion, optimizer, scaler, mixup, epoch,
+                                      step, ema)
         step = train_stats['step']
+        scheduler.step(epoch)  # as the authors (DeiT): the next epoch trains at the schedule's value for this one
         metrics = evaluate(args, eval_model, val_loader)
         best = max(best, metrics['acc1'])
         if ema is not None:
@@ -490,6 +500,6 @@ def main(args: argparse.Namespace) -> Dict:
 if __name__ == '__main__':
     try:
         main(parse_args())
-    except (FileNotFoundError, ValueError, mpvit.CheckpointError) as err:
+    except (FileNotFoundError, KeyError, ValueError, mpvit.CheckpointError) as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)

@@ -5,6 +5,7 @@ Train, 8 GPUs:   torchrun --nproc_per_node 8 deformable_detr/main.py -c configs/
 Resume:          the same command with --resume output/deformable_detr/mpvit_small/checkpoint.pth
 Evaluate:        python deformable_detr/main.py -c configs/deformable_detr/mpvit_small.yaml --coco-path datasets/coco \\
                      --eval --resume <released checkpoint, original layout, file or URL>
+                 (--resume released: the authors' checkpoint of the config)
 
 Data layout (the original's): COCO_PATH/{train2017,val2017}/*.jpg and
 COCO_PATH/annotations/instances_{train2017,val2017}.json (``--train-set`` / ``--val-set`` rename the splits).
@@ -36,10 +37,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from mpvit.checkpoint import read_checkpoint
+from mpvit import model_zoo
+from mpvit.checkpoint import CheckpointError, local_checkpoint, read_checkpoint
 from mpvit.deformable_detr import (
     build_deformable_detr,
     count_parameters,
+    global_box_normaliser,
     is_original_layout,
     load_detector_weights,
     param_groups,
@@ -182,7 +185,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args) 
         with autocast(args, device):
             out = model(pixel_values=batch['pixel_values'].to(device), pixel_mask=batch['pixel_mask'].to(device),
                         labels=labels)
-        loss = weighted_loss(out.loss_dict)
+        loss = weighted_loss(out.loss_dict) * global_box_normaliser(labels, device)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}: '
                                      f'{ {k: v.item() for k, v in out.loss_dict.items()} }')
@@ -248,7 +251,7 @@ def get_args(argv=None) -> argparse.Namespace:
                                      parents=[config_parser])
     add = parser.add_argument
     add('--backbone', default='mpvit_small')
-    add('--drop-path', type=float, default=0.2)
+    add('--drop-path', type=float, default=0.0, help='backbone stochastic depth (the original: 0 for every variant)')
     add('--pretrained', default='', help='backbone weights: classification (or any MPViT) checkpoint, file or URL')
     add('--num-classes', type=int, default=91, help='largest category id + 1 (91 for COCO)')
     add('--num-queries', type=int, default=300)
@@ -287,11 +290,16 @@ def get_args(argv=None) -> argparse.Namespace:
         if unknown:
             raise SystemExit(f'{known.config}: unknown keys {sorted(unknown)}')
         parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.resume = model_zoo.resolve(args.resume, known.config or None, 'deformable_detr_' + args.backbone)
+    return args
 
 
 def main(argv=None) -> Dict[str, float]:
     args = get_args(argv)
+    for weights in (args.resume or args.pretrained,):  # download / check before any work
+        if weights:
+            local_checkpoint(weights)
     rank, world, local = init_distributed()
     device = torch.device(args.device if args.device != 'cuda' else f'cuda:{local}')
     torch.manual_seed(args.seed + rank)
@@ -341,7 +349,8 @@ def main(argv=None) -> Dict[str, float]:
     if args.eval:
         stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
         if is_main():
-            (output_dir / 'eval_metrics.json').write_text(json.dumps(stats, indent=2))
+            model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
+                                         config=args.config or None, model=args.backbone)
             log(f'* box AP {stats.get("AP", 0):.2f}')
         return stats
 
@@ -368,12 +377,18 @@ def main(argv=None) -> Dict[str, float]:
                 f.write(json.dumps({'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
                                     **{f'test_{k}': v for k, v in stats.items()}}) + '\n')
             log(f'epoch {epoch}: box AP {stats.get("AP", 0):.2f}')
+    if is_main() and stats:
+        model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
+                                     config=args.config or None, model=args.backbone)
     return stats
 
 
 if __name__ == '__main__':
     try:
         main()
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -4,6 +4,7 @@ Train on 8 GPUs:    python detectron2/train_net.py --config-file configs/detectr
                         --num-gpus 8
 Resume after a stop: add --resume (continues from OUTPUT_DIR/last_checkpoint)
 Evaluate weights:   python detectron2/train_net.py --config-file ... --eval-only MODEL.WEIGHTS <file or URL>
+The authors' model: python detectron2/train_net.py --config-file ... --eval-only MODEL.WEIGHTS released
 Own COCO-format data: --coco-dataset NAME ANNOTATIONS.json IMAGE_DIR (repeatable), then
                       DATASETS.TRAIN "('NAME',)" DATASETS.TEST "('NAME',)"
 
@@ -19,17 +20,19 @@ import weakref
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_train_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.layers import deform_conv
 from detectron2.utils import comm
 
+from mpvit import model_zoo
+from mpvit.checkpoint import CheckpointError, is_url, local_checkpoint
 from mpvit.d2 import (
     MPViTCheckpointer,
     add_mpvit_config,
-    build_detr_augmentation,
     build_optimizer,
+    build_train_mapper,
     register_coco_datasets,
 )
 
@@ -47,14 +50,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        if cfg.AUG.DETR:
-            logger.info('AUG.DETR: flip, then multi-scale resize %s (max %d), or with p=0.5 resize to 400/500/600 + '
-                        '%s crop %s first', tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN,
-                        cfg.INPUT.CROP.TYPE, tuple(cfg.INPUT.CROP.SIZE))
-            mapper = DatasetMapper(cfg, is_train=True, augmentations=build_detr_augmentation(cfg),
-                                   recompute_boxes=cfg.MODEL.MASK_ON)
-            return build_detection_train_loader(cfg, mapper=mapper)
-        return build_detection_train_loader(cfg)
+        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
@@ -69,9 +65,10 @@ class Trainer(DefaultTrainer):
         return super().build_hooks()
 
 
-def check_dataset_paths(cfg: CfgNode) -> None:
-    """Fail early, naming the path, when a COCO-format dataset's files are missing."""
-    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+def check_dataset_paths(cfg: CfgNode, eval_only: bool = False) -> None:
+    """Fail early, naming the path, when a COCO-format dataset's files are missing (evaluation needs no
+    training set)."""
+    for name in ([] if eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST):
         if name not in DatasetCatalog.list():
             raise KeyError(f"dataset {name!r} is not registered; use --coco-dataset {name} JSON IMAGE_DIR")
         meta = MetadataCatalog.get(name)
@@ -87,6 +84,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
     add_mpvit_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    cfg.MODEL.WEIGHTS = model_zoo.resolve(cfg.MODEL.WEIGHTS, args.config_file)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE == 'cuda':
         cfg.MODEL.DEVICE = 'cpu'
     cfg.freeze()
@@ -97,17 +95,24 @@ def setup(args: argparse.Namespace) -> CfgNode:
 def main(args: argparse.Namespace):
     cfg = setup(args)
     register_coco_datasets(args.coco_dataset)
-    check_dataset_paths(cfg)
+    check_dataset_paths(cfg, eval_only=args.eval_only)
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint'))
+    if cfg.MODEL.WEIGHTS and not resuming and (is_url(cfg.MODEL.WEIGHTS) or '://' not in cfg.MODEL.WEIGHTS):
+        local_checkpoint(cfg.MODEL.WEIGHTS)  # download / check now, before any model is built
     if args.eval_only:
         model = Trainer.build_model(cfg)
         MPViTCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
-        return results
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    if comm.is_main_process() and results:
+        model_zoo.write_eval_metrics(os.path.join(cfg.OUTPUT_DIR, 'eval_metrics.json'), 'detectron2',
+                                     dict(results), config=args.config_file, model=cfg.MODEL.MPVIT.NAME)
+    return results
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -120,6 +125,10 @@ def argument_parser() -> argparse.ArgumentParser:
 if __name__ == '__main__':
     args = argument_parser().parse_args()
     print('Command Line Args:', args, file=sys.stderr)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
 

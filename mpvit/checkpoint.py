@@ -140,14 +140,32 @@ def ensure_checkpoint_file(path: str) -> None:
             f'{path} is not a readable PyTorch checkpoint (neither a zip archive nor a pickle; truncated download?)')
 
 
+def is_url(path_or_url: str) -> bool:
+    return path_or_url.startswith(('http://', 'https://'))
+
+
+def download(url: str) -> str:
+    """The local path of ``url``, downloaded once into torch.hub's cache; one clear error when it cannot be."""
+    from timm.models._hub import download_cached_file
+
+    try:
+        return download_cached_file(url, check_hash=False, progress=True)
+    except OSError as e:  # URLError, HTTPError, socket and SSL errors
+        reason = getattr(e, 'reason', None) or e
+        raise CheckpointError(f'cannot download {url} ({reason}); download it where there is internet access and '
+                              f'pass the local file in place of the URL') from None
+
+
+def local_checkpoint(path_or_url: str) -> str:
+    """A checked local checkpoint file for a path or URL (downloaded first): for failing before any work."""
+    path = download(path_or_url) if is_url(path_or_url) else os.path.expanduser(path_or_url)
+    ensure_checkpoint_file(path)
+    return path
+
+
 def read_checkpoint(path_or_url: str) -> Dict[str, Any]:
     """Load a checkpoint from a local file or URL (cached by torch.hub) on the CPU, with clear errors."""
-    if path_or_url.startswith(('http://', 'https://')):
-        from timm.models._hub import download_cached_file
-        path = download_cached_file(path_or_url, check_hash=False, progress=True)
-    else:
-        path = os.path.expanduser(path_or_url)
-    ensure_checkpoint_file(path)
+    path = local_checkpoint(path_or_url)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:

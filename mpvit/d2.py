@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
@@ -36,7 +37,8 @@ from mpvit.models.mpvit import MPVIT_ARCHS, MPViT
 
 __all__ = [
     'D2MPViT', 'MPViTCheckpointer', 'add_mpvit_config', 'build_mpvit_backbone', 'build_mpvit_fpn_backbone',
-    'build_retinanet_mpvit_fpn_backbone', 'build_detr_augmentation', 'build_optimizer', 'register_coco_datasets',
+    'build_retinanet_mpvit_fpn_backbone', 'build_detr_augmentation', 'build_optimizer', 'build_train_mapper',
+    'register_coco_datasets',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ def add_mpvit_config(cfg: CfgNode) -> None:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # lr factor of every parameter under model.backbone
     cfg.AUG = CfgNode()
     cfg.AUG.DETR = False  # DETR-style multi-scale + random-crop training augmentation
+    # After a crop, boxes are clipped to it (the authors' mapper); True recomputes them from the cropped masks.
+    cfg.AUG.RECOMPUTE_BOXES = False
 
 
 def mpvit_arch(name: str) -> Dict[str, Any]:
@@ -174,6 +178,18 @@ def build_detr_augmentation(cfg: CfgNode) -> List[T.Augmentation]:
     ])
     flip = T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == 'horizontal', vertical=cfg.INPUT.RANDOM_FLIP == 'vertical')
     return [flip, T.RandomApply(crop, prob=0.5), resize]
+
+
+def build_train_mapper(cfg: CfgNode) -> Optional[DatasetMapper]:
+    """The training mapper: ``None`` (Detectron2's default) unless ``AUG.DETR`` asks for DETR's augmentation."""
+    if not cfg.AUG.DETR:
+        return None
+    logging.getLogger('detectron2.mpvit').info(
+        'AUG.DETR: flip, then multi-scale resize %s (max %d), or with p=0.5 resize to 400/500/600 + %s crop %s '
+        'first; boxes %s', tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.CROP.TYPE,
+        tuple(cfg.INPUT.CROP.SIZE), 'recomputed from masks' if cfg.AUG.RECOMPUTE_BOXES else 'clipped to the crop')
+    return DatasetMapper(cfg, is_train=True, augmentations=build_detr_augmentation(cfg),
+                         recompute_boxes=cfg.MODEL.MASK_ON and cfg.AUG.RECOMPUTE_BOXES)
 
 
 def _with_full_model_clipping(optimizer_cls: Type[torch.optim.Optimizer], max_norm: float):

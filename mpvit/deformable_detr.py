@@ -12,8 +12,17 @@ refinement, no two-stage), so :func:`build_deformable_detr` sets them back:
   off so that transformers does not tie anything on its own;
 * head initialisation of the original (focal prior 0.01 on the class bias, last
   box layer zero with bias[2:] = -2, xavier input projections and transformer);
+* dropout 0.1 where the original has it: attention outputs, the FFN activation
+  and output, the decoder self-attention weights; none on the encoder input
+  (transformers would add one there and leave activation / attention dropout 0);
+* query embeddings drawn from N(0, 1) as ``nn.Embedding``'s default in the
+  original (transformers' N(0, 0.02) starts every reference point near the
+  image centre);
 * matcher costs class 2 / box 5 / GIoU 2, and :func:`weighted_loss` applies the
-  original loss weights (transformers hard-codes class weight 1).
+  original loss weights (transformers hard-codes class weight 1);
+* :func:`global_box_normaliser` rescales the losses to the number of target
+  boxes averaged over all ranks, as the original all-reduces it
+  (transformers does so only under ``accelerate``).
 
 :func:`convert_original_state_dict` maps the original repository's key layout
 (``backbone.0.backbone.*``, ``transformer.*``, ``query_embed``) onto this model.
@@ -33,7 +42,7 @@ from mpvit.models.mpvit import MPVIT_ARCHS, MPViT
 
 __all__ = [
     'DeformableDetrMPViTBackbone', 'build_deformable_detr', 'convert_original_state_dict', 'load_detector_weights',
-    'weighted_loss', 'param_groups', 'LOSS_WEIGHTS',
+    'weighted_loss', 'global_box_normaliser', 'param_groups', 'LOSS_WEIGHTS',
 ]
 
 # The original recipe: loss weights (also used for the auxiliary decoder layers) and matcher costs.
@@ -41,6 +50,7 @@ LOSS_WEIGHTS = {'loss_ce': 2, 'loss_bbox': 5, 'loss_giou': 2}
 MATCHER_COSTS = dict(class_cost=2, bbox_cost=5, giou_cost=2)
 BACKBONE_KEY = 'model.backbone.model.'
 LINEAR_PROJ_NAMES = ('reference_points', 'sampling_offsets')
+DROPOUT = 0.1
 
 
 class DeformableDetrMPViTBackbone(MPViT):
@@ -85,6 +95,7 @@ def build_deformable_detr(
                                            use_pretrained_backbone=False),
         num_labels=num_labels, num_queries=num_queries, num_feature_levels=num_feature_levels,
         with_box_refine=False, two_stage=False, auxiliary_loss=True, tie_word_embeddings=False,
+        dropout=DROPOUT, attention_dropout=DROPOUT, activation_dropout=DROPOUT,
         focal_alpha=0.25, bbox_loss_coefficient=LOSS_WEIGHTS['loss_bbox'],
         giou_loss_coefficient=LOSS_WEIGHTS['loss_giou'], **MATCHER_COSTS,
     )
@@ -99,6 +110,7 @@ def build_deformable_detr(
     # One head for every decoder layer, as in the original plain model.
     model.class_embed = nn.ModuleList([model.class_embed[0]] * len(model.class_embed))
     model.bbox_embed = nn.ModuleList([model.bbox_embed[0]] * len(model.bbox_embed))
+    model.model.encoder.dropout = 0.0  # the original adds the position embedding to the maps and no dropout
     _init_like_original(model)
     return model
 
@@ -116,6 +128,7 @@ def _init_like_original(model: DeformableDetrForObjectDetection) -> None:
     nn.init.xavier_uniform_(detr.reference_points.weight, gain=1.0)
     nn.init.zeros_(detr.reference_points.bias)
     nn.init.normal_(detr.level_embed)
+    nn.init.normal_(detr.query_position_embeddings.weight)
     for proj in detr.input_proj:
         nn.init.xavier_uniform_(proj[0].weight, gain=1)
         nn.init.zeros_(proj[0].bias)
@@ -135,6 +148,29 @@ def weighted_loss(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if base in LOSS_WEIGHTS:
             total = total + LOSS_WEIGHTS[base] * value
     return total
+
+
+def _accelerate_reduces() -> bool:
+    """transformers' loss already all-reduces the box count when an ``accelerate`` state exists."""
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        return False
+    return PartialState._shared_state != {}
+
+
+def global_box_normaliser(targets: List[Mapping[str, torch.Tensor]], device: torch.device) -> float:
+    """Factor that turns transformers' losses (divided by this rank's target boxes, at least 1) into the
+    original's (divided by the boxes of all ranks over the world size, at least 1).
+
+    Every loss term that enters :func:`weighted_loss` is linear in 1 / num_boxes, so the product is exact.
+    """
+    local = float(sum(len(t['class_labels']) for t in targets))
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or _accelerate_reduces():
+        return 1.0
+    total = torch.tensor([local], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return max(local, 1.0) / max(total.item() / torch.distributed.get_world_size(), 1.0)
 
 
 def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj_mult: float = 0.1) -> List[Dict]:

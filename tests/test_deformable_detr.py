@@ -154,7 +154,9 @@ def test_train_eval_resume(coco, tmp_path):
 def test_eval_of_released_checkpoint_and_converter(coco, released, tmp_path):
     log = _main(coco, tmp_path / 'eval', '--backbone', 'mpvit_small', '--num-classes', '91', '--num-queries', '300',
                 '--eval', '--resume', str(released))
-    assert 'Average Precision' in log and (tmp_path / 'eval' / 'eval_metrics.json').is_file()
+    assert 'Average Precision' in log
+    metrics = json.loads((tmp_path / 'eval' / 'eval_metrics.json').read_text())
+    assert metrics['paper_row'] == 'deformable_detr_mpvit_small' and 0.0 <= metrics['AP'] <= 100.0
     converted = tmp_path / 'converted.pth'
     run = subprocess.run([sys.executable, str(REPO / 'tools' / 'convert_deformable_detr.py'), str(released),
                           str(converted)], capture_output=True, text=True, cwd=REPO)

@@ -245,6 +245,10 @@ def test_mask_rcnn_detr_augmentation_train_eval(coco, tmp_path):
                      'INPUT.CROP.SIZE', '(64, 96)')
     assert 'AUG.DETR: flip, then multi-scale resize (96,)' in log and 'absolute_range crop (64, 96)' in log
     assert 'Evaluation results for bbox' in log and 'Evaluation results for segm' in log
+    # The metrics file that tools/paper_tables.py --results reads, on the row this config reproduces.
+    metrics = json.loads((out / 'eval_metrics.json').read_text())
+    assert metrics['task'] == 'detectron2' and metrics['paper_row'] == 'mask_rcnn_mpvit_tiny_ms_3x'
+    assert all(0.0 <= metrics[kind]['AP'] <= 100.0 for kind in ('bbox', 'segm'))
     # And the demo draws the trained model's masks into a PNG.
     from PIL import Image
     demo_out = tmp_path / 'demo'

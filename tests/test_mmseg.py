@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,9 @@ def test_runner_train_val_resume_test_and_inference(tmp_path):
         'model.decode_head.norm_cfg.type=BN', 'model.auxiliary_head.norm_cfg.type=BN'])
     assert 'mIoU' in metrics
     assert list((tmp_path / 'vis').rglob('*.png'))
+    written = json.loads((tmp_path / 'test' / 'eval_metrics.json').read_text())
+    assert written['paper_row'] == 'upernet_mpvit_small' and written['mIoU'] == metrics['mIoU']
+    assert 0.0 <= metrics['mIoU'] <= 100.0
 
     model = init_model(cfg, str(work_dir / 'iter_4.pth'), device='cpu')
     image = str(next((data_root / 'images' / 'validation').glob('*.jpg')))

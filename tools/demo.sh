@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs whatever is missing, then the main job on built-in demo data (CPU, about a minute):
 # writes a small coloured-shapes ImageFolder, trains MPViT-T on it with classification/main.py,
-# and evaluates the checkpoint that the run saved.
+# and evaluates the checkpoint that the run saved; then Mask R-CNN on COCO-format shapes, and the paper tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
@@ -30,3 +30,6 @@ rm -rf "$d2out"
     --coco-dataset shapes_val "$coco/annotations/instances_val.json" "$coco/val" \
     --confidence-threshold 0.3 MODEL.WEIGHTS "$d2out/model_final.pth"
 echo "[demo] detection: COCO AP above, drawing in $d2out/demo/000002.png"
+
+echo "[demo] the paper's tables with the demo runs' own metrics beside the paper's figures (tiny data: far below)"
+"$PY" tools/paper_tables.py --no-flops --results output/demo

@@ -693,7 +693,7 @@ def _cfg(url: str = '', **kwargs) -> Dict:
         'num_classes': 1000,
         'input_size': (3, 224, 224),
         'pool_size': (7, 7),
-        'crop_pct': 0.9,
+        'crop_pct': 0.875,  # the authors evaluate with Resize(256) + CenterCrop(224), bicubic
         'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN,
         'std': IMAGENET_DEFAULT_STD,

@@ -1,21 +1,27 @@
 """Evaluate a segmentation checkpoint (file or URL) with mmengine's Runner; prints the mIoU table.
 
     python semantic_segmentation/tools/test.py CONFIG CHECKPOINT [--show-dir vis/]
+    python semantic_segmentation/tools/test.py CONFIG released     # the authors' checkpoint of CONFIG
 """
 from __future__ import annotations
 
 import argparse
 import os
 import os.path as osp
+import sys
 
 from mmengine.config import Config, DictAction
+from mmengine.dist import is_main_process
 from mmengine.runner import Runner
+
+from mpvit import model_zoo
+from mpvit.checkpoint import CheckpointError, local_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Test a segmentor')
     parser.add_argument('config')
-    parser.add_argument('checkpoint')
+    parser.add_argument('checkpoint', help=f"file, URL, or '{model_zoo.RELEASED}' (the authors' weights of CONFIG)")
     parser.add_argument('--work-dir')
     parser.add_argument('--show-dir', help='write prediction overlays (PNG) into this folder')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
@@ -34,7 +40,7 @@ def main(argv=None) -> dict:
         cfg.merge_from_dict(args.cfg_options)
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(args.config))[0])
-    cfg.load_from = args.checkpoint
+    cfg.load_from = local_checkpoint(model_zoo.resolve(args.checkpoint, args.config))
     # The backbone's ImageNet init is pointless before loading a whole segmentor.
     cfg.model.backbone.pop('init_cfg', None)
     if args.show_dir:
@@ -48,8 +54,16 @@ def main(argv=None) -> dict:
     data_root = cfg.test_dataloader.dataset.get('data_root')
     if data_root and not osp.isdir(data_root):
         raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
-    return Runner.from_cfg(cfg).test()
+    metrics = Runner.from_cfg(cfg).test()
+    if is_main_process():
+        model_zoo.write_eval_metrics(osp.join(cfg.work_dir, 'eval_metrics.json'), 'mmseg', metrics,
+                                     config=args.config, model=cfg.model.backbone.get('arch'))
+    return metrics
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)

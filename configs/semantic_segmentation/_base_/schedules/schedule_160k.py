@@ -1,13 +1,15 @@
-# The reference's schedule: AdamW 6e-5, wd 0.01 (none on norms), 1500 linear warm-up iterations, then poly.
+# The authors' schedule (mmseg 0.x): AdamW 6e-5, weight decay 0.01 on every parameter; poly decay (power 1,
+# min 0) over all 160k iterations, times a linear warm-up factor (1e-6 -> 1) over the first 1500:
+#   lr(i) = 6e-5 * (1 - i / 160000) * (1e-6 + (1 - 1e-6) * min(i, 1500) / 1500).
+# mmengine multiplies the factors of schedulers active at the same iteration, which gives that product;
+# its schedulers reach their end value at iteration `end - 1`, hence the + 1 below.
+# Without paramwise_cfg, model.parameters() yields each shared CPE / CRPE parameter once.
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
-    # bypass_duplicate: each path's CPE / CRPE is registered under several names (checkpoint layout);
-    # optimise each shared parameter once.
-    paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)}, bypass_duplicate=True))
+    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01))
 param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
-    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=1500, end=160000, by_epoch=False),
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500 + 1),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=0, end=160000 + 1, by_epoch=False),
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=160000, val_interval=16000)
 val_cfg = dict(type='ValLoop')

@@ -1,0 +1,205 @@
+"""The released checkpoints: the zoo table, ``released`` in every driver, the offline message, and
+``tools/paper_tables.py`` (parameter counts of every row; results of our own evaluation runs ingested)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fidelity import golden
+from helpers import REPO, free_port, load_script
+
+from mpvit import CheckpointError, model_zoo
+from mpvit.checkpoint import read_checkpoint
+
+# The reference implementation's trainable parameters, measured from its code (fidelity kit).
+REFERENCE_PARAMS = {
+    'mpvit_tiny': 5_843_736, 'mpvit_xsmall': 10_573_448, 'mpvit_small': 22_892_400, 'mpvit_base': 74_845_976,
+    **{f'retinanet_mpvit_{v}_{s}': n for v, n in zip(('tiny', 'xsmall', 'small', 'base'),
+                                                      (15_104_612, 19_911_060, 32_294_268, 84_635_428))
+       for s in ('1x', 'ms_3x')},
+    **{f'mask_rcnn_mpvit_{v}_{s}': n for v, n in zip(('tiny', 'xsmall', 'small', 'base'),
+                                                     (25_712_224, 30_434_704, 42_744_184, 94_667_552))
+       for s in ('1x', 'ms_3x')},
+    'deformable_detr_mpvit_small': 34_448_361, 'upernet_mpvit_small': 51_588_020, 'upernet_mpvit_base': 105_295_196,
+}
+
+
+def _unreachable_url(name: str = 'weights.pth') -> str:
+    return f'http://127.0.0.1:{free_port()}/{name}'  # nothing listens there: refused at once
+
+
+def test_zoo_lists_every_released_checkpoint():
+    entries = model_zoo.entries()
+    assert len(entries) == 23 == len({e.name for e in entries}) == len({e.url for e in entries})
+    by_task = {t: [e for e in entries if e.task == t] for t in model_zoo.TASKS}
+    assert {t: len(v) for t, v in by_task.items()} == {'classification': 4, 'detectron2': 16, 'mmseg': 2,
+                                                        'deformable_detr': 1}
+    assert set(REFERENCE_PARAMS) == {e.name for e in entries}
+    for entry in entries:
+        assert (REPO / entry.config).is_file(), entry.config
+        assert entry.url.startswith('https://dl.dropbox.com/s/') and entry.url.endswith('.pth')
+    assert all(e.metrics_url and e.metrics_url.endswith('_metrics.json') for e in by_task['detectron2'])
+    assert model_zoo.get('mask_rcnn_mpvit_small_ms_3x').reported == {'box_ap': 48.4, 'mask_ap': 43.9,
+                                                                     'params_m': 43, 'gflops': 268}
+    assert model_zoo.get('upernet_mpvit_base').reported['miou'] == 50.3
+
+
+def test_released_resolves_by_config():
+    for entry in model_zoo.entries():
+        assert model_zoo.resolve('released', REPO / entry.config) == entry.url
+    # Two tasks have a config called mpvit_small.yaml: the folder tells them apart.
+    assert model_zoo.for_config('configs/deformable_detr/mpvit_small.yaml').name == 'deformable_detr_mpvit_small'
+    assert model_zoo.resolve('released', model='mpvit_base') == model_zoo.get('mpvit_base').url
+    assert model_zoo.resolve('local.pth', 'configs/detectron2/retinanet_mpvit_tiny_1x.yaml') == 'local.pth'
+    with pytest.raises(ValueError, match='no checkpoint for this config.*pass a file or URL'):
+        model_zoo.resolve('released', 'configs/detectron2/cascade_mask_rcnn_mpvit_small_ms_3x.yaml')
+    # A demo config reports on the row of the config it inherits from.
+    assert model_zoo.paper_row('detectron2', REPO / 'configs/detectron2/demo/mask_rcnn_mpvit_tiny_shapes.yaml') \
+        == 'mask_rcnn_mpvit_tiny_1x'
+
+
+def test_offline_download_is_one_clear_line():
+    url = _unreachable_url('mask_rcnn_mpvit_small_ms_3x.pth')
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(url)
+    message = str(info.value)
+    assert '\n' not in message and url in message and 'pass the local file' in message
+
+
+def test_drivers_resolve_released(monkeypatch):
+    pytest.importorskip('detectron2')
+    train_net = load_script('detectron2/train_net.py')
+    config = REPO / 'configs/detectron2/mask_rcnn_mpvit_small_ms_3x.yaml'
+    args = train_net.argument_parser().parse_args(
+        ['--config-file', str(config), '--eval-only', 'MODEL.WEIGHTS', 'released', 'OUTPUT_DIR', '/tmp/unused'])
+    monkeypatch.setattr(train_net, 'default_setup', lambda cfg, args: None)
+    assert train_net.setup(args).MODEL.WEIGHTS == model_zoo.get('mask_rcnn_mpvit_small_ms_3x').url
+
+    ddetr = load_script('deformable_detr/main.py')
+    args = ddetr.get_args(['-c', str(REPO / 'configs/deformable_detr/mpvit_small.yaml'), '--eval', '--resume',
+                           'released'])
+    assert args.resume == model_zoo.get('deformable_detr_mpvit_small').url
+
+    cls = load_script('classification/main.py')
+    assert cls.parse_args(['--model', 'mpvit_xsmall', '--eval', '--resume', 'released']).resume \
+        == model_zoo.get('mpvit_xsmall').url
+
+
+def _point_zoo_at(monkeypatch, name: str) -> str:
+    """Make the released URL of ``name`` one that cannot be downloaded (as on our offline machines)."""
+    url = _unreachable_url(Path(model_zoo.get(name).url).name)
+    patched = [model_zoo.ZooEntry(**{**e.__dict__, 'url': url}) if e.name == name else e
+               for e in model_zoo.entries()]
+    monkeypatch.setattr(model_zoo, 'entries', lambda: patched)
+    return url
+
+
+def test_released_offline_fails_before_work_in_every_driver(monkeypatch, tmp_path):
+    url = _point_zoo_at(monkeypatch, 'mpvit_tiny')
+    cls = load_script('classification/main.py')
+    with pytest.raises(CheckpointError, match=f'cannot download {url}'):
+        cls.main(cls.parse_args(['--model', 'mpvit_tiny', '--eval', '--resume', 'released',
+                                 '--data-path', str(tmp_path / 'missing')]))
+
+    pytest.importorskip('transformers')
+    url = _point_zoo_at(monkeypatch, 'deformable_detr_mpvit_small')
+    ddetr = load_script('deformable_detr/main.py')
+    with pytest.raises(CheckpointError, match=f'cannot download {url}'):
+        ddetr.main(['-c', str(REPO / 'configs/deformable_detr/mpvit_small.yaml'), '--eval', '--resume', 'released',
+                    '--coco-path', str(tmp_path / 'missing'), '--output-dir', str(tmp_path / 'out')])
+
+    pytest.importorskip('mmseg')
+    url = _point_zoo_at(monkeypatch, 'upernet_mpvit_small')
+    seg_test = load_script('semantic_segmentation/tools/test.py')
+    with pytest.raises(CheckpointError, match=f'cannot download {url}'):
+        seg_test.main([str(REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'), 'released',
+                       '--work-dir', str(tmp_path / 'seg')])
+
+
+def test_detectron2_unreachable_weights_is_one_line(tmp_path):
+    pytest.importorskip('detectron2')
+    url = _unreachable_url('retinanet_mpvit_tiny_1x.pth')
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'detectron2/train_net.py'), '--config-file',
+         str(REPO / 'configs/detectron2/retinanet_mpvit_tiny_1x.yaml'), '--eval-only', 'MODEL.WEIGHTS', url,
+         'MODEL.DEVICE', 'cpu', 'OUTPUT_DIR', str(tmp_path), 'DATASETS.TEST', '()'],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: cannot download') and url in last
+
+
+# ------------------------------------------------------------------------------------- paper tables
+
+@pytest.fixture(scope='module')
+def paper_tables():
+    pytest.importorskip('detectron2')
+    pytest.importorskip('mmseg')
+    pytest.importorskip('transformers')
+    return load_script('tools/paper_tables.py')
+
+
+@pytest.mark.slow
+def test_paper_tables_parameter_counts_equal_the_reference(paper_tables, tmp_path):
+    rows = paper_tables.main(['--no-flops', '--json', str(tmp_path / 'rows.json')])
+    assert {r['name']: r['params'] for r in rows} == REFERENCE_PARAMS
+    assert json.loads((tmp_path / 'rows.json').read_text()) == rows
+
+
+def test_paper_tables_flops_conventions(paper_tables, tmp_path, monkeypatch):
+    cache = tmp_path / 'flops.json'
+    entry = model_zoo.get('mpvit_tiny')
+    model = paper_tables.build_model(entry)
+    expected = golden('manifest_mpvit_tiny.json')['fvcore_flops_224'] / 1e9  # the reference's count
+    assert paper_tables.cached_flops(entry, model, cache) == {'gflops': expected}
+    stored = json.loads(cache.read_text())  # cached, keyed by the code it depends on
+    assert list(stored.values()) == [{'gflops': expected}]
+    monkeypatch.setattr(paper_tables, 'count_flops', None)  # a second call must read the cache, not count
+    assert paper_tables.cached_flops(entry, model, cache) == {'gflops': expected}
+    text = paper_tables.render([dict(name='mpvit_tiny', task='classification', reported=entry.reported,
+                                     params=5_843_736, gflops=1.654)])
+    assert '| mpvit_tiny | 78.2 | 5,843,736 | 5.8M | 1.7 | 1.6 |' in text and 'fvcore at 1x3x224x224' in text
+
+
+def test_paper_tables_dense_flop_counters_run(paper_tables, monkeypatch):
+    """The detection and segmentation counters, at a small size (the real ones take minutes on a CPU)."""
+    monkeypatch.setattr(paper_tables, 'DETECTION_SIZE', (128, 160))
+    monkeypatch.setattr(paper_tables, 'SEGMENTATION_SIZE', (64, 128))
+    entry = model_zoo.get('retinanet_mpvit_tiny_1x')
+    det = paper_tables.count_flops(entry, paper_tables.build_model(entry))
+    assert 0 < det['backbone_fpn_gflops'] < det['gflops']
+    entry = model_zoo.get('upernet_mpvit_small')
+    seg = paper_tables.count_flops(entry, paper_tables.build_model(entry))['gflops']
+    assert seg == pytest.approx(945.3 * (64 * 128) / (512 * 2048), rel=0.1)  # scales with the pixels
+
+
+def test_paper_tables_ingest_our_evaluation_outputs(paper_tables, tmp_path):
+    """The outputs of real evaluation runs land on their rows, with the difference to the paper."""
+    cls_main = load_script('classification/main.py')
+    from mpvit.demo_data import write_shapes_imagefolder
+    data = write_shapes_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=2, val_per_class=2, size=32)
+    cls_main.main(cls_main.parse_args(['--model', 'mpvit_tiny', '--input-size', '32', '--batch-size', '2',
+                                       '--num-workers', '0', '--amp', 'none', '--eval', '--data-path', str(data),
+                                       '--output-dir', str(tmp_path / 'results' / 'cls')]))
+    # A Detectron2 / mmseg / DDETR run writes the same kind of file (their own end-to-end tests check that).
+    model_zoo.write_eval_metrics(tmp_path / 'results' / 'seg' / 'eval_metrics.json', 'mmseg',
+                                 {'mIoU': 12.5, 'aAcc': 50.0, 'mAcc': 20.0},
+                                 config=REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py')
+    results = paper_tables.read_results(tmp_path / 'results')
+    assert set(results) == {'mpvit_tiny', 'upernet_mpvit_small'}
+    acc1 = json.loads((tmp_path / 'results' / 'cls' / 'eval_metrics.json').read_text())['acc1']
+    assert 0.0 <= acc1 <= 100.0
+    rows = paper_tables.build_rows(flops=False, results=results,
+                                   names=['mpvit_tiny', 'mpvit_small', 'upernet_mpvit_small'])
+    by_name = {r['name']: r for r in rows}
+    assert by_name['mpvit_tiny']['acc1'] == acc1
+    assert by_name['mpvit_tiny']['acc1_diff'] == pytest.approx(acc1 - 78.2)
+    assert by_name['upernet_mpvit_small']['miou_diff'] == pytest.approx(12.5 - 48.3)
+    text = paper_tables.render(rows, with_results=True, flops=False)
+    assert f'| mpvit_tiny | 78.2 | {acc1:.2f} | {acc1 - 78.2:+.2f} | 5,843,736 | 5.8M |' in text
+    assert '| upernet_mpvit_small | 48.3 | 12.50 | -35.80 |' in text
+    assert '| mpvit_small | 83.0 | no results |' in text
