@@ -108,7 +108,8 @@ def main(args: argparse.Namespace):
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        results = trainer.train()
+        trainer.train()
+        results = getattr(trainer, '_last_eval_results', None)  # what the final EvalHook measured
     if comm.is_main_process() and results:
         model_zoo.write_eval_metrics(os.path.join(cfg.OUTPUT_DIR, 'eval_metrics.json'), 'detectron2',
                                      dict(results), config=args.config_file, model=cfg.MODEL.MPVIT.NAME)

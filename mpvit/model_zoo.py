@@ -90,13 +90,15 @@ def _d2_bases(config: Path):
 def paper_row(task: str, config: str | os.PathLike | None = None, model: str | None = None) -> Optional[str]:
     """The released checkpoint (row of the paper's tables) that a run of ``config`` / ``model`` reproduces.
 
-    Classification rows are found by model name; a Detectron2 config by itself or the nearest config it
-    inherits from that has a released checkpoint (so a demo config derived from ``mask_rcnn_mpvit_tiny_1x``
-    reports on that row); the others by config file name.
+    Classification rows are found by model name, Deformable DETR ones by backbone; a Detectron2 config by
+    itself or the nearest config it inherits from that has a released checkpoint (a demo config derived
+    from ``mask_rcnn_mpvit_tiny_1x`` reports on that row); the others by config file name.
     """
     candidates = [e for e in entries() if e.task == task]
     if task == 'classification':
         return next((e.name for e in candidates if e.name == model), None)
+    if task == 'deformable_detr' and model:  # the backbone decides (the config may be overridden)
+        return next((e.name for e in candidates if e.name == f'deformable_detr_{model}'), None)
     if not config:
         return None
     paths = list(_d2_bases(Path(config))) if task == 'detectron2' else [Path(config)]
@@ -114,6 +116,7 @@ def write_eval_metrics(path: str | os.PathLike, task: str, metrics: Dict, config
                   config=str(config) if config else None, model=model)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + '.tmp')
-    tmp.write_text(json.dumps(record, indent=2))
+    # Frameworks report numpy / torch scalars (mmseg: numpy.float32); .item() makes them plain numbers.
+    tmp.write_text(json.dumps(record, indent=2, default=lambda v: v.item() if hasattr(v, 'item') else str(v)))
     os.replace(tmp, path)
     return record

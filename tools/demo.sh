@@ -31,5 +31,5 @@ rm -rf "$d2out"
     --confidence-threshold 0.3 MODEL.WEIGHTS "$d2out/model_final.pth"
 echo "[demo] detection: COCO AP above, drawing in $d2out/demo/000002.png"
 
-echo "[demo] the paper's tables with the demo runs' own metrics beside the paper's figures (tiny data: far below)"
+echo "[demo] the paper's tables, the demo runs' metrics on their rows (toy data: not comparable with the paper)"
 "$PY" tools/paper_tables.py --no-flops --results output/demo
