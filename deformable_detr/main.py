@@ -297,9 +297,8 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Dict[str, float]:
     args = get_args(argv)
-    for weights in (args.resume or args.pretrained,):  # download / check before any work
-        if weights:
-            local_checkpoint(weights)
+    if args.resume or args.pretrained:  # download / check before any work (a resume holds the backbone too)
+        local_checkpoint(args.resume or args.pretrained)
     rank, world, local = init_distributed()
     device = torch.device(args.device if args.device != 'cuda' else f'cuda:{local}')
     torch.manual_seed(args.seed + rank)
