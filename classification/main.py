@@ -24,7 +24,6 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
@@ -39,12 +38,14 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
 from torchvision.datasets import ImageFolder
 
 import mpvit
 from mpvit import model_zoo
 from mpvit.checkpoint import checkpoint_filter_fn, load_backbone_weights, local_checkpoint, read_checkpoint
+from mpvit.training import autocast as amp_autocast
+from mpvit.training import ensure_writable_dir, rng_state, save_atomic, set_rng_state
 
 _logger = logging.getLogger('mpvit.classification')
 
@@ -121,6 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f'{first.config}: unknown keys {unknown}')
         parser.set_defaults(**overrides)
     args = parser.parse_args(argv)
+    if args.accum_steps < 1:
+        parser.error(f'--accum-steps {args.accum_steps}: must be at least 1')
+    if not timm.is_model(args.model):
+        parser.error(f"--model {args.model}: unknown model; MPViT variants: {', '.join(timm.list_models('mpvit_*'))}")
     if args.drop_path is None:
         args.drop_path = DROP_PATH.get(args.model, 0.0)
     args.resume = model_zoo.resolve(args.resume, model=args.model)
@@ -158,23 +163,44 @@ def all_reduce_sum(values, device) -> list:
 
 
 class CheckedImageFolder(ImageFolder):
-    """ImageFolder that names the path when it is missing or empty, and skips unreadable images."""
+    """ImageFolder that names the path when it is missing or empty, and handles unreadable images.
 
-    def __init__(self, root: str, **kwargs):
+    Training replaces an unreadable image by the next readable one (with a warning naming it), so that
+    one bad file does not stop a long run. Evaluation never substitutes (``skip_unreadable``): the
+    sample comes back as ``None``, :func:`collate_readable` leaves it out of the batch and counts it,
+    and the metrics are over the images actually evaluated, with the count of skipped ones.
+    """
+
+    def __init__(self, root: str, skip_unreadable: bool = False, **kwargs):
         if not os.path.isdir(root):
             raise FileNotFoundError(f'dataset folder not found: {root}')
         try:
             super().__init__(root, **kwargs)
         except FileNotFoundError as e:
             raise FileNotFoundError(f'{root}: {e}') from None
+        self.skip_unreadable = skip_unreadable
 
     def __getitem__(self, index: int):
-        for offset in range(len(self)):
+        for offset in range(1 if self.skip_unreadable else len(self)):
+            path = self.samples[(index + offset) % len(self)][0]
             try:
                 return super().__getitem__((index + offset) % len(self))
             except OSError as e:  # PIL's UnidentifiedImageError / truncated files
-                _logger.warning('skipping unreadable image %s (%s)', self.samples[(index + offset) % len(self)][0], e)
+                _logger.warning('%s unreadable image %s (%s)',
+                                'leaving out' if self.skip_unreadable else 'skipping', path, e)
+        if self.skip_unreadable:
+            return None
         raise RuntimeError(f'no readable image in {self.root}')
+
+
+def collate_readable(batch: list):
+    """``default_collate`` of the readable samples, plus how many were left out (``None``)."""
+    readable = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(readable)
+    if not readable:
+        return None, None, skipped
+    images, targets = default_collate(readable)
+    return images, targets, skipped
 
 
 def build_dataset(args, split: str) -> Dataset:
@@ -192,7 +218,8 @@ def build_dataset(args, split: str) -> Dataset:
         crop_pct=args.crop_pct,
         scale=tuple(args.scale),
     )
-    return CheckedImageFolder(os.path.join(args.data_path, split), transform=transform)
+    return CheckedImageFolder(os.path.join(args.data_path, split), skip_unreadable=not training,
+                              transform=transform)
 
 
 def build_train_loader(args, dataset) -> DataLoader:
@@ -204,9 +231,10 @@ def build_train_loader(args, dataset) -> DataLoader:
         sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, shuffle=True)
     else:
         sampler = RandomSampler(dataset)
+    # No persistent workers: each epoch's workers are seeded from the main process's RNG, which a
+    # checkpoint restores, so a resumed run draws the same augmentations as an uninterrupted one.
     return DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                      pin_memory=args.device.startswith('cuda'), drop_last=True,
-                      persistent_workers=args.num_workers > 0)
+                      pin_memory=args.device.startswith('cuda'), drop_last=True)
 
 
 def build_val_loader(args, dataset) -> DataLoader:
@@ -214,35 +242,10 @@ def build_val_loader(args, dataset) -> DataLoader:
     indices = list(range(args.rank, len(dataset), args.world_size))
     return DataLoader(torch.utils.data.Subset(dataset, indices), args.batch_size,
                       sampler=SequentialSampler(indices), num_workers=args.num_workers,
-                      pin_memory=args.device.startswith('cuda'))
+                      pin_memory=args.device.startswith('cuda'), collate_fn=collate_readable)
 
 
 # ---------------------------------------------------------------------------- checkpoints
-
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state() -> Dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    # numpy's key array as a tensor keeps checkpoints loadable with torch.load(weights_only=True).
-    state = {'torch': torch.get_rng_state(), 'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                       has_gauss, cached), 'python': random.getstate()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict) -> None:
-    torch.set_rng_state(state['torch'])
-    kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def build_scheduler(args, optimizer: torch.optim.Optimizer):
@@ -255,10 +258,7 @@ def build_scheduler(args, optimizer: torch.optim.Optimizer):
 
 
 def autocast(args):
-    if args.amp == 'none':
-        return nullcontext()
-    dtype = torch.bfloat16 if args.amp == 'bf16' else torch.float16
-    return torch.autocast(device_type=torch.device(args.device).type, dtype=dtype)
+    return amp_autocast(args.amp, torch.device(args.device).type)
 
 
 def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, epoch, step,
@@ -310,8 +310,11 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, ep
 def evaluate(args, model, loader) -> Dict:
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction='sum')
-    loss_sum = top1 = top5 = count = 0.0
-    for images, targets in loader:
+    loss_sum = top1 = top5 = count = skipped = 0.0
+    for images, targets, left_out in loader:
+        skipped += left_out
+        if images is None:
+            continue
         images, targets = images.to(args.device), targets.to(args.device)
         with autocast(args):
             logits = model(images)
@@ -320,10 +323,15 @@ def evaluate(args, model, loader) -> Dict:
         top1 += acc1.item() * images.shape[0] / 100
         top5 += acc5.item() * images.shape[0] / 100
         count += images.shape[0]
-    loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], args.device)
-    metrics = {'acc1': 100 * top1 / count, 'acc5': 100 * top5 / count, 'loss': loss_sum / count, 'images': int(count)}
+    loss_sum, top1, top5, count, skipped = all_reduce_sum([loss_sum, top1, top5, count, skipped], args.device)
+    if not count:
+        raise ValueError(f'no readable validation image ({int(skipped)} unreadable) under {args.data_path}/val')
+    metrics = {'acc1': 100 * top1 / count, 'acc5': 100 * top5 / count, 'loss': loss_sum / count, 'images': int(count),
+               'unreadable_images': int(skipped)}
     if is_main(args):
-        print(f"* Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} loss {metrics['loss']:.3f}", flush=True)
+        note = f' ({int(count)} images; {int(skipped)} unreadable left out)' if skipped else f' ({int(count)} images)'
+        print(f"* Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} loss {metrics['loss']:.3f}{note}",
+              flush=True)
     return metrics
 
 
@@ -360,12 +368,10 @@ def main(args: argparse.Namespace) -> Dict:
     for weights in (args.resume, args.pretrained):  # download / check before any work
         if weights:
             local_checkpoint(weights)
+    output_dir = ensure_writable_dir(args.output_dir)
     init_distributed(args)
     logging.basicConfig(format='%(asctime)s %(message)s', datefmt='%H:%M:%S')  # no-op if already configured
     _logger.setLevel(logging.INFO if is_main(args) else logging.WARNING)
-    output_dir = Path(args.output_dir)
-    if is_main(args):
-        output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed + args.rank)
     np.random.seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
@@ -399,7 +405,7 @@ def main(args: argparse.Namespace) -> Dict:
     val_loader = build_val_loader(args, dataset_val)
     if args.eval:
         if args.resume:
-            load_backbone_weights(model, args.resume)
+            load_backbone_weights(model, args.resume, head='require')
         metrics = evaluate(args, compiled(model), val_loader)
         if is_main(args):
             model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'classification', metrics,
@@ -408,7 +414,11 @@ def main(args: argparse.Namespace) -> Dict:
 
     dataset_train = build_dataset(args, 'train')
     if dataset_train.classes != dataset_val.classes:
-        raise ValueError(f'train and val classes differ under {args.data_path}')
+        only_train = sorted(set(dataset_train.classes) - set(dataset_val.classes))
+        only_val = sorted(set(dataset_val.classes) - set(dataset_train.classes))
+        raise ValueError(f'train and val classes differ under {args.data_path}: only in train/ {only_train[:5]}, '
+                         f'only in val/ {only_val[:5]}' + ('' if only_train or only_val else ' (same names, '
+                                                           'other order)'))
     train_loader = build_train_loader(args, dataset_train)
     if len(train_loader) < args.accum_steps:
         raise ValueError(f'{args.data_path}/train has {len(dataset_train)} images: not one full batch of '
@@ -439,7 +449,10 @@ def main(args: argparse.Namespace) -> Dict:
         state = read_checkpoint(resume)
         if not (isinstance(state, dict) and 'optimizer' in state):
             raise ValueError(f'{resume} is not a training checkpoint of this script (use --pretrained for weights)')
-        model.load_state_dict(checkpoint_filter_fn(state['model'], model))
+        try:
+            model.load_state_dict(checkpoint_filter_fn(state['model'], model, head='require'))
+        except mpvit.CheckpointError as e:
+            raise mpvit.CheckpointError(f'{resume}: {e}') from None
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         scaler.load_state_dict(state['scaler'])

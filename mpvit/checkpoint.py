@@ -32,7 +32,10 @@ _logger = logging.getLogger(__name__)
 # Longest first: 'backbone.' is a prefix of the other two.
 BACKBONE_PREFIXES = ('backbone.bottom_up.backbone.', 'backbone.0.backbone.', 'backbone.')
 _NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
+EMA_KEYS = ('model_ema', 'state_dict_ema')
+HEAD_POLICIES = ('reset', 'require')
 _SHOW = 5
+STEM_WEIGHT = 'stem.0.conv.weight'
 
 
 class CheckpointError(RuntimeError):
@@ -40,11 +43,21 @@ class CheckpointError(RuntimeError):
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
-    """The state dict inside a training checkpoint (``state_dict`` / ``model`` entries), ``module.`` stripped."""
+    """The state dict inside a training checkpoint (``state_dict`` / ``model`` entries), ``module.`` stripped.
+
+    A checkpoint that also holds EMA weights (``model_ema``, ``state_dict_ema``;
+    the authors' DeiT-style training saves both) always gives its ``model``
+    weights, the ones the authors evaluate, whichever loader reads it; the
+    choice is logged.
+    """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
     for key in ('state_dict', 'model'):
         if isinstance(checkpoint.get(key), Mapping):
+            ema = [k for k in EMA_KEYS if isinstance(checkpoint.get(k), Mapping)]
+            if ema:
+                _logger.warning("checkpoint holds '%s' and '%s': loading '%s' (the EMA weights are ignored)",
+                             key, ema[0], key)
             checkpoint = checkpoint[key]
             break
     return {k[7:] if k.startswith('module.') else k: v for k, v in checkpoint.items()}
@@ -90,15 +103,28 @@ def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: st
                               + '. Is it a checkpoint of another variant?')
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+def _classes(head: Mapping[str, torch.Tensor]) -> str:
+    weight = head.get('cls_head.cls.weight')
+    return f'{weight.shape[0]} classes' if weight is not None else 'no classifier'
+
+
+def checkpoint_filter_fn(
+        state_dict: Mapping[str, Any], model: nn.Module, head: str = 'reset') -> Dict[str, torch.Tensor]:
     """Convert a classification / Detectron2 / mmseg / Deformable DETR checkpoint for ``model``.
 
-    Keeps only the backbone, drops the classifier when it does not fit (other
-    class count, head removed, dense-task checkpoint without one: the model's
-    own freshly initialised classifier is kept), drops BN statistics the model
-    has no place for (FrozenBN / GroupNorm adapters), then checks the rest fits
-    exactly.
+    Keeps only the backbone, drops BN statistics the model has no place for
+    (FrozenBN / GroupNorm adapters), adapts the stem to the model's input
+    channels (timm's ``adapt_input_conv``), then checks the rest fits exactly.
+
+    ``head`` says what to do with a classifier that does not fit the model's
+    (another class count, or none in the checkpoint): ``'reset'`` (fine-tuning,
+    timm's ``pretrained=True``) keeps the model's fresh classifier with a
+    warning; ``'require'`` (evaluation, resuming) refuses, naming both class
+    counts. A classifier that fits is always loaded; a model without one
+    (``num_classes=0``) ignores the checkpoint's.
     """
+    if head not in HEAD_POLICIES:
+        raise ValueError(f'head={head!r}: expected one of {HEAD_POLICIES}')
     state_dict = unwrap_checkpoint(state_dict)
     prefix = backbone_prefix(state_dict)
     # Everything outside the prefix belongs to necks / heads of other tasks.
@@ -106,21 +132,37 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
 
     own = model.state_dict()
     own_head = {k: v for k, v in own.items() if k.startswith('cls_head.')}
-    ckpt_head = {k: v for k, v in weights.items() if k.startswith('cls_head.')}
+    ckpt_head = {k: weights.pop(k) for k in [k for k in weights if k.startswith('cls_head.')]}
     head_fits = set(own_head) == set(ckpt_head) and all(v.shape == own_head[k].shape for k, v in ckpt_head.items())
-    if not head_fits:
-        if ckpt_head and own_head:
-            _logger.info('Classifier in checkpoint does not fit the model (%s vs %s); keeping a fresh one.',
-                         tuple(ckpt_head['cls_head.cls.weight'].shape), tuple(own_head['cls_head.cls.weight'].shape))
-        for k in ckpt_head:
-            del weights[k]
-        weights.update(own_head)
+    if own_head and not head_fits:
+        message = (f'the checkpoint\'s classifier ({", ".join(ckpt_head) or "cls_head.cls.*"}: {_classes(ckpt_head)}) '
+                   f'does not fit the model\'s ({_classes(own_head)})')
+        if head == 'require':
+            raise CheckpointError(message + '; evaluating or resuming needs the classifier it was trained with '
+                                  '(fine-tune with --pretrained instead)')
+        _logger.warning('%s: keeping the model\'s freshly initialised classifier (fine-tuning)', message)
+    weights.update(ckpt_head if head_fits else own_head)
 
     for k in [k for k in weights if k.endswith(_NORM_STATS) and k not in own]:
         del weights[k]
 
+    stem = weights.get(STEM_WEIGHT)
+    in_chans = own[STEM_WEIGHT].shape[1] if STEM_WEIGHT in own else None
+    if stem is not None and in_chans is not None and stem.ndim == 4 and stem.shape[1] != in_chans:
+        from timm.models import adapt_input_conv
+
+        weights[STEM_WEIGHT] = adapt_input_conv(in_chans, stem)
+        _logger.info('adapted %s from %d to %d input channels', STEM_WEIGHT, stem.shape[1], in_chans)
+
     check_fit(weights, model)
     return weights
+
+
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
 
 
 def ensure_checkpoint_file(path: str) -> None:
@@ -129,10 +171,18 @@ def ensure_checkpoint_file(path: str) -> None:
     Sniffing the container (zip archive, legacy pickle, safetensors) is cheap and
     avoids torch.load's unpickler errors, which for a corrupt file can be anything.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
+    safetensors = _is_safetensors(path)
     if path.endswith('.safetensors'):
+        if not safetensors:
+            raise CheckpointError(f'{path} is not a readable safetensors file (truncated download?)')
         return
+    if safetensors:
+        raise CheckpointError(f'{path} is a safetensors file under another name; rename it to '
+                              f'{os.path.splitext(path)[0]}.safetensors (loaders choose the format by the name)')
     with open(path, 'rb') as f:
         head = f.read(1)
     if not (zipfile.is_zipfile(path) or head == b'\x80'):
@@ -166,6 +216,10 @@ def local_checkpoint(path_or_url: str) -> str:
 def read_checkpoint(path_or_url: str) -> Dict[str, Any]:
     """Load a checkpoint from a local file or URL (cached by torch.hub) on the CPU, with clear errors."""
     path = local_checkpoint(path_or_url)
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+
+        return load_file(path, device='cpu')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -176,9 +230,16 @@ def read_checkpoint(path_or_url: str) -> Dict[str, Any]:
     return torch.load(path, map_location='cpu', weights_only=False)
 
 
-def load_backbone_weights(model: nn.Module, path_or_url: str, strict: bool = True) -> None:
-    """Read a checkpoint in any released format and load its backbone part into ``model``."""
-    weights = checkpoint_filter_fn(read_checkpoint(path_or_url), model)
+def load_backbone_weights(model: nn.Module, path_or_url: str, strict: bool = True, head: str = 'reset') -> None:
+    """Read a checkpoint in any released format and load its backbone part into ``model``.
+
+    ``head``: see :func:`checkpoint_filter_fn` (``'require'`` to evaluate or resume a classifier).
+    """
+    checkpoint = read_checkpoint(path_or_url)
+    try:
+        weights = checkpoint_filter_fn(checkpoint, model, head=head)
+    except CheckpointError as e:
+        raise CheckpointError(f'{path_or_url}: {e}') from None
     model.load_state_dict(weights, strict=strict)
 
 

@@ -1,25 +1,22 @@
 """classification/main.py end to end on tiny ImageFolders written here (CPU, real code paths)."""
 from __future__ import annotations
 
-import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from helpers import REPO, free_port, load_script
 
 from mpvit import CheckpointError
 from mpvit.demo_data import write_shapes_imagefolder
 
-REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / 'classification' / 'main.py'
-_spec = importlib.util.spec_from_file_location('classification_main', MAIN)
-cls_main = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cls_main)
+cls_main = load_script('classification/main.py')
 
 # DeiT recipe on, at toy scale: every random component (RandAugment, mixup/cutmix, erasing,
 # repeated augmentation, drop path) takes part, so resume must restore all their state.
@@ -52,13 +49,16 @@ def test_train_eval_and_checkpoint_round_trip(two_class, tmp_path, capsys):
     assert written['acc1'] == pytest.approx(result['acc1'])
 
 
-def test_interrupted_run_resumes_to_the_same_model(two_class, tmp_path):
+@pytest.mark.parametrize('workers', [0, 2])
+def test_interrupted_run_resumes_to_the_same_model(two_class, tmp_path, workers):
+    """Bit-identical resume, also with data-loader worker processes (their seeds come from the restored RNG)."""
+    common = ('--epochs', '3', '--max-steps', '2', '--deterministic', '--num-workers', str(workers))
     uninterrupted = tmp_path / 'a'
-    run(two_class, uninterrupted, '--epochs', '3', '--max-steps', '2', '--deterministic')
+    run(two_class, uninterrupted, *common)
     interrupted = tmp_path / 'b'
-    run(two_class, interrupted, '--epochs', '3', '--max-steps', '2', '--deterministic', '--run-epochs', '1')
+    run(two_class, interrupted, *common, '--run-epochs', '1')
     assert torch.load(interrupted / 'checkpoint.pth', weights_only=False)['epoch'] == 0
-    run(two_class, interrupted, '--epochs', '3', '--max-steps', '2', '--deterministic', '--auto-resume')
+    run(two_class, interrupted, *common, '--auto-resume')
 
     a = torch.load(uninterrupted / 'checkpoint.pth', weights_only=False)
     b = torch.load(interrupted / 'checkpoint.pth', weights_only=False)
@@ -73,7 +73,7 @@ def test_interrupted_run_resumes_to_the_same_model(two_class, tmp_path):
 
 def test_ddp_two_processes_on_cpu(two_class, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
            str(MAIN), *SMALL, '--data-path', str(two_class), '--output-dir', str(tmp_path),
            '--epochs', '1', '--max-steps', '2', '--device', 'cpu']
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -81,6 +81,7 @@ def test_ddp_two_processes_on_cpu(two_class, tmp_path):
     state = torch.load(tmp_path / 'checkpoint.pth', weights_only=False)
     assert state['step'] == 2 and len(state['rng']) == 2
     assert '* Acc@1' in proc.stdout
+    assert '(8 images)' in proc.stdout  # each val image exactly once over the two ranks
 
 
 def test_it_learns_coloured_shapes(tmp_path):
@@ -99,6 +100,62 @@ def test_missing_and_empty_data_are_named(tmp_path):
     (data / 'train' / 'disc').rename(tmp_path / 'moved')
     (data / 'train' / 'disc').mkdir()
     with pytest.raises(FileNotFoundError, match=r"train.*disc"):
+        run(data, tmp_path / 'out', '--epochs', '1')
+
+
+def test_unreadable_val_images_are_left_out_and_counted(tmp_path, capsys):
+    data = write_shapes_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=4, val_per_class=3, size=48)
+    (data / 'val' / 'disc' / 'broken.JPEG').write_bytes(b'not an image')
+    (data / 'val' / 'square' / 'broken.JPEG').write_bytes(b'')
+    model = timm.create_model('mpvit_tiny', num_classes=2)
+    torch.save({'model': model.state_dict()}, tmp_path / 'weights.pth')
+    for workers in ('0', '2'):
+        metrics = run(data, tmp_path / 'out', '--eval', '--resume', str(tmp_path / 'weights.pth'), '--batch-size', '4',
+                      '--num-workers', workers)
+        assert metrics['images'] == 6 and metrics['unreadable_images'] == 2, metrics
+        assert '(6 images; 2 unreadable left out)' in capsys.readouterr().out
+        written = json.loads((tmp_path / 'out' / 'eval_metrics.json').read_text())
+        assert written['images'] == 6 and written['unreadable_images'] == 2
+
+
+def test_head_that_does_not_fit_is_refused_for_eval_and_resume(two_class, tmp_path, caplog):
+    four = timm.create_model('mpvit_tiny', num_classes=4)
+    torch.save({'model': four.state_dict()}, tmp_path / 'four.pth')
+    with pytest.raises(CheckpointError, match=r'four\.pth.*cls_head\.cls\.weight.*4 classes.*2 classes'):
+        run(two_class, tmp_path / 'eval', '--eval', '--resume', str(tmp_path / 'four.pth'))
+    run(two_class, tmp_path / 'four', '--epochs', '1', '--max-steps', '1')
+    state = torch.load(tmp_path / 'four' / 'checkpoint.pth', weights_only=True)
+    state['model'] = four.state_dict()
+    torch.save(state, tmp_path / 'four_train.pth')
+    with pytest.raises(CheckpointError, match='4 classes.*2 classes'):
+        run(two_class, tmp_path / 'resume', '--epochs', '2', '--resume', str(tmp_path / 'four_train.pth'))
+    # Fine-tuning resets the classifier, visibly; the backbone is loaded.
+    with caplog.at_level(logging.WARNING):
+        run(two_class, tmp_path / 'finetune', '--epochs', '1', '--max-steps', '1', '--pretrained',
+            str(tmp_path / 'four.pth'))
+    assert any('4 classes' in r.getMessage() and 'freshly initialised' in r.getMessage() for r in caplog.records)
+
+
+def test_bad_arguments_fail_before_any_work(two_class, tmp_path, capsys):
+    for extra, message in (
+            (['--accum-steps', '0'], '--accum-steps 0: must be at least 1'),
+            (['--model', 'mpvit_huge'], '--model mpvit_huge: unknown model'),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run(two_class, tmp_path / 'out', '--epochs', '1', *extra)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(ValueError, match=f'output directory {tmp_path / "a_file" / "out"} cannot be created'):
+        run(two_class, tmp_path / 'a_file' / 'out', '--epochs', '1')
+    (tmp_path / 'dir.pth').mkdir()
+    with pytest.raises(CheckpointError, match='dir.pth is a directory, not a checkpoint file'):
+        run(two_class, tmp_path / 'out', '--eval', '--resume', str(tmp_path / 'dir.pth'))
+
+
+def test_train_val_class_mismatch_names_the_classes(tmp_path):
+    data = write_shapes_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=4, val_per_class=2, size=32)
+    (data / 'val' / 'disc').rename(data / 'val' / 'circle')
+    with pytest.raises(ValueError, match=r"only in train/ \['disc'\], only in val/ \['circle'\]"):
         run(data, tmp_path / 'out', '--epochs', '1')
 
 

@@ -34,7 +34,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from mpvit.checkpoint import check_pretrained_file, checkpoint_filter_fn
+from mpvit.checkpoint import check_pretrained_file, checkpoint_filter_fn, load_backbone_weights
 
 __all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn', 'fold_batchnorm', 'straightforward_ops']
 
@@ -594,6 +594,12 @@ class MPViT(nn.Module):
         return dict(stem=r'^stem', blocks=r'^(?:patch_embed_stages|mhca_stages)\.(\d+)')
 
     @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook: any released format, the ``model`` weights of a checkpoint that also
+        holds EMA ones, a classifier kept when it fits and reset with a warning when not, stem adapted to
+        ``in_chans``."""
+        load_backbone_weights(self, checkpoint_path)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
         for module in self.modules():
@@ -676,7 +682,10 @@ class MPViT(nn.Module):
 def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
     arch = MPVIT_ARCHS[variant.split('_', 1)[1]]
     if pretrained:
-        check_pretrained_file(variant, kwargs.get('pretrained_cfg_overlay'))
+        overlay = kwargs.get('pretrained_cfg_overlay')
+        check_pretrained_file(variant, overlay)
+        if overlay:  # timm resets custom_load for an overridden source; every MPViT source goes through ours
+            kwargs['pretrained_cfg_overlay'] = {'custom_load': True, **overlay}
     return build_model_with_cfg(
         MPViT,
         variant,
@@ -699,6 +708,7 @@ def _cfg(url: str = '', **kwargs) -> Dict:
         'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0.conv',
         'classifier': 'cls_head.cls',
+        'custom_load': True,  # MPViT.load_pretrained: the checks of mpvit.checkpoint, as every other loader
         'paper_ids': 'arXiv:2112.11010',
         'paper_name': 'MPViT: Multi-Path Vision Transformer for Dense Prediction',
         'origin_url': 'https://github.com/youngwanLEE/MPViT',

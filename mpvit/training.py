@@ -1,0 +1,71 @@
+"""What the training drivers share: output checks, atomic checkpoints, RNG state, autocast.
+
+Small on purpose: each driver stays readable top to bottom; these are the parts
+whose subtle details (atomic replace, numpy's RNG in a ``weights_only``
+checkpoint, a probe write before hours of work) must not differ between them.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, ContextManager, Dict
+
+import numpy as np
+import torch
+
+__all__ = ['autocast', 'ensure_writable_dir', 'rng_state', 'save_atomic', 'set_rng_state']
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = 'output directory') -> Path:
+    """Create ``path`` and prove it writable with a probe file, or raise one clear ``ValueError`` naming it.
+
+    Called before any model is built, so that a bad ``--output-dir`` fails in a second rather than at
+    the first checkpoint, after an epoch of work.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test_'):
+            pass
+    except OSError as e:
+        raise ValueError(f'{what} {path} cannot be created or written: {e.strerror or e}') from None
+    return path
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary name, then rename: an interruption never leaves a truncated checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> Dict[str, Any]:
+    """torch / numpy / Python (and CUDA) RNG state of this process, loadable with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'torch': torch.get_rng_state(),
+             'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state['torch'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def autocast(amp: str, device_type: str) -> ContextManager:
+    """Mixed precision for ``--amp none | bf16 | fp16``."""
+    if amp == 'none':
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
