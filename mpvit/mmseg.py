@@ -1,7 +1,7 @@
 """MPViT as an mmsegmentation 1.x backbone (``type='MPViT'`` in a config).
 
-Importing this module registers the backbone with ``mmseg.registry.MODELS`` (and a
-label-size check with ``TRANSFORMS``);
+Importing this module registers the backbone with ``mmseg.registry.MODELS`` (and the
+label check :class:`mpvit.mmseg_transforms.CheckSegMap` with ``TRANSFORMS``);
 configs do it with ``custom_imports = dict(imports=['mpvit.mmseg'])``.
 
 The backbone *is* the core model (a subclass, not a wrapper), so a segmentor's
@@ -14,12 +14,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmcv.cnn import build_norm_layer
-from mmcv.transforms import BaseTransform
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from mmseg.registry import MODELS, TRANSFORMS
+from mmseg.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import mpvit.mmseg_transforms  # noqa: F401  (registers CheckSegMap)
 from mpvit.checkpoint import load_backbone_weights
 from mpvit.models.mpvit import MPVIT_ARCHS
 from mpvit.models.mpvit import MPViT as _MPViT
@@ -91,22 +91,3 @@ class MMSegMPViT(_MPViT, BaseModule):
     @property
     def out_channels(self) -> List[int]:
         return [self.feature_info[i]['num_chs'] for i in self.out_indices]
-
-
-@TRANSFORMS.register_module()
-class CheckSegMapSize(BaseTransform):
-    """Fail on a label map whose size differs from its image's, naming both files.
-
-    Put it right after ``LoadAnnotations``; without it such a pair fails much later,
-    inside the loss, with a bare shape mismatch.
-    """
-
-    def transform(self, results: Dict) -> Dict:
-        if 'gt_seg_map' not in results:  # inference: mmseg drops LoadAnnotations
-            return results
-        image_hw = tuple(results['ori_shape'][:2])
-        label_hw = tuple(results['gt_seg_map'].shape[:2])
-        if image_hw != label_hw:
-            raise ValueError(f"label {results.get('seg_map_path')} is {label_hw[1]}x{label_hw[0]} but image "
-                             f"{results.get('img_path')} is {image_hw[1]}x{image_hw[0]} (width x height)")
-        return results

@@ -16,7 +16,7 @@ from typing import Any, ContextManager, Dict
 import numpy as np
 import torch
 
-__all__ = ['autocast', 'ensure_writable_dir', 'rng_state', 'save_atomic', 'set_rng_state']
+__all__ = ['autocast', 'ensure_writable_dir', 'error_line', 'rng_state', 'save_atomic', 'set_rng_state']
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = 'output directory') -> Path:
@@ -69,3 +69,13 @@ def autocast(amp: str, device_type: str) -> ContextManager:
     if amp == 'none':
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
+
+
+def error_line(err: BaseException) -> str:
+    """The one line to print for a user error, also when a DataLoader worker raised it (PyTorch then
+    wraps the original traceback into the message, whose last line is ``Type: message``)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith('Caught '):
+        last = lines[-1]
+        return last.split(': ', 1)[1] if last.startswith(type(err).__name__ + ': ') else last
+    return str(err)

@@ -187,3 +187,33 @@ def test_label_of_the_wrong_size_is_named(tmp_path):
     runner = Runner.from_cfg(_small_run_cfg(data_root, tmp_path / 'work', max_iters=2))
     with pytest.raises(ValueError, match=f'{label.name} is 50x40 but image .* is 96x80'):
         runner.train()
+
+
+@pytest.mark.parametrize('split', ['training', 'validation'])
+def test_label_values_outside_the_classes_are_named(tmp_path, split):
+    """Training used to crash with "Target 199 is out of bounds"; validation silently gave mIoU 0."""
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016')
+    label = sorted((data_root / 'annotations' / split).glob('*.png'))[-1]
+    values = np.array(Image.open(label))
+    values[:4, :4] = 200
+    Image.fromarray(values).save(label)
+    runner = Runner.from_cfg(_small_run_cfg(data_root, tmp_path / 'work', max_iters=2))
+    with pytest.raises(ValueError, match=f'label .*{label.name} holds values 200 outside the 150 classes'):
+        runner.train() if split == 'training' else runner.val()
+
+
+def test_colour_label_png_is_named(tmp_path):
+    from mmseg.datasets.transforms import LoadAnnotations
+
+    from mpvit.mmseg_transforms import CheckSegMap
+
+    path = tmp_path / 'rgb.png'
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(path)
+    loaded = LoadAnnotations(reduce_zero_label=True)(
+        dict(seg_map_path=str(path), reduce_zero_label=True, seg_fields=[], ori_shape=(8, 10)))
+    with pytest.raises(ValueError, match='rgb.png has 3 channels'):
+        CheckSegMap(num_classes=150)(loaded)
+    Image.fromarray(np.full((8, 10), 150, np.uint8)).save(path)  # class 150 of 150 (stored 1..150): valid
+    loaded = LoadAnnotations(reduce_zero_label=True)(
+        dict(seg_map_path=str(path), reduce_zero_label=True, seg_fields=[], ori_shape=(8, 10)))
+    assert CheckSegMap(num_classes=150)(loaded) is not None

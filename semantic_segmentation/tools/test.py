@@ -16,6 +16,7 @@ from mmengine.runner import Runner
 
 from mpvit import model_zoo
 from mpvit.checkpoint import CheckpointError, local_checkpoint
+from mpvit.training import ensure_writable_dir, error_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +55,7 @@ def main(argv=None) -> dict:
     data_root = cfg.test_dataloader.dataset.get('data_root')
     if data_root and not osp.isdir(data_root):
         raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
+    ensure_writable_dir(cfg.work_dir, 'work directory')
     metrics = Runner.from_cfg(cfg).test()
     if is_main_process():
         model_zoo.write_eval_metrics(osp.join(cfg.work_dir, 'eval_metrics.json'), 'mmseg', metrics,
@@ -65,5 +67,5 @@ if __name__ == '__main__':
     try:
         main()
     except (CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f'error: {err}', file=sys.stderr)
+        print(f'error: {error_line(err)}', file=sys.stderr)
         sys.exit(2)

@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
+import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
+
+from mpvit.checkpoint import CheckpointError
+from mpvit.training import ensure_writable_dir, error_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +45,7 @@ def build_config(args: argparse.Namespace) -> Config:
     data_root = cfg.train_dataloader.dataset.get('data_root')
     if data_root and not osp.isdir(data_root):
         raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
+    ensure_writable_dir(cfg.work_dir, 'work directory')
     return cfg
 
 
@@ -51,4 +56,8 @@ def main(argv=None) -> Runner:
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f'error: {error_line(err)}', file=sys.stderr)
+        sys.exit(2)

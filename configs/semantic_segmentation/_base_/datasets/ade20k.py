@@ -5,7 +5,8 @@ crop_size = (512, 512)
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='CheckSegMapSize'),  # from mpvit.mmseg: a clear error for a mis-sized label PNG
+    # mpvit.mmseg_transforms: one line naming a label PNG of the wrong size, mode or values.
+    dict(type='CheckSegMap', num_classes=150),
     dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
     dict(type='RandomFlip', prob=0.5),
@@ -16,7 +17,7 @@ test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='Resize', scale=(2048, 512), keep_ratio=True),
     dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='CheckSegMapSize'),
+    dict(type='CheckSegMap', num_classes=150),
     dict(type='PackSegInputs'),
 ]
 train_dataloader = dict(

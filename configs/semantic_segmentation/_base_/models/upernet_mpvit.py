@@ -1,5 +1,5 @@
 # UperNet with an MPViT backbone (mmseg 1.x). Variants set backbone.arch, drop path and head in_channels;
-# they import mpvit.mmseg (custom_imports), which registers type='MPViT' and CheckSegMapSize.
+# they import mpvit.mmseg (custom_imports), which registers type='MPViT' and CheckSegMap.
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 data_preprocessor = dict(
     type='SegDataPreProcessor',

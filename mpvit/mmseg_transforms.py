@@ -1,0 +1,52 @@
+"""A label-map check for mmsegmentation pipelines (``type='CheckSegMap'``), registered on import.
+
+Put it right after ``LoadAnnotations``. Without it a bad label PNG fails much
+later with a message that names no file (a shape mismatch inside the loss,
+"Target 199 is out of bounds") or, in validation, silently gives a wrong mIoU.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+from mmcv.transforms import BaseTransform
+from mmseg.registry import TRANSFORMS
+
+_SHOW = 8
+
+
+@TRANSFORMS.register_module()
+class CheckSegMap(BaseTransform):
+    """Refuse a label map that is not one channel, not the image's size, or holds values outside
+    ``0 .. num_classes - 1`` and ``ignore_index``; the message names the file.
+
+    Args:
+        num_classes: classes of the dataset (150 for ADE20K).
+        ignore_index: the label value the loss and metric ignore.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        super().__init__()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+
+    def transform(self, results: Dict) -> Dict:
+        if 'gt_seg_map' not in results:  # inference: mmseg drops LoadAnnotations
+            return results
+        label, path = results['gt_seg_map'], results.get('seg_map_path')
+        if label.ndim != 2:
+            raise ValueError(f'label {path} has {label.shape[2]} channels: label maps are single-channel PNGs of '
+                             f'class indices (mode L or P), not colour images')
+        image_hw, label_hw = tuple(results['ori_shape'][:2]), tuple(label.shape)
+        if image_hw != label_hw:
+            raise ValueError(f"label {path} is {label_hw[1]}x{label_hw[0]} but image {results.get('img_path')} is "
+                             f'{image_hw[1]}x{image_hw[0]} (width x height)')
+        values = np.unique(label)
+        bad = values[(values >= self.num_classes) & (values != self.ignore_index)]
+        if bad.size:
+            stored = bad + 1 if results.get('reduce_zero_label') else bad  # as written in the PNG
+            listing = ', '.join(str(v) for v in stored[:_SHOW]) + (', ...' if bad.size > _SHOW else '')
+            valid = f'1..{self.num_classes}, 0 = ignored' if results.get('reduce_zero_label') else \
+                f'0..{self.num_classes - 1}, {self.ignore_index} = ignored'
+            raise ValueError(f'label {path} holds values {listing} outside the {self.num_classes} classes '
+                             f'(valid: {valid})')
+        return results
