@@ -9,7 +9,8 @@ Evaluate:        python deformable_detr/main.py -c configs/deformable_detr/mpvit
 
 Data layout (the original's): COCO_PATH/{train2017,val2017}/*.jpg and
 COCO_PATH/annotations/instances_{train2017,val2017}.json (``--train-set`` / ``--val-set`` rename the splits).
-Every epoch writes OUTPUT_DIR/checkpoint.pth atomically; --resume continues from it.
+Every epoch writes OUTPUT_DIR/checkpoint.pth atomically; --resume FILE or --auto-resume continues from it
+with the optimizer, scheduler, scaler, sampler and RNG state, so the run equals an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
+import timm
 import torch
 import torch.distributed as dist
 import yaml
@@ -39,6 +40,7 @@ from torchvision.transforms.v2 import functional as F
 
 from mpvit import model_zoo
 from mpvit.checkpoint import CheckpointError, local_checkpoint, read_checkpoint
+from mpvit.coco_checks import check_coco_instances
 from mpvit.deformable_detr import (
     build_deformable_detr,
     count_parameters,
@@ -48,6 +50,8 @@ from mpvit.deformable_detr import (
     param_groups,
     weighted_loss,
 )
+from mpvit.training import autocast as amp_autocast
+from mpvit.training import ensure_writable_dir, error_line, rng_state, save_atomic, set_rng_state
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -91,14 +95,18 @@ def build_transforms(train: bool, args: argparse.Namespace) -> v2.Compose:
 
 
 class CocoDetection(Dataset):
-    """COCO instances (boxes only, crowd annotations dropped, category ids kept as labels like the original)."""
+    """COCO instances (boxes only, crowd annotations dropped, category ids kept as labels like the original).
 
-    def __init__(self, image_dir: Path, annotation_file: Path, transforms: v2.Compose):
+    Refuses, before any model is built, listed images missing on disk and category ids that are not
+    below ``num_classes``."""
+
+    def __init__(self, image_dir: Path, annotation_file: Path, transforms: v2.Compose, num_classes: int):
         for path in (annotation_file, image_dir):
             if not path.exists():
                 raise FileNotFoundError(f'COCO data: {path} does not exist (see deformable_detr/README.md)')
         self.image_dir, self.transforms = image_dir, transforms
         self.coco = COCO(str(annotation_file))
+        check_coco_instances(self.coco.dataset, str(annotation_file), str(image_dir), max_category_id=num_classes)
         self.ids = sorted(self.coco.imgs)
 
     def __len__(self) -> int:
@@ -159,18 +167,10 @@ def log(message: str) -> None:
         print(f'{datetime.datetime.now():%H:%M:%S} {message}', flush=True)
 
 
-def save_atomic(obj: Dict, path: Path) -> None:
-    tmp = path.with_suffix('.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------- train / eval
 
 def autocast(args, device):
-    if args.amp == 'none':
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == 'bf16' else torch.float16)
+    return amp_autocast(args.amp, device.type)
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args) -> Dict[str, float]:
@@ -228,18 +228,25 @@ def evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
+        # DistributedSampler pads the set with repeated images so every rank gets as many: keep each image's
+        # detections from the first rank that has them, so no image counts twice (as the original).
+        owner: Dict[int, int] = {}
+        for rank, part in enumerate(gathered):
+            for r in part:
+                owner.setdefault(r['image_id'], rank)
+        results = [r for rank, part in enumerate(gathered) for r in part if owner[r['image_id']] == rank]
     if not is_main():
         return {}
+    counts = {'images': len({r['image_id'] for r in results}), 'detections': len(results)}
     if not results:
         log('no detections; AP is 0')
-        return {'AP': 0.0}
+        return {'AP': 0.0, **counts}
     coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), 'bbox')
     coco_eval.evaluate()
     coco_eval.accumulate()
     coco_eval.summarize()
     names = ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']
-    return {n: float(v) * 100 for n, v in zip(names, coco_eval.stats[:6])}
+    return {**{n: float(v) * 100 for n, v in zip(names, coco_eval.stats[:6])}, **counts}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -276,6 +283,7 @@ def get_args(argv=None) -> argparse.Namespace:
     add('--val-set', default='val2017')
     add('--output-dir', default='output/deformable_detr')
     add('--resume', default='', help='our checkpoint or a released one (original layout), file or URL')
+    add('--auto-resume', action='store_true', help='continue from OUTPUT_DIR/checkpoint.pth if it exists')
     add('--eval', action='store_true')
     add('--num-workers', type=int, default=2)
     add('--seed', type=int, default=42)
@@ -291,6 +299,11 @@ def get_args(argv=None) -> argparse.Namespace:
             raise SystemExit(f'{known.config}: unknown keys {sorted(unknown)}')
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if not timm.is_model(args.backbone):
+        parser.error(f"--backbone {args.backbone}: unknown model; MPViT variants: "
+                     f"{', '.join(timm.list_models('mpvit_*'))}")
+    if args.auto_resume and not args.resume and (Path(args.output_dir) / 'checkpoint.pth').is_file():
+        args.resume = str(Path(args.output_dir) / 'checkpoint.pth')
     args.resume = model_zoo.resolve(args.resume, known.config or None, 'deformable_detr_' + args.backbone)
     return args
 
@@ -299,14 +312,19 @@ def main(argv=None) -> Dict[str, float]:
     args = get_args(argv)
     if args.resume or args.pretrained:  # download / check before any work (a resume holds the backbone too)
         local_checkpoint(args.resume or args.pretrained)
+    output_dir = ensure_writable_dir(args.output_dir)
     rank, world, local = init_distributed()
     device = torch.device(args.device if args.device != 'cuda' else f'cuda:{local}')
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
-    output_dir = Path(args.output_dir)
-    if is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
+
+    root = Path(args.coco_path)
+    val_set = CocoDetection(root / args.val_set, root / 'annotations' / f'instances_{args.val_set}.json',
+                            build_transforms(False, args), args.num_classes)
+    train_set = None if args.eval else CocoDetection(
+        root / args.train_set, root / 'annotations' / f'instances_{args.train_set}.json', build_transforms(True, args),
+        args.num_classes)
 
     model = build_deformable_detr(args.backbone, args.num_classes, args.num_queries, args.num_feature_levels,
                                   args.drop_path, sync_bn=args.sync_bn and world > 1 and device.type == 'cuda')
@@ -318,12 +336,10 @@ def main(argv=None) -> Dict[str, float]:
     model.to(device)
     log(f'Deformable DETR + {args.backbone}: {count_parameters(model):,} trainable parameters')
 
-    root = Path(args.coco_path)
-    val_set = CocoDetection(root / args.val_set, root / 'annotations' / f'instances_{args.val_set}.json',
-                            build_transforms(False, args))
     val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
+    # Its own generator: evaluating draws nothing from the global RNG, which a checkpoint restores.
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, collate_fn=collate,
-                            num_workers=args.num_workers)
+                            num_workers=args.num_workers, generator=torch.Generator().manual_seed(0))
 
     optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone, args.lr_linear_proj_mult),
                                   lr=args.lr, weight_decay=args.weight_decay)
@@ -339,6 +355,8 @@ def main(argv=None) -> Dict[str, float]:
             scheduler.load_state_dict(checkpoint['lr_scheduler'])
             scaler.load_state_dict(checkpoint['scaler'])
             start_epoch = checkpoint['epoch'] + 1
+            if 'rng' in checkpoint:
+                set_rng_state(checkpoint['rng'][min(rank, len(checkpoint['rng']) - 1)])
         log(f'resumed from {args.resume}' + (f' at epoch {start_epoch}' if start_epoch else ''))
 
     ddp_model = model
@@ -353,23 +371,28 @@ def main(argv=None) -> Dict[str, float]:
             log(f'* box AP {stats.get("AP", 0):.2f}')
         return stats
 
-    train_set = CocoDetection(root / args.train_set, root / 'annotations' / f'instances_{args.train_set}.json',
-                              build_transforms(True, args))
     train_sampler = DistributedSampler(train_set, seed=args.seed) if world > 1 else None
-    generator = torch.Generator().manual_seed(args.seed)
+    # Shuffling and the workers' seeds come from this generator, re-seeded per epoch: a resumed epoch
+    # sees the same images and augmentations as in an uninterrupted run.
+    generator = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler,
                               shuffle=train_sampler is None, generator=generator, collate_fn=collate,
                               num_workers=args.num_workers, drop_last=True)
     stats: Dict[str, float] = {}
     for epoch in range(start_epoch, args.epochs):
+        generator.manual_seed(args.seed + epoch)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
         train_stats = train_one_epoch(ddp_model, train_loader, optimizer, scaler, device, epoch, args)
         scheduler.step()
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
         if is_main():
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                              lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                             args=vars(args)), output_dir / 'checkpoint.pth')
+                             rng=rngs, args=vars(args)), output_dir / 'checkpoint.pth')
         stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
         if is_main():
             with open(output_dir / 'log.txt', 'a') as f:
@@ -386,7 +409,7 @@ if __name__ == '__main__':
     try:
         main()
     except (CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f'error: {err}', file=sys.stderr)
+        print(f'error: {error_line(err)}', file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from fidelity import compare, golden, synth_input, synth_state_dict
+from helpers import free_port, load_script
 
 pytest.importorskip('transformers')
 import timm  # noqa: E402
@@ -124,7 +126,8 @@ def test_param_groups_follow_the_original():
 
 @pytest.fixture(scope='module')
 def coco(tmp_path_factory):
-    return write_shapes_coco(tmp_path_factory.mktemp('dd_coco'), train_images=4, val_images=2, size=(128, 96))
+    # An odd-sized validation set: on 2 processes, DistributedSampler pads it with a repeated image.
+    return write_shapes_coco(tmp_path_factory.mktemp('dd_coco'), train_images=4, val_images=3, size=(128, 96))
 
 
 def _main(coco, out, *args, expect_ok=True):
@@ -172,7 +175,7 @@ def test_bad_dataset_path_is_named(tmp_path):
 
 def test_torchrun_ddp_two_processes(coco, tmp_path):
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
            str(REPO / 'deformable_detr' / 'main.py'),
            '-c', str(REPO / 'configs' / 'deformable_detr' / 'mpvit_tiny.yaml'),
            '--pretrained', '', '--coco-path', str(coco), '--train-set', 'train', '--val-set', 'val',
@@ -183,3 +186,53 @@ def test_torchrun_ddp_two_processes(coco, tmp_path):
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert 'epoch 0 [2/2] loss' in run.stdout  # 4 images / (2 processes x 1) = 2 steps each
     assert (out / 'checkpoint.pth').is_file()
+    # 3 val images on 2 ranks: the padded repeat is not counted; 100 detections per image, once each.
+    metrics = json.loads((out / 'eval_metrics.json').read_text())
+    assert metrics['images'] == 3 and metrics['detections'] == 300, metrics
+    assert 0.0 <= metrics['AP'] <= 100.0
+
+
+def test_auto_resume_equals_an_uninterrupted_run(coco, tmp_path):
+    """Dropout, augmentation (2 worker processes) and shuffling: all continue as if never interrupted."""
+    common = ('--num-workers', '2', '--lr-drop', '1')
+    _main(coco, tmp_path / 'a', '--epochs', '2', *common)
+    _main(coco, tmp_path / 'b', '--epochs', '1', *common)
+    log = _main(coco, tmp_path / 'b', '--epochs', '2', '--auto-resume', *common)
+    assert 'at epoch 1' in log
+    a = torch.load(tmp_path / 'a' / 'checkpoint.pth', weights_only=True)
+    b = torch.load(tmp_path / 'b' / 'checkpoint.pth', weights_only=True)
+    assert a['epoch'] == b['epoch'] == 1
+    for key, value in a['model'].items():
+        assert torch.equal(value, b['model'][key]), key
+
+
+def _args(coco, out, *extra):
+    return ['-c', str(REPO / 'configs' / 'deformable_detr' / 'mpvit_tiny.yaml'), '--pretrained', '',
+            '--coco-path', str(coco), '--train-set', 'train', '--val-set', 'val', '--num-classes', '5',
+            '--output-dir', str(out), '--device', 'cpu', *extra]
+
+
+def test_bad_input_stops_before_the_model_is_built(coco, tmp_path, monkeypatch, capsys):
+    main = load_script('deformable_detr/main.py')
+    monkeypatch.setattr(main, 'build_deformable_detr', lambda *a, **k: pytest.fail('model built before the check'))
+    with pytest.raises(ValueError, match=r'instances_val.json: annotation id \d+ \(image id \d+\) has '
+                                         r'category_id 4, outside 0..3 \(--num-classes 4'):
+        main.main(_args(coco, tmp_path / 'out', '--num-classes', '4'))
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(ValueError, match='output directory .*file/out cannot be created'):
+        main.main(_args(coco, tmp_path / 'file' / 'out'))
+    with pytest.raises(FileNotFoundError, match='checkpoint file not found: .*nothing.pth'):
+        main.main(_args(coco, tmp_path / 'out', '--resume', str(tmp_path / 'nothing.pth')))
+    with pytest.raises(SystemExit):
+        main.main(_args(coco, tmp_path / 'out', '--backbone', 'mpvit_huge'))
+    assert '--backbone mpvit_huge: unknown model' in capsys.readouterr().err
+    partial = tmp_path / 'partial'
+    shutil.copytree(coco, partial)
+    (partial / 'val' / '000002.jpg').unlink()
+    with pytest.raises(ValueError, match=r'instances_val.json: 1 of 3 listed images are not in .*val: 000002.jpg'):
+        main.main(_args(partial, tmp_path / 'out', '--eval'))
+
+
+def test_missing_resume_file_is_one_line(coco, tmp_path):
+    log = _main(coco, tmp_path / 'out', '--resume', str(tmp_path / 'nothing.pth'), expect_ok=False)
+    assert log.strip().splitlines() == [f'error: checkpoint file not found: {tmp_path / "nothing.pth"}']

@@ -1,0 +1,57 @@
+"""Checks of a COCO instances file before training or evaluation starts, shared by the detection drivers.
+
+Each problem is reported in one line naming the file and the first offending
+image or annotation id, instead of failing at iteration 0 after the model is
+built, deep inside a loss ("index 90 is out of bounds"), or not at all.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+_SHOW = 3
+
+
+def _first(items: list) -> str:
+    return ', '.join(str(i) for i in items[:_SHOW]) + (f', ... ({len(items)} in all)' if len(items) > _SHOW else '')
+
+
+def check_coco_instances(dataset: Mapping[str, Any], json_file: str, image_root: str, *,
+                         max_category_id: Optional[int] = None, mask_format: Optional[str] = None) -> None:
+    """Raise ``ValueError`` for a COCO instances dict (``json.load`` of ``json_file``) that training or
+    evaluation cannot use correctly.
+
+    Args:
+        dataset: the parsed file (``images``, ``annotations``, ``categories``).
+        json_file / image_root: named in the messages; ``image_root`` holds the listed ``file_name`` s.
+        max_category_id: category ids must be below it (Deformable DETR uses them as class indices:
+            ``--num-classes``); ``None``: any id listed under ``categories``.
+        mask_format: ``'polygon'`` or ``'bitmask'`` when instance masks are trained (Detectron2's
+            ``INPUT.MASK_FORMAT``): every non-crowd annotation then needs a usable ``segmentation``.
+    """
+    missing = [im['file_name'] for im in dataset.get('images', [])
+               if not os.path.isfile(os.path.join(image_root, im['file_name']))]
+    if missing:
+        raise ValueError(f'{json_file}: {len(missing)} of {len(dataset["images"])} listed images are not in '
+                         f'{image_root}: {_first(missing)}')
+    known = {c['id'] for c in dataset.get('categories', [])}
+    for ann in dataset.get('annotations', []):
+        where = f"{json_file}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
+        category = ann.get('category_id')
+        if category not in known:
+            raise ValueError(f'{where} has category_id {category}, which is not among the file\'s categories '
+                             f'{sorted(known)[:10]}')
+        if max_category_id is not None and not 0 <= category < max_category_id:
+            raise ValueError(f'{where} has category_id {category}, outside 0..{max_category_id - 1} '
+                             f'(--num-classes {max_category_id} must exceed the largest category id)')
+        if mask_format is None or ann.get('iscrowd', 0):
+            continue
+        segmentation = ann.get('segmentation')
+        if not segmentation:
+            raise ValueError(f'{where} has no segmentation ({segmentation!r}); instance-mask training needs one '
+                             f'for every non-crowd annotation')
+        if isinstance(segmentation, dict) and mask_format == 'polygon':
+            raise ValueError(f'{where} has an RLE segmentation, which polygon masks cannot hold: '
+                             f'set INPUT.MASK_FORMAT bitmask')
+        if isinstance(segmentation, list) and not any(len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
+            raise ValueError(f'{where} has no polygon of 3 or more points: {str(segmentation)[:60]}')
