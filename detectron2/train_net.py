@@ -13,6 +13,7 @@ COCO itself is read from ``$DETECTRON2_DATASETS/coco`` (default ``./datasets/coc
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ from detectron2.utils import comm
 
 from mpvit import model_zoo
 from mpvit.checkpoint import CheckpointError, is_url, local_checkpoint
+from mpvit.coco_checks import check_coco_instances
 from mpvit.d2 import (
     MPViTCheckpointer,
     add_mpvit_config,
@@ -35,6 +37,7 @@ from mpvit.d2 import (
     build_train_mapper,
     register_coco_datasets,
 )
+from mpvit.training import ensure_writable_dir, error_line
 
 logger = logging.getLogger('detectron2')
 # The patched PyPI build of Detectron2 has no C++ ops; pycocotools' evaluator is the official one anyway.
@@ -65,18 +68,36 @@ class Trainer(DefaultTrainer):
         return super().build_hooks()
 
 
-def check_dataset_paths(cfg: CfgNode, eval_only: bool = False) -> None:
-    """Fail early, naming the path, when a COCO-format dataset's files are missing (evaluation needs no
-    training set)."""
-    for name in ([] if eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST):
+def num_classes(cfg: CfgNode) -> int:
+    return cfg.MODEL.RETINANET.NUM_CLASSES if 'RetinaNet' in cfg.MODEL.META_ARCHITECTURE else \
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
+    """Fail before any model is built, naming the file, when a COCO-format dataset is missing, lists images
+    that are not on disk, has more categories than the model's classes, or (training masks) has
+    annotations Detectron2 cannot turn into masks. Evaluation needs no training set."""
+    train = [] if eval_only else list(cfg.DATASETS.TRAIN)
+    for name in train + list(cfg.DATASETS.TEST):
         if name not in DatasetCatalog.list():
             raise KeyError(f"dataset {name!r} is not registered; use --coco-dataset {name} JSON IMAGE_DIR")
         meta = MetadataCatalog.get(name)
-        for path in (meta.get('json_file'), meta.get('image_root')):
+        json_file, image_root = meta.get('json_file'), meta.get('image_root')
+        for path in (json_file, image_root):
             if path and not os.path.exists(path):
                 root = os.getenv('DETECTRON2_DATASETS', 'datasets')
                 raise FileNotFoundError(f'dataset {name!r}: {path} does not exist (builtin datasets are read '
                                         f'from $DETECTRON2_DATASETS={root}; see OBJECT_DETECTION.md)')
+        if not (json_file and image_root):
+            continue
+        with open(json_file) as f:
+            dataset = json.load(f)
+        categories = len(dataset.get('categories', []))
+        if categories > num_classes(cfg):
+            raise ValueError(f'{json_file}: {categories} categories, but the model has {num_classes(cfg)} classes '
+                             f'(set MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES)')
+        masks = cfg.MODEL.MASK_ON and name in train
+        check_coco_instances(dataset, json_file, image_root, mask_format=cfg.INPUT.MASK_FORMAT if masks else None)
 
 
 def setup(args: argparse.Namespace) -> CfgNode:
@@ -88,6 +109,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE == 'cuda':
         cfg.MODEL.DEVICE = 'cpu'
     cfg.freeze()
+    ensure_writable_dir(cfg.OUTPUT_DIR, 'OUTPUT_DIR')
     default_setup(cfg, args)
     return cfg
 
@@ -95,13 +117,14 @@ def setup(args: argparse.Namespace) -> CfgNode:
 def main(args: argparse.Namespace):
     cfg = setup(args)
     register_coco_datasets(args.coco_dataset)
-    check_dataset_paths(cfg, eval_only=args.eval_only)
+    check_datasets(cfg, eval_only=args.eval_only)
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint'))
     if cfg.MODEL.WEIGHTS and not resuming and (is_url(cfg.MODEL.WEIGHTS) or '://' not in cfg.MODEL.WEIGHTS):
         local_checkpoint(cfg.MODEL.WEIGHTS)  # download / check now, before any model is built
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        MPViTCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = MPViTCheckpointer(model, save_dir=cfg.OUTPUT_DIR, heads_must_fit=True)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -130,6 +153,6 @@ if __name__ == '__main__':
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f'error: {err}', file=sys.stderr)
+        print(f'error: {error_line(err)}', file=sys.stderr)
         sys.exit(2)
 

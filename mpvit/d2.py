@@ -262,9 +262,14 @@ class MPViTCheckpointer(DetectionCheckpointer):
 
     A detector checkpoint must match the model key for key; the one exception is
     a head of another shape (another class count), which is skipped with
-    Detectron2's usual warning so fine-tuning on a new dataset works. A
-    backbone-only checkpoint must fill the whole backbone.
+    Detectron2's usual warning so fine-tuning on a new dataset works, unless
+    ``heads_must_fit`` (evaluation: a reset head would give a meaningless AP).
+    A backbone-only checkpoint must fill the whole backbone.
     """
+
+    def __init__(self, model: nn.Module, save_dir: str = '', *, heads_must_fit: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.heads_must_fit = heads_must_fit
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith('.pkl'):
@@ -288,15 +293,18 @@ class MPViTCheckpointer(DetectionCheckpointer):
         for k in [k for k in weights if k.endswith(_NORM_STATS) and k not in own]:
             del weights[k]  # FrozenBN / GroupNorm have no place for BN statistics
         backbone_only = checkpoint.pop('__mpvit_backbone_only__', False)
+        if backbone_only and self.heads_must_fit:
+            raise CheckpointError('the checkpoint holds MPViT backbone weights only (a classification or other-task '
+                                  'checkpoint): no detector to evaluate')
         scope = D2_BACKBONE_PREFIX if backbone_only else ''
         missing = [k for k in own if k.startswith(scope) and k not in weights]
         unexpected = [k for k in weights if k not in own]
         wrong = [k for k, v in weights.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
         wrong_backbone = [f'{k} (checkpoint {tuple(weights[k].shape)}, model {tuple(own[k].shape)})'
-                          for k in wrong if k.startswith('backbone.bottom_up.')]
+                          for k in wrong if k.startswith('backbone.bottom_up.') or self.heads_must_fit]
+        kind = 'keys of the wrong shape' if self.heads_must_fit else 'backbone keys of the wrong shape'
         problems = [f'{len(v)} {what}: {_format_keys(v)}' for what, v in (
-            ('missing keys', missing), ('unexpected keys', unexpected), ('backbone keys of the wrong shape',
-                                                                          wrong_backbone)) if v]
+            ('missing keys', missing), ('unexpected keys', unexpected), (kind, wrong_backbone)) if v]
         if problems:
             raise CheckpointError(
                 f"checkpoint does not fit this model ({self.model.__class__.__name__} with MPViT "

@@ -298,3 +298,74 @@ def test_every_config_trains_a_step_and_evaluates(config, train_net, tmp_path):
     results = trainer._last_eval_results  # what DefaultTrainer's final EvalHook computed
     assert trainer.iter == cfg.SOLVER.MAX_ITER and set(results['bbox']) >= {'AP', 'AP50', 'AP75'}
     assert ('segm' in results) == cfg.MODEL.MASK_ON
+
+
+def _edited_coco(coco, tmp_path, edit, split='train'):
+    """A copy of the shapes annotations of ``split`` after ``edit(dataset)``, registered under a fresh name."""
+    from mpvit.d2 import register_coco_datasets
+
+    dataset = json.loads((coco / 'annotations' / f'instances_{split}.json').read_text())
+    edit(dataset)
+    path = tmp_path / f'instances_{split}.json'
+    path.write_text(json.dumps(dataset))
+    name = f'edited_{tmp_path.name}'
+    register_coco_datasets([[name, str(path), str(coco / split)]])
+    return name, path
+
+
+def _first_annotation(key, value):
+    def edit(dataset):
+        dataset['annotations'][0][key] = value
+    return edit
+
+
+@pytest.mark.parametrize('case,edit,opts,message', [
+    ('empty segmentation', _first_annotation('segmentation', []), (),
+     r'annotation id 1 \(image id 1\) has no segmentation \(\[\]\)'),
+    ('RLE, polygon format', _first_annotation('segmentation', {'size': [96, 128], 'counts': [0, 10]}), (),
+     'annotation id 1 .* RLE segmentation, which polygon masks cannot hold: set INPUT.MASK_FORMAT bitmask'),
+    ('image not on disk', lambda d: d['images'][1].update(file_name='gone.jpg'), (),
+     r'1 of 6 listed images are not in .*train: gone.jpg'),
+    ('more categories than classes', lambda d: d['categories'].append(dict(id=9, name='extra')), (),
+     '5 categories, but the model has 4 classes'),
+    ('unknown category id', _first_annotation('category_id', 7), (),
+     r'annotation id 1 \(image id 1\) has category_id 7, which is not among'),
+])
+def test_unusable_annotations_are_named_before_training(coco, tmp_path, train_net, case, edit, opts, message):
+    name, path = _edited_coco(coco, tmp_path, edit)
+    cfg = _cfg('mask_rcnn_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', (name,), 'DATASETS.TEST', ('shapes_val',),
+               'MODEL.ROI_HEADS.NUM_CLASSES', 4, *opts)
+    with pytest.raises(ValueError, match=f'{path}: .*{message}'):
+        train_net.check_datasets(cfg)
+
+
+def test_rle_with_bitmask_format_and_boxes_only_models_pass(coco, tmp_path, train_net):
+    name, _ = _edited_coco(coco, tmp_path, _first_annotation('segmentation', {'size': [96, 128], 'counts': [0, 10]}))
+    opts = ('DATASETS.TRAIN', (name,), 'DATASETS.TEST', ('shapes_val',), 'MODEL.ROI_HEADS.NUM_CLASSES', 4,
+            'MODEL.RETINANET.NUM_CLASSES', 4)
+    train_net.check_datasets(_cfg('mask_rcnn_mpvit_tiny_1x.yaml', *opts, 'INPUT.MASK_FORMAT', 'bitmask'))
+    train_net.check_datasets(_cfg('retinanet_mpvit_tiny_1x.yaml', *opts))
+
+
+def test_unusable_annotation_and_bad_output_dir_are_one_line(coco, tmp_path):
+    _, path = _edited_coco(coco, tmp_path, _first_annotation('segmentation', []))
+    log = _train_net(coco, 'mask_rcnn_mpvit_tiny_1x.yaml', tmp_path / 'out', 'DATASETS.TRAIN', "('broken',)",
+                     flags=['--coco-dataset', 'broken', str(path), str(coco / 'train')], expect_ok=False)
+    assert log.strip().splitlines()[-1].startswith(f'error: {path}: annotation id 1 (image id 1) has no segmentation')
+    assert 'Traceback' not in log
+    (tmp_path / 'file').write_text('')
+    log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', tmp_path / 'file' / 'out', expect_ok=False)
+    assert log.strip().splitlines()[-1].startswith(f'error: OUTPUT_DIR {tmp_path / "file" / "out"} cannot be created')
+
+
+def test_evaluation_refuses_heads_that_do_not_fit(tmp_path):
+    trained = build_model(_cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.RETINANET.NUM_CLASSES', 4))
+    torch.save({'model': trained.state_dict()}, tmp_path / 'four.pth')
+    model = build_model(_cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.RETINANET.NUM_CLASSES', 3))
+    MPViTCheckpointer(model).load(str(tmp_path / 'four.pth'))  # fine-tuning: the head is reset, as Detectron2 does
+    with pytest.raises(CheckpointError, match=r'keys of the wrong shape: head.cls_score.weight \(checkpoint \(36,'):
+        MPViTCheckpointer(model, heads_must_fit=True).load(str(tmp_path / 'four.pth'))
+    classifier = timm.create_model('mpvit_tiny')
+    torch.save({'model': classifier.state_dict()}, tmp_path / 'classifier.pth')
+    with pytest.raises(CheckpointError, match='backbone weights only'):
+        MPViTCheckpointer(model, heads_must_fit=True).load(str(tmp_path / 'classifier.pth'))
