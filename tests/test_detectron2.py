@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fidelity import compare, golden, synth_input, synth_state_dict
+from helpers import load_script
 
 pytest.importorskip('detectron2')
 import timm  # noqa: E402
@@ -46,9 +47,7 @@ def _params(model):
 
 
 def test_compat_patch_fails_loudly_on_other_sources(tmp_path):
-    spec = importlib.util.spec_from_file_location('patch_detectron2', REPO / 'tools' / 'patch_detectron2.py')
-    patch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(patch)
+    patch = load_script('tools/patch_detectron2.py')
     transform = tmp_path / 'detectron2' / 'data' / 'transforms' / 'transform.py'
     transform.parent.mkdir(parents=True)
     (tmp_path / 'detectron2' / '__init__.py').write_text('')
@@ -59,6 +58,82 @@ def test_compat_patch_fails_loudly_on_other_sources(tmp_path):
     with pytest.raises(SystemExit, match='model_zoo.py is missing'):
         patch.patch_tree(tmp_path)
     assert transform.read_text() == 'interp = Image.LINEAR\n'  # nothing written before every check passed
+
+
+UPSTREAM_MODEL_ZOO = """import os
+import pkg_resources
+
+
+def get_config_file(config_path):
+    cfg_file = pkg_resources.resource_filename(
+        "detectron2.model_zoo", os.path.join("configs", config_path)
+    )
+    return cfg_file
+"""
+UPSTREAM_SETUP = """setup(
+    name="detectron2",
+    install_requires=[
+        "Pillow>=7.1",  # or use pillow-simd
+        "pycocotools>=2.0.2",
+        "termcolor>=1.1",
+        "yacs>=0.1.8",
+        "fvcore>=0.1.5,<0.1.6",  # required like this
+        "iopath>=0.1.7,<0.1.10",
+        "dataclasses; python_version<'3.7'",
+        "omegaconf>=2.1,<2.4",
+        "hydra-core>=1.1",
+        "black",
+    ],
+)
+"""
+
+
+def _fake_upstream_tree(root: Path, model_zoo: str = UPSTREAM_MODEL_ZOO) -> Path:
+    """The few files of upstream Detectron2 that the --upstream patch touches (upstream itself is not
+    reachable in CI); upstream already uses Image.BILINEAR, so that file must be left alone."""
+    (root / 'detectron2' / 'model_zoo').mkdir(parents=True)
+    (root / 'detectron2' / 'data' / 'transforms').mkdir(parents=True)
+    (root / 'detectron2' / '__init__.py').write_text('__version__ = "0.6"\n')
+    (root / 'detectron2' / 'model_zoo' / 'model_zoo.py').write_text(model_zoo)
+    (root / 'detectron2' / 'data' / 'transforms' / 'transform.py').write_text('interp = Image.BILINEAR\n')
+    (root / 'setup.py').write_text(UPSTREAM_SETUP)
+    return root
+
+
+def test_upstream_route_patch_on_a_fake_tree(tmp_path):
+    patch = load_script('tools/patch_detectron2.py')
+    root = _fake_upstream_tree(tmp_path / 'upstream')
+    patch.patch_tree(root, upstream=True)
+    model_zoo = (root / 'detectron2' / 'model_zoo' / 'model_zoo.py').read_text()
+    assert 'pkg_resources' not in model_zoo
+    namespace = {'__file__': str(root / 'detectron2' / 'model_zoo' / 'model_zoo.py')}
+    exec(model_zoo, namespace)  # runs without pkg_resources and finds the packaged configs
+    assert namespace['get_config_file']('a.yaml') == str(root / 'detectron2' / 'model_zoo' / 'configs' / 'a.yaml')
+    setup_py = (root / 'setup.py').read_text()
+    for unpinned in ('"Pillow",', '"fvcore",', '"iopath",', '"omegaconf",', '"yacs",'):
+        assert unpinned in setup_py
+    for dropped in ('hydra-core', 'black', 'dataclasses', '<0.1.10', '<2.4'):
+        assert dropped not in setup_py
+    assert (root / 'detectron2' / 'data' / 'transforms' / 'transform.py').read_text() == 'interp = Image.BILINEAR\n'
+    # A tree that no longer imports pkg_resources only gets the requirements change.
+    fixed = _fake_upstream_tree(tmp_path / 'fixed', model_zoo='import os\n')
+    assert [line.split(':')[0] for line in patch.patch_tree(fixed, upstream=True)] == ['setup.py']
+    assert (fixed / 'detectron2' / 'model_zoo' / 'model_zoo.py').read_text() == 'import os\n'
+
+
+def test_install_refuses_a_second_detectron2(tmp_path):
+    """DETECTRON2_SOURCE while the patched sdist is installed: refused before anything is built or copied."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version('pb1-detectron2')
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip('Detectron2 here was not installed from the sdist')
+    run = subprocess.run(['bash', str(REPO / 'tools' / 'install_detectron2.sh')], capture_output=True, text=True,
+                         env={**os.environ, 'DETECTRON2_SOURCE': str(_fake_upstream_tree(tmp_path / 'src')),
+                              'PYTHON': sys.executable})
+    assert run.returncode == 1
+    assert 'pb1-detectron2==0.6 (the patched sdist) is installed; to switch, uninstall it first' in run.stderr
 
 
 def test_readme_configs_exist():

@@ -109,6 +109,7 @@ def _small_run_cfg(data_root: Path, work_dir: Path, max_iters: int):
         str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), '--work-dir', str(work_dir), '--cfg-options',
         f'data_root={data_root}', f'train_dataloader.dataset.data_root={data_root}',
         f'val_dataloader.dataset.data_root={data_root}', f'test_dataloader.dataset.data_root={data_root}',
+        'model.backbone.init_cfg.checkpoint=',  # no ImageNet weights offline
     ]))
     # Only size, iterations and norm differ from the real config.
     cfg.model.backbone.pop('init_cfg')

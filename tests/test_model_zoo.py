@@ -117,6 +117,16 @@ def test_released_offline_fails_before_work_in_every_driver(monkeypatch, tmp_pat
     with pytest.raises(CheckpointError, match=f'cannot download {url}'):
         seg_test.main([str(REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'), 'released',
                        '--work-dir', str(tmp_path / 'seg')])
+    # Training: the backbone's ImageNet init_cfg URL is fetched before the Runner builds anything.
+    seg_train = load_script('semantic_segmentation/tools/train.py')
+    monkeypatch.setattr(seg_train.Runner, 'from_cfg', lambda cfg: pytest.fail('Runner built before the check'))
+    url = _unreachable_url('mpvit_small.pth')
+    (tmp_path / 'ade').mkdir()
+    with pytest.raises(CheckpointError, match=f'cannot download {url}'):
+        seg_train.main([str(REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'),
+                        '--work-dir', str(tmp_path / 'seg_train'), '--cfg-options',
+                        f'train_dataloader.dataset.data_root={tmp_path / "ade"}',
+                        f'model.backbone.init_cfg.checkpoint={url}'])
 
 
 def test_detectron2_unreachable_weights_is_one_line(tmp_path):

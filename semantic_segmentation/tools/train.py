@@ -13,7 +13,7 @@ import sys
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from mpvit.checkpoint import CheckpointError
+from mpvit.checkpoint import CheckpointError, local_checkpoint
 from mpvit.training import ensure_writable_dir, error_line
 
 
@@ -46,6 +46,9 @@ def build_config(args: argparse.Namespace) -> Config:
     if data_root and not osp.isdir(data_root):
         raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
     ensure_writable_dir(cfg.work_dir, 'work directory')
+    init_cfg = cfg.model.backbone.get('init_cfg') or {}
+    if init_cfg.get('type') == 'Pretrained' and init_cfg.get('checkpoint') and not cfg.resume:
+        local_checkpoint(init_cfg['checkpoint'])  # download / check now, not after the model is built
     return cfg
 
 
