@@ -21,7 +21,6 @@ import math
 import os
 import random
 import resource
-import sys
 import time
 from contextlib import nullcontext
 from typing import Dict, Optional
@@ -45,7 +44,7 @@ import mpvit
 from mpvit import model_zoo
 from mpvit.checkpoint import checkpoint_filter_fn, load_backbone_weights, local_checkpoint, read_checkpoint
 from mpvit.training import autocast as amp_autocast
-from mpvit.training import ensure_writable_dir, rng_state, save_atomic, set_rng_state
+from mpvit.training import ensure_writable_dir, rng_state, save_atomic, set_rng_state, user_errors_in_one_line
 
 _logger = logging.getLogger('mpvit.classification')
 
@@ -511,8 +510,5 @@ def main(args: argparse.Namespace) -> Dict:
 
 
 if __name__ == '__main__':
-    try:
+    with user_errors_in_one_line():
         main(parse_args())
-    except (FileNotFoundError, KeyError, ValueError, mpvit.CheckpointError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)

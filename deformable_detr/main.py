@@ -39,7 +39,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from mpvit import model_zoo
-from mpvit.checkpoint import CheckpointError, local_checkpoint, read_checkpoint
+from mpvit.checkpoint import local_checkpoint, read_checkpoint
 from mpvit.coco_checks import check_coco_instances
 from mpvit.deformable_detr import (
     build_deformable_detr,
@@ -51,7 +51,7 @@ from mpvit.deformable_detr import (
     weighted_loss,
 )
 from mpvit.training import autocast as amp_autocast
-from mpvit.training import ensure_writable_dir, error_line, rng_state, save_atomic, set_rng_state
+from mpvit.training import ensure_writable_dir, rng_state, save_atomic, set_rng_state, user_errors_in_one_line
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -407,10 +407,8 @@ def main(argv=None) -> Dict[str, float]:
 
 if __name__ == '__main__':
     try:
-        main()
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f'error: {error_line(err)}', file=sys.stderr)
-        sys.exit(2)
+        with user_errors_in_one_line():
+            main()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -28,7 +28,7 @@ from detectron2.layers import deform_conv
 from detectron2.utils import comm
 
 from mpvit import model_zoo
-from mpvit.checkpoint import CheckpointError, is_url, local_checkpoint
+from mpvit.checkpoint import is_url, local_checkpoint
 from mpvit.coco_checks import check_coco_instances
 from mpvit.d2 import (
     MPViTCheckpointer,
@@ -37,7 +37,7 @@ from mpvit.d2 import (
     build_train_mapper,
     register_coco_datasets,
 )
-from mpvit.training import ensure_writable_dir, error_line
+from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 
 logger = logging.getLogger('detectron2')
 # The patched PyPI build of Detectron2 has no C++ ops; pycocotools' evaluator is the official one anyway.
@@ -149,10 +149,7 @@ def argument_parser() -> argparse.ArgumentParser:
 if __name__ == '__main__':
     args = argument_parser().parse_args()
     print('Command Line Args:', args, file=sys.stderr)
-    try:
+    with user_errors_in_one_line():
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f'error: {error_line(err)}', file=sys.stderr)
-        sys.exit(2)
 

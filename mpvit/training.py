@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Dict
+from typing import Any, ContextManager, Dict, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ['autocast', 'ensure_writable_dir', 'error_line', 'rng_state', 'save_atomic', 'set_rng_state']
+from mpvit.checkpoint import CheckpointError
+
+__all__ = ['USER_ERRORS', 'autocast', 'ensure_writable_dir', 'error_line', 'rng_state', 'save_atomic',
+           'set_rng_state', 'user_errors_in_one_line']
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = 'output directory') -> Path:
@@ -71,6 +75,10 @@ def autocast(amp: str, device_type: str) -> ContextManager:
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
 
 
+# What a user's input causes (bad paths, data, checkpoints, arguments): one line, not a traceback.
+USER_ERRORS = (CheckpointError, FileNotFoundError, KeyError, ValueError)
+
+
 def error_line(err: BaseException) -> str:
     """The one line to print for a user error, also when a DataLoader worker raised it (PyTorch then
     wraps the original traceback into the message, whose last line is ``Type: message``)."""
@@ -79,3 +87,13 @@ def error_line(err: BaseException) -> str:
         last = lines[-1]
         return last.split(': ', 1)[1] if last.startswith(type(err).__name__ + ': ') else last
     return str(err)
+
+
+@contextmanager
+def user_errors_in_one_line() -> Iterator[None]:
+    """For a driver's ``__main__``: print a user error as ``error: ...`` and exit with status 2."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        print(f'error: {error_line(err)}', file=sys.stderr)
+        sys.exit(2)

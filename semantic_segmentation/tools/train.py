@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
-import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from mpvit.checkpoint import CheckpointError, local_checkpoint
-from mpvit.training import ensure_writable_dir, error_line
+from mpvit.checkpoint import local_checkpoint
+from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,8 +58,5 @@ def main(argv=None) -> Runner:
 
 
 if __name__ == '__main__':
-    try:
+    with user_errors_in_one_line():
         main()
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f'error: {error_line(err)}', file=sys.stderr)
-        sys.exit(2)
