@@ -33,7 +33,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
 from mpvit.checkpoint import CheckpointError, backbone_prefix, read_checkpoint, unwrap_checkpoint
-from mpvit.models.mpvit import MPVIT_ARCHS, MPViT
+from mpvit.models.mpvit import MPViT, mpvit_arch
 
 __all__ = [
     'D2MPViT', 'MPViTCheckpointer', 'add_mpvit_config', 'build_mpvit_backbone', 'build_mpvit_fpn_backbone',
@@ -60,15 +60,6 @@ def add_mpvit_config(cfg: CfgNode) -> None:
     cfg.AUG.DETR = False  # DETR-style multi-scale + random-crop training augmentation
     # After a crop, boxes are clipped to it (the authors' mapper); True recomputes them from the cropped masks.
     cfg.AUG.RECOMPUTE_BOXES = False
-
-
-def mpvit_arch(name: str) -> Dict[str, Any]:
-    """Architecture arguments for ``mpvit_small`` or ``small``; a clear error for anything else."""
-    key = name[len('mpvit_'):] if name.startswith('mpvit_') else name
-    if key not in MPVIT_ARCHS:
-        raise ValueError(f'MODEL.MPVIT.NAME {name!r} is not an MPViT variant; choose from '
-                         f'{", ".join("mpvit_" + k for k in MPVIT_ARCHS)}')
-    return MPVIT_ARCHS[key]
 
 
 def norm_factory(norm: str):
@@ -100,8 +91,12 @@ class D2MPViT(Backbone):
         unknown = [f for f in out_features if f not in STAGE_NAMES]
         if unknown or not out_features:
             raise ValueError(f'MODEL.MPVIT.OUT_FEATURES {out_features} must name some of {list(STAGE_NAMES)}')
+        try:
+            arch = mpvit_arch(name)
+        except ValueError as e:
+            raise ValueError(f'MODEL.MPVIT.NAME {e}') from None
         self.backbone = MPViT(
-            **mpvit_arch(name), in_chans=in_channels, num_classes=0, global_pool='',
+            **arch, in_chans=in_channels, num_classes=0, global_pool='',
             drop_path_rate=drop_path_rate, norm_layer=norm_factory(norm),
         )
         info = {STAGE_NAMES[i]: f for i, f in enumerate(self.backbone.feature_info)}

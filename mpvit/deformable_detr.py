@@ -38,7 +38,7 @@ import torch.nn as nn
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, TimmBackboneConfig
 
 from mpvit.checkpoint import CheckpointError, backbone_prefix, check_fit, unwrap_checkpoint
-from mpvit.models.mpvit import MPVIT_ARCHS, MPViT
+from mpvit.models.mpvit import MPViT, mpvit_arch
 
 __all__ = [
     'DeformableDetrMPViTBackbone', 'build_deformable_detr', 'convert_original_state_dict', 'load_detector_weights',
@@ -58,7 +58,7 @@ class DeformableDetrMPViTBackbone(MPViT):
 
     def __init__(self, arch: str = 'small', out_indices: Tuple[int, ...] = (1, 2, 3), drop_path_rate: float = 0.,
                  norm_layer=nn.BatchNorm2d):
-        super().__init__(**MPVIT_ARCHS[arch], num_classes=0, global_pool='', drop_path_rate=drop_path_rate,
+        super().__init__(**mpvit_arch(arch), num_classes=0, global_pool='', drop_path_rate=drop_path_rate,
                          norm_layer=norm_layer)
         self.out_indices = list(out_indices)
 
@@ -68,14 +68,6 @@ class DeformableDetrMPViTBackbone(MPViT):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return self.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
-
-
-def _arch(name: str) -> str:
-    arch = name[len('mpvit_'):] if name.startswith('mpvit_') else name
-    if arch not in MPVIT_ARCHS:
-        choices = ', '.join('mpvit_' + a for a in MPVIT_ARCHS)
-        raise ValueError(f'{name!r} is not an MPViT variant; choose from {choices}')
-    return arch
 
 
 def build_deformable_detr(
@@ -89,7 +81,8 @@ def build_deformable_detr(
     """Plain Deformable DETR (stages 3-5 + one extra level) with the original recipe's settings."""
     import mpvit.models  # noqa: F401  (registers the timm models the backbone config names)
 
-    arch = _arch(backbone)
+    arch = backbone.removeprefix('mpvit_')
+    mpvit_arch(arch)  # a clear error for anything but an MPViT variant
     config = DeformableDetrConfig(
         backbone_config=TimmBackboneConfig(backbone=f'mpvit_{arch}', out_indices=[1, 2, 3],
                                            use_pretrained_backbone=False),

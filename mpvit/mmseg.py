@@ -21,8 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import mpvit.mmseg_transforms  # noqa: F401  (registers CheckSegMap)
 from mpvit.checkpoint import load_backbone_weights
-from mpvit.models.mpvit import MPVIT_ARCHS
 from mpvit.models.mpvit import MPViT as _MPViT
+from mpvit.models.mpvit import mpvit_arch
 
 
 @MODELS.register_module(name='MPViT')
@@ -52,9 +52,7 @@ class MMSegMPViT(_MPViT, BaseModule):
             init_cfg: Optional[Dict] = None,
     ):
         if isinstance(arch, str):
-            if arch not in MPVIT_ARCHS:
-                raise KeyError(f"unknown MPViT arch {arch!r}; choose from {sorted(MPVIT_ARCHS)}")
-            arch = MPVIT_ARCHS[arch]
+            arch = mpvit_arch(arch)
         norm_cfg = dict(norm_cfg or dict(type='BN', requires_grad=True))
         super().__init__(
             **arch, in_chans=in_channels, num_classes=0, global_pool='', drop_path_rate=drop_path_rate,

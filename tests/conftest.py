@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# tests/ holds helpers (fidelity.py, datasets.py) imported by the test modules.
+# tests/ holds helpers (fidelity.py, helpers.py) imported by the test modules.
 sys.path.insert(0, str(Path(__file__).parent))
 
 

@@ -1,4 +1,4 @@
-"""The fidelity recipe of ``shared/fidelity`` (synthetic weights, inputs, summaries), our own copy.
+"""The recipe behind the reference outputs in ``tests/data`` (synthetic weights, inputs, summaries).
 
 A tensor's synthetic value depends only on its key and shape, so a checkpoint
 written from a manifest holds the same weights the reference was run with.

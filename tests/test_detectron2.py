@@ -28,7 +28,7 @@ from mpvit.demo_data import write_shapes_coco  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs' / 'detectron2'
 VARIANTS = ('tiny', 'xsmall', 'small', 'base')
-PARAMS = {  # the reference implementation's trainable parameters (shared/fidelity/README.md)
+PARAMS = {  # the reference implementation's trainable parameters, as its run recorded them
     'retinanet': dict(zip(VARIANTS, (15_104_612, 19_911_060, 32_294_268, 84_635_428))),
     'mask_rcnn': dict(zip(VARIANTS, (25_712_224, 30_434_704, 42_744_184, 94_667_552))),
 }

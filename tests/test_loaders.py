@@ -106,3 +106,34 @@ def test_file_checks(model_and_ema, tmp_path):
     save_file(tensors, tmp_path / 'weights.safetensors')
     loaded = _from_file(tmp_path / 'weights.safetensors', num_classes=4)
     assert torch.equal(loaded.state_dict()[KEY], expected[KEY])
+
+
+def test_predict_prints_named_top5(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = timm.create_model('mpvit_tiny')
+    torch.save({'model': model.state_dict()}, tmp_path / 'imagenet.pth')
+    Image.new('RGB', (300, 260), (200, 30, 30)).save(tmp_path / 'red.jpg')
+    cmd = [sys.executable, str(REPO / 'tools' / 'predict.py'), str(tmp_path / 'red.jpg'), '--model', 'mpvit_tiny',
+           '--weights', str(tmp_path / 'imagenet.pth')]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].endswith('red.jpg') and len(lines) == 6
+    # The model's own eval transform (resize 256 / crop 224, bicubic): recompute the expected top class.
+    cfg = timm.data.resolve_data_config(model=model.eval())
+    with torch.no_grad():
+        logits = model(timm.data.create_transform(**cfg)(Image.open(tmp_path / 'red.jpg')).unsqueeze(0))
+    best = int(logits.argmax())
+    assert lines[1].endswith(f'{timm.data.ImageNetInfo().index_to_description(best)} '
+                             f'({timm.data.ImageNetInfo().index_to_label_name(best)}, {best})')
+    four = timm.create_model('mpvit_tiny', num_classes=4)
+    torch.save({'model': four.state_dict()}, tmp_path / 'four.pth')
+    run = subprocess.run(cmd[:-1] + [str(tmp_path / 'four.pth')], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith('error: ')
+    assert '4 classes' in run.stderr and '1000 classes' in run.stderr

@@ -75,7 +75,7 @@ def test_pretrained_init_cfg_reads_classification_and_refuses_other_variants(tmp
     other = MODELS.build(dict(type='MPViT', arch='small', init_cfg=dict(type='Pretrained', checkpoint=str(path))))
     with pytest.raises(CheckpointError, match='does not fit'):
         other.init_weights()
-    with pytest.raises(KeyError, match='unknown MPViT arch'):
+    with pytest.raises(ValueError, match="'huge' is not an MPViT variant"):
         MODELS.build(dict(type='MPViT', arch='huge'))
     with pytest.raises(ValueError, match='out_indices'):
         MODELS.build(dict(type='MPViT', arch='tiny', out_indices=(4,)))

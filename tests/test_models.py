@@ -231,14 +231,6 @@ def test_save_load_round_trip_and_trace(tmp_path):
         torch.testing.assert_close(traced(x), model(x))
 
 
-def test_export():
-    model = timm.create_model('mpvit_tiny').eval()
-    x = torch.randn(1, 3, 64, 64)
-    program = torch.export.export(model, (x,))
-    with torch.no_grad():
-        torch.testing.assert_close(program.module()(x), model(x))
-
-
 def test_norm_layer_is_an_argument():
     model = mpvit.MPViT(**mpvit.MPVIT_ARCHS['tiny'], norm_layer=lambda c: torch.nn.GroupNorm(1, c))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())

@@ -1,7 +1,7 @@
 """The authors' training and evaluation recipes, as our configs and drivers resolve them.
 
 Each value below is a fact of the authors' code (youngwanLEE/MPViT @ e2d86e6: their Detectron2 YAMLs and
-dataset mapper, DeiT-based ``main.py`` / ``datasets.py``, the mmseg 0.x UperNet configs, and the original
+dataset mapper, their DeiT-based training script and dataset builder, the mmseg 0.x UperNet configs, and the original
 Deformable DETR ``main.py`` / ``deformable_transformer.py``), checked through the same loading path a user's run takes.
 """
 from __future__ import annotations

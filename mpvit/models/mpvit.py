@@ -36,17 +36,27 @@ from timm.models._manipulate import checkpoint
 
 from mpvit.checkpoint import check_pretrained_file, checkpoint_filter_fn, load_backbone_weights
 
-__all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn', 'fold_batchnorm', 'straightforward_ops']
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn', 'fold_batchnorm', 'mpvit_arch', 'straightforward_ops']
 
 NormLayer = Callable[[int], nn.Module]
 
-# paths, layers, widths, mlp ratio and heads per stage (ARCHITECTURE.md, "Variants").
+# paths, layers, widths, mlp ratio and heads per stage: the paper's Table 1, as the authors' model file builds them.
 MPVIT_ARCHS: Dict[str, Dict] = {
     'tiny': dict(num_path=(2, 3, 3, 3), num_layers=(1, 2, 4, 1), embed_dims=(64, 96, 176, 216), mlp_ratio=2.),
     'xsmall': dict(num_path=(2, 3, 3, 3), num_layers=(1, 2, 4, 1), embed_dims=(64, 128, 192, 256), mlp_ratio=4.),
     'small': dict(num_path=(2, 3, 3, 3), num_layers=(1, 3, 6, 3), embed_dims=(64, 128, 216, 288), mlp_ratio=4.),
     'base': dict(num_path=(2, 3, 3, 3), num_layers=(1, 3, 8, 3), embed_dims=(128, 224, 368, 480), mlp_ratio=4.),
 }
+
+
+def mpvit_arch(name: str) -> Dict:
+    """The architecture arguments of a variant named ``mpvit_small`` or ``small`` (every adapter's resolver);
+    ``ValueError`` naming the choices otherwise."""
+    key = name[len('mpvit_'):] if name.startswith('mpvit_') else name
+    if key not in MPVIT_ARCHS:
+        choices = ', '.join('mpvit_' + k for k in MPVIT_ARCHS)
+        raise ValueError(f'{name!r} is not an MPViT variant; choose from {choices}')
+    return MPVIT_ARCHS[key]
 
 
 def _conv_normal_init(conv: nn.Conv2d) -> None:
@@ -680,7 +690,7 @@ class MPViT(nn.Module):
 
 
 def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
-    arch = MPVIT_ARCHS[variant.split('_', 1)[1]]
+    arch = mpvit_arch(variant)
     if pretrained:
         overlay = kwargs.get('pretrained_cfg_overlay')
         check_pretrained_file(variant, overlay)
