@@ -1,7 +1,6 @@
 """MPViT on Detectron2: README configs, fidelity, released checkpoints, errors, and train/eval end to end (CPU)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -349,9 +348,7 @@ def test_bad_dataset_path_is_named(coco, tmp_path):
 @pytest.fixture(scope='module')
 def train_net(coco):
     """detectron2/train_net.py imported in-process, with the shapes dataset registered."""
-    spec = importlib.util.spec_from_file_location('d2_train_net', REPO / 'detectron2' / 'train_net.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script('detectron2/train_net.py')
     module.register_coco_datasets([
         ['shapes_train', str(coco / 'annotations' / 'instances_train.json'), str(coco / 'train')],
         ['shapes_val', str(coco / 'annotations' / 'instances_val.json'), str(coco / 'val')],

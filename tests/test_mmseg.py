@@ -1,7 +1,6 @@
 """UperNet + MPViT on mmsegmentation: fidelity, released checkpoints, and the Runner end to end (CPU)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from fidelity import compare, golden, synth_input, synth_state_dict
+from helpers import load_script
 from PIL import Image
 
 pytest.importorskip('mmseg')
@@ -27,11 +27,7 @@ register_all_modules()
 
 
 def _tool(name):
-    path = REPO / 'semantic_segmentation' / 'tools' / f'{name}.py'
-    spec = importlib.util.spec_from_file_location(f'seg_{name}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'semantic_segmentation/tools/{name}.py')
 
 
 def _model_cfg(variant: str):
@@ -166,9 +162,7 @@ def test_runner_train_val_resume_test_and_inference(tmp_path):
 
     config = tmp_path / 'run_config.py'
     cfg.dump(str(config))
-    spec = importlib.util.spec_from_file_location('seg_demo', REPO / 'semantic_segmentation' / 'demo.py')
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script('semantic_segmentation/demo.py')
     out = demo.main([image, str(config), str(work_dir / 'iter_4.pth'), '--out', str(tmp_path / 'overlay.png')])
     assert Image.open(out).size == (96, 80)
 

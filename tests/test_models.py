@@ -1,7 +1,6 @@
 """The core model: exact layout and figures of the reference, fidelity, and timm behaviour."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import timm
 import torch
 from fidelity import compare, golden, synth_input, synth_state_dict
 from fvcore.nn import FlopCountAnalysis
+from helpers import load_script
 
 import mpvit
 from mpvit import CheckpointError
@@ -24,10 +24,7 @@ CHANNELS = {
 
 def _tool(name: str):
     """A script of tools/ imported as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'tools/{name}.py')
 
 
 def _write(path, checkpoint) -> str:
