@@ -8,7 +8,7 @@ import torch.nn as nn
 from fidelity import compare, golden, synth_input, synth_state_dict
 
 import mpvit
-from mpvit.models.mpvit import ConvRelPosEnc, FactorAtt_ConvRelPosEnc, LayerNorm, _softmax, fold_batchnorm
+from mpvit.models.mpvit import ConvRelPosEnc, FactorAttnConvRelPosEnc, LayerNorm, _softmax, fold_batchnorm
 
 
 def _model(variant: str, **kwargs) -> nn.Module:
@@ -70,7 +70,7 @@ def test_attention_module_equals_per_head_einsums():
     """The block-diagonal attention on its own, with unequal CRPE windows and random weights."""
     torch.manual_seed(1)
     crpe = ConvRelPosEnc(head_dim=6, num_heads=8, window={3: 2, 5: 3, 7: 3})
-    attn = FactorAtt_ConvRelPosEnc(48, 8, crpe)
+    attn = FactorAttnConvRelPosEnc(48, 8, crpe)
     x = torch.randn(3, 7, 9, 48)
     _assert_close(attn(x), attn.forward_per_head(x))
 

@@ -94,7 +94,7 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
     return fused
 
 
-class Conv2d_BN(nn.Module):
+class Conv2dBN(nn.Module):
     """Conv (no bias) -> norm -> optional activation (``conv``, ``bn`` in checkpoints)."""
 
     def __init__(
@@ -123,7 +123,7 @@ class Conv2d_BN(nn.Module):
             self.conv, self.bn = fused, nn.Identity()
 
 
-class DWConv2d_BN(nn.Module):
+class DWConv2dBN(nn.Module):
     """Depthwise kxk -> pointwise 1x1 -> norm -> Hardswish: one step of a patch-embedding chain."""
 
     def __init__(
@@ -157,13 +157,13 @@ class DWConv2d_BN(nn.Module):
 class DWCPatchEmbed(nn.Module):
     def __init__(self, dim: int, stride: int = 1, norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
-        self.patch_conv = DWConv2d_BN(dim, dim, 3, stride, norm_layer=norm_layer)
+        self.patch_conv = DWConv2dBN(dim, dim, 3, stride, norm_layer=norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_conv(x)
 
 
-class Patch_Embed_stage(nn.Module):
+class PatchEmbedStage(nn.Module):
     """Multi-scale patch embedding: a chain of 3x3 convs, one output kept per path.
 
     Path j sees j + 1 stacked 3x3 convs (receptive field 3, 5, 7, ...), which is
@@ -333,7 +333,7 @@ class ConvRelPosEnc(nn.Module):
             self.channel_splits = [weight.shape[0]]
 
 
-class FactorAtt_ConvRelPosEnc(nn.Module):
+class FactorAttnConvRelPosEnc(nn.Module):
     """Factorized attention q @ (softmax_N(k)^T @ v), plus the CRPE term.
 
     The fast path keeps every tensor as ``[B, N, C]`` (heads side by side) so
@@ -356,36 +356,36 @@ class FactorAtt_ConvRelPosEnc(nn.Module):
         """``[B, H, W, C]`` tokens in and out."""
         if _straightforward():
             return self.forward_per_head(x)
-        B, H, W, C = x.shape
-        h, N = self.num_heads, H * W
+        b, height, width, c = x.shape
+        h, n = self.num_heads, height * width
         # Three products rather than one and three strided views: q, k and v come out
         # contiguous, which the softmax and the CRPE conv would otherwise copy to get.
         q, k, v = (
-            F.linear(x, w, b) for w, b in zip(self.qkv.weight.chunk(3), self._qkv_bias_chunks()))
-        context = torch.bmm(_softmax(k.reshape(B, N, C), dim=1).transpose(1, 2), v.reshape(B, N, C))
+            F.linear(x, weight, bias) for weight, bias in zip(self.qkv.weight.chunk(3), self._qkv_bias_chunks()))
+        context = torch.bmm(_softmax(k.reshape(b, n, c), dim=1).transpose(1, 2), v.reshape(b, n, c))
         # Keep only each head's own block, and apply the scale there, on the small tensor
         # (a float32 mask: the scale is not rounded to bf16).
         head_mask = torch.eye(h, device=context.device).mul_(self.scale).view(1, h, 1, h, 1)
-        context.view(B, h, C // h, h, C // h).mul_(head_mask)
-        out = torch.baddbmm(self.crpe(q, v).reshape(B, N, C), q.reshape(B, N, C), context)
-        return self.proj(out.view(B, H, W, C))
+        context.view(b, h, c // h, h, c // h).mul_(head_mask)
+        out = torch.baddbmm(self.crpe(q, v).reshape(b, n, c), q.reshape(b, n, c), context)
+        return self.proj(out.view(b, height, width, c))
 
     def _qkv_bias_chunks(self) -> Sequence[Optional[torch.Tensor]]:
         return self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None, None, None)
 
     def forward_per_head(self, x: torch.Tensor) -> torch.Tensor:
         """The textbook formulation (per-head einsums), as the paper counts its FLOPs."""
-        B, H, W, C = x.shape
+        b, height, width, c = x.shape
         h = self.num_heads
-        q, k, v = self.qkv(x).reshape(B, H * W, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, Ch]
+        q, k, v = self.qkv(x).reshape(b, height * width, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)  # [b, h, n, Ch]
         context = torch.einsum('bhnk,bhnv->bhkv', k.softmax(dim=2), v)
         factor_att = torch.einsum('bhnk,bhkv->bhnv', q, context)
-        q_map, v_map = (t.transpose(1, 2).reshape(B, H, W, C) for t in (q, v))
-        out = self.scale * factor_att.transpose(1, 2).reshape(B, H, W, C) + self.crpe(q_map, v_map)
+        q_map, v_map = (t.transpose(1, 2).reshape(b, height, width, c) for t in (q, v))
+        out = self.scale * factor_att.transpose(1, 2).reshape(b, height, width, c) + self.crpe(q_map, v_map)
         return self.proj(out)
 
 
-class MHCA_layer(nn.Module):
+class MHCALayer(nn.Module):
     """One transformer layer of a path: CPE, factorized attention, MLP (pre-norm)."""
 
     def __init__(
@@ -401,7 +401,7 @@ class MHCA_layer(nn.Module):
         # Shared with the encoder and its other layers; registered here as the reference does.
         self.cpe = shared_cpe
         self.crpe = shared_crpe
-        self.factoratt_crpe = FactorAtt_ConvRelPosEnc(dim, num_heads, shared_crpe)
+        self.factoratt_crpe = FactorAttnConvRelPosEnc(dim, num_heads, shared_crpe)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm1 = LayerNorm(dim, eps=1e-6)
@@ -429,7 +429,7 @@ class MHCAEncoder(nn.Module):
         self.cpe = ConvPosEnc(dim, 3)
         self.crpe = ConvRelPosEnc(dim // num_heads, num_heads, crpe_window or {3: 2, 5: 3, 7: 3})
         self.MHCA_layers = nn.ModuleList([
-            MHCA_layer(dim, num_heads, mlp_ratio, drop_path_list[idx], self.cpe, self.crpe)
+            MHCALayer(dim, num_heads, mlp_ratio, drop_path_list[idx], self.cpe, self.crpe)
             for idx in range(num_layers)
         ])
         self.grad_checkpointing = False
@@ -450,11 +450,11 @@ class InvResBlock(nn.Module):
 
     def __init__(self, dim: int, norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
-        self.conv1 = Conv2d_BN(dim, dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
+        self.conv1 = Conv2dBN(dim, dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=False)
         self.norm = norm_layer(dim)
         self.act = nn.Hardswish()
-        self.conv2 = Conv2d_BN(dim, dim, norm_layer=norm_layer)
+        self.conv2 = Conv2dBN(dim, dim, norm_layer=norm_layer)
         _init_norm(self.norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -467,7 +467,7 @@ class InvResBlock(nn.Module):
             self.dwconv, self.norm = fused, nn.Identity()
 
 
-class MHCA_stage(nn.Module):
+class MHCAStage(nn.Module):
     """One stage: a local path and one transformer path per scale, fused by a 1x1 conv."""
 
     def __init__(
@@ -486,7 +486,7 @@ class MHCA_stage(nn.Module):
             MHCAEncoder(dim, num_layers, num_heads, mlp_ratio, drop_path_list) for _ in range(num_path)
         ])
         self.InvRes = InvResBlock(dim, norm_layer=norm_layer)
-        self.aggregate = Conv2d_BN(dim * (num_path + 1), out_dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
+        self.aggregate = Conv2dBN(dim * (num_path + 1), out_dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
 
     def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
         outputs = [self.InvRes(inputs[0])]
@@ -494,7 +494,7 @@ class MHCA_stage(nn.Module):
         return self.aggregate(torch.cat(outputs, dim=1))
 
 
-class Cls_head(nn.Module):
+class ClsHead(nn.Module):
     """Global average pool -> dropout -> Linear (``cls`` in checkpoints)."""
 
     def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.):
@@ -553,15 +553,15 @@ class MPViT(nn.Module):
 
         stem_dim = embed_dims[0] // 2
         self.stem = nn.Sequential(
-            Conv2d_BN(in_chans, stem_dim, 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
-            Conv2d_BN(stem_dim, embed_dims[0], 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
+            Conv2dBN(in_chans, stem_dim, 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
+            Conv2dBN(stem_dim, embed_dims[0], 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
         )
         self.patch_embed_stages = nn.ModuleList([
-            Patch_Embed_stage(embed_dims[i], num_path[i], downsample=i > 0, norm_layer=norm_layer)
+            PatchEmbedStage(embed_dims[i], num_path[i], downsample=i > 0, norm_layer=norm_layer)
             for i in range(num_stages)
         ])
         self.mhca_stages = nn.ModuleList([
-            MHCA_stage(
+            MHCAStage(
                 embed_dims[i], out_dims[i], num_layers[i], num_heads, mlp_ratio, num_path[i],
                 stage_dpr[i], norm_layer=norm_layer,
             )
@@ -570,7 +570,7 @@ class MPViT(nn.Module):
         self.feature_info = [
             dict(num_chs=out_dims[i], reduction=4 * 2 ** i, module=f'mhca_stages.{i}') for i in range(num_stages)
         ]
-        self.cls_head = Cls_head(embed_dims[-1], num_classes if global_pool else 0, drop_rate)
+        self.cls_head = ClsHead(embed_dims[-1], num_classes if global_pool else 0, drop_rate)
         self.apply(self._init_transformer_weights)
 
     @staticmethod
@@ -595,7 +595,7 @@ class MPViT(nn.Module):
         if self.training:
             raise RuntimeError('MPViT.fuse() is for inference: call .eval() first')
         for module in self.modules():
-            if isinstance(module, (Conv2d_BN, DWConv2d_BN, InvResBlock, ConvPosEnc, ConvRelPosEnc)):
+            if isinstance(module, (Conv2dBN, DWConv2dBN, InvResBlock, ConvPosEnc, ConvRelPosEnc)):
                 module.fuse()
         return self
 
