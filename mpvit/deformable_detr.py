@@ -81,8 +81,8 @@ def build_deformable_detr(
     """Plain Deformable DETR (stages 3-5 + one extra level) with the original recipe's settings."""
     import mpvit.models  # noqa: F401  (registers the timm models the backbone config names)
 
+    mpvit_arch(backbone)  # a clear error for anything but an MPViT variant
     arch = backbone.removeprefix('mpvit_')
-    mpvit_arch(arch)  # a clear error for anything but an MPViT variant
     config = DeformableDetrConfig(
         backbone_config=TimmBackboneConfig(backbone=f'mpvit_{arch}', out_indices=[1, 2, 3],
                                            use_pretrained_backbone=False),

@@ -84,6 +84,7 @@ def test_ddp_two_processes_on_cpu(two_class, tmp_path):
     assert '(8 images)' in proc.stdout  # each val image exactly once over the two ranks
 
 
+@pytest.mark.slow
 def test_it_learns_coloured_shapes(tmp_path):
     """4 shape classes, colour uninformative: the demo recipe reaches >= 90% validation accuracy."""
     data = write_shapes_imagefolder(tmp_path / 'shapes', train_per_class=100, val_per_class=25)
