@@ -116,6 +116,21 @@ def test_fuse_folds_every_batch_norm_and_keeps_outputs():
     assert 'stem.0.conv.bias' in model.state_dict()
 
 
+def test_timm_reparameterize_model_fuses_the_same_way():
+    """timm's validate.py / benchmark.py --reparam path: a fused copy with the same outputs."""
+    from timm.utils import reparameterize_model
+
+    model = _model('tiny').eval()
+    x = torch.randn(2, 3, 64, 64)
+    fused = reparameterize_model(model)
+    assert fused is not model and [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert not [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(len(m.conv_list) == 1 for m in fused.modules() if isinstance(m, ConvRelPosEnc))
+    with torch.no_grad():
+        _assert_close(fused(x), model(x))
+    assert fused.state_dict().keys() == model.eval().fuse().state_dict().keys()
+
+
 def test_fuse_refuses_training_mode_and_leaves_group_norm():
     with pytest.raises(RuntimeError, match='eval'):
         _model('tiny').train().fuse()

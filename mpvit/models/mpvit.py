@@ -117,7 +117,7 @@ class Conv2dBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_layer(self.bn(self.conv(x)))
 
-    def fuse(self) -> None:
+    def reparameterize(self) -> None:
         fused = fold_batchnorm(self.conv, self.bn)
         if fused is not None:
             self.conv, self.bn = fused, nn.Identity()
@@ -148,7 +148,7 @@ class DWConv2dBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.pwconv(self.dwconv(x))))
 
-    def fuse(self) -> None:
+    def reparameterize(self) -> None:
         fused = fold_batchnorm(self.pwconv, self.bn)
         if fused is not None:
             self.pwconv, self.bn = fused, nn.Identity()
@@ -250,7 +250,7 @@ class ConvPosEnc(nn.Module):
     def __init__(self, dim: int, kernel_size: int = 3):
         super().__init__()
         self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
-        self.residual_in_kernel = False  # set by fuse(): the +1 is then stored in proj.weight
+        self.residual_in_kernel = False  # set by reparameterize(): the +1 is then stored in proj.weight
 
     def _identity_tap(self, weight: torch.Tensor) -> torch.Tensor:
         centre = self.proj.kernel_size[0] // 2
@@ -269,7 +269,7 @@ class ConvPosEnc(nn.Module):
         return out.permute(0, 2, 3, 1)
 
     @torch.no_grad()
-    def fuse(self) -> None:
+    def reparameterize(self) -> None:
         if not self.residual_in_kernel:
             self.proj.weight.copy_(self._identity_tap(self.proj.weight))
             self.residual_in_kernel = True
@@ -321,7 +321,7 @@ class ConvRelPosEnc(nn.Module):
         return q * self.conv_v(v)
 
     @torch.no_grad()
-    def fuse(self) -> None:
+    def reparameterize(self) -> None:
         """Store the merged kernel as the only conv (inference; changes the state dict)."""
         if len(self.conv_list) > 1:
             weight, bias = self.merged_kernel()
@@ -461,7 +461,7 @@ class InvResBlock(nn.Module):
         feat = self.act(self.norm(self.dwconv(self.conv1(x))))
         return x + self.conv2(feat)
 
-    def fuse(self) -> None:
+    def reparameterize(self) -> None:
         fused = fold_batchnorm(self.dwconv, self.norm)
         if fused is not None:
             self.dwconv, self.norm = fused, nn.Identity()
@@ -584,7 +584,9 @@ class MPViT(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> MPViT:
-        """Re-parameterise for inference (in place; returns self).
+        """Re-parameterise for inference (in place; returns self, so that timm's ``reparameterize_model``,
+        which replaces each child by ``child.fuse()`` and calls the in-place ``reparameterize()`` of the
+        blocks below, gives the same model).
 
         Every batch norm is folded into the conv before it, the CPE residual into
         its kernel, and each CRPE's kernels into one zero-padded conv, so that
@@ -596,7 +598,7 @@ class MPViT(nn.Module):
             raise RuntimeError('MPViT.fuse() is for inference: call .eval() first')
         for module in self.modules():
             if isinstance(module, (Conv2dBN, DWConv2dBN, InvResBlock, ConvPosEnc, ConvRelPosEnc)):
-                module.fuse()
+                module.reparameterize()
         return self
 
     @torch.jit.ignore
