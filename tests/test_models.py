@@ -294,3 +294,18 @@ def test_torch_export_matches_eager():
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fx_feature_extraction_matches_the_getter():
+    """timm's feature_cls='fx' (torchvision's create_feature_extractor) traces the model symbolically."""
+    plain = timm.create_model('mpvit_tiny').eval()
+    fx = timm.create_model('mpvit_tiny', features_only=True, feature_cls='fx').eval()
+    missing, _ = fx.load_state_dict({'graph_module.' + k: v for k, v in plain.state_dict().items()}, strict=False)
+    assert not missing
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = plain.forward_intermediates(x, intermediates_only=True)
+        got = fx(x)
+    assert len(got) == len(expected) == 4
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

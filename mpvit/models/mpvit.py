@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.layers.fast_norm import fast_layer_norm, get_autocast_dtype, is_autocast_enabled
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -217,6 +217,7 @@ def _straightforward() -> bool:
     return _STRAIGHTFORWARD or torch.jit.is_tracing()
 
 
+@register_notrace_module  # fx leaf: the autocast-dtype check is not symbolic
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters) that stays in the autocast dtype.
 
@@ -240,6 +241,7 @@ def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.softmax(dim)
 
 
+@register_notrace_module  # fx leaf: its shape arithmetic is not symbolic (timm's feature_cls='fx')
 class ConvPosEnc(nn.Module):
     """Convolutional position encoding: x + depthwise3x3(x) on ``[B, H, W, C]`` tokens.
 
@@ -275,6 +277,7 @@ class ConvPosEnc(nn.Module):
             self.residual_in_kernel = True
 
 
+@register_notrace_module  # fx leaf: its shape arithmetic is not symbolic (timm's feature_cls='fx')
 class ConvRelPosEnc(nn.Module):
     """Convolutional relative position encoding (CoaT): q * depthwise_conv(v).
 
@@ -333,6 +336,7 @@ class ConvRelPosEnc(nn.Module):
             self.channel_splits = [weight.shape[0]]
 
 
+@register_notrace_module  # fx leaf: its shape arithmetic is not symbolic (timm's feature_cls='fx')
 class FactorAttnConvRelPosEnc(nn.Module):
     """Factorized attention q @ (softmax_N(k)^T @ v), plus the CRPE term.
 
