@@ -22,7 +22,7 @@ import logging
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -81,14 +81,20 @@ def _listing(keys: List[str]) -> str:
     return ', '.join(keys[:_SHOW]) + more
 
 
-def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: str = 'checkpoint') -> None:
-    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys (first few, with counts)."""
+def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: str = 'checkpoint', *,
+              scope: str = '', shape_may_differ: Callable[[str], bool] = lambda key: False) -> None:
+    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys (first few, with counts).
+
+    ``scope``: only the model's keys under this prefix must be present (a backbone-only checkpoint of a
+    detector). ``shape_may_differ(key)``: keys whose shape may differ (heads reset for fine-tuning).
+    """
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    missing = [k for k in own if k.startswith(scope) and k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong_shape = [
         f'{k} (checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)})'
-        for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+        for k, v in state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape) and not shape_may_differ(k)
     ]
     problems = []
     if missing:

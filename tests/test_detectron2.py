@@ -200,7 +200,7 @@ def test_classification_checkpoint_initialises_backbone(tmp_path):
 def test_mismatched_checkpoint_is_named(tmp_path):
     path, _ = _released_checkpoint(tmp_path, 'retinanet', 'tiny')
     model = build_model(_cfg('retinanet_mpvit_small_1x.yaml'))
-    with pytest.raises(CheckpointError, match='390 missing keys: .*743 backbone keys of the wrong shape'):
+    with pytest.raises(CheckpointError, match='390 missing keys: .*743 keys of the wrong shape'):
         MPViTCheckpointer(model).load(str(path))
     # A RetinaNet checkpoint does not silently half-load into Mask R-CNN.
     model = build_model(_cfg('mask_rcnn_mpvit_tiny_1x.yaml'))

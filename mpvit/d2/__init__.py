@@ -1,0 +1,24 @@
+"""MPViT as a Detectron2 backbone (RetinaNet, Mask R-CNN, Cascade Mask R-CNN), split by role as
+Detectron2 projects are: ``config`` (``add_mpvit_config``), ``backbone`` (the ``Backbone`` and its
+registered builders), ``data`` (augmentation, mapper, dataset registration), ``solver`` (optimizer)
+and ``checkpoint`` (``MPViTCheckpointer``, every released format).
+
+Importing the package registers ``build_mpvit_backbone``, ``build_mpvit_fpn_backbone`` and
+``build_retinanet_mpvit_fpn_backbone`` with ``BACKBONE_REGISTRY``.
+"""
+from mpvit.d2.backbone import (
+    D2MPViT,
+    build_mpvit_backbone,
+    build_mpvit_fpn_backbone,
+    build_retinanet_mpvit_fpn_backbone,
+)
+from mpvit.d2.checkpoint import MPViTCheckpointer
+from mpvit.d2.config import STAGE_NAMES, add_mpvit_config
+from mpvit.d2.data import build_detr_augmentation, build_train_mapper, register_coco_datasets
+from mpvit.d2.solver import build_optimizer
+
+__all__ = [
+    'D2MPViT', 'MPViTCheckpointer', 'STAGE_NAMES', 'add_mpvit_config', 'build_mpvit_backbone',
+    'build_mpvit_fpn_backbone', 'build_retinanet_mpvit_fpn_backbone', 'build_detr_augmentation', 'build_optimizer',
+    'build_train_mapper', 'register_coco_datasets',
+]

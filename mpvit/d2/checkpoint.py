@@ -1,0 +1,63 @@
+"""``MPViTCheckpointer``: Detectron2's checkpointer for every released MPViT format, with
+:func:`mpvit.checkpoint.check_fit` as its one key check."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict
+
+import torch.nn as nn
+from detectron2.checkpoint import DetectionCheckpointer
+
+from mpvit.checkpoint import CheckpointError, backbone_prefix, check_fit, read_checkpoint, unwrap_checkpoint
+
+_logger = logging.getLogger(__name__)
+D2_BACKBONE_PREFIX = 'backbone.bottom_up.backbone.'
+_NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
+
+
+class MPViTCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that also reads classification, mmseg and Deformable DETR checkpoints
+    (their MPViT part initialises the backbone), and fails on a checkpoint that does not fit.
+
+    A detector checkpoint must match the model key for key; the one exception is
+    a head of another shape (another class count), which is skipped with
+    Detectron2's usual warning so fine-tuning on a new dataset works, unless
+    ``heads_must_fit`` (evaluation: a reset head would give a meaningless AP).
+    A backbone-only checkpoint must fill the whole backbone.
+    """
+
+    def __init__(self, model: nn.Module, save_dir: str = '', *, heads_must_fit: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.heads_must_fit = heads_must_fit
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith('.pkl'):
+            return super()._load_file(filename)
+        loaded = read_checkpoint(filename)
+        state = unwrap_checkpoint(loaded)
+        prefix = backbone_prefix(state)
+        if prefix == D2_BACKBONE_PREFIX:
+            extra = {k: v for k, v in loaded.items() if k not in ('model', 'state_dict')}
+            return {**extra, 'model': state}
+        # A backbone from another task: place it where Detectron2 keeps it; drop everything else.
+        weights = {D2_BACKBONE_PREFIX + k[len(prefix):]: v for k, v in state.items()
+                   if k.startswith(prefix) and not k[len(prefix):].startswith('cls_head.')}
+        _logger.info('%s: MPViT weights of a non-Detectron2 checkpoint (prefix %r); initialising the backbone only',
+                     filename, prefix)
+        return {'model': weights, '__mpvit_backbone_only__': True}
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        weights = checkpoint['model']
+        own = self.model.state_dict()
+        for k in [k for k in weights if k.endswith(_NORM_STATS) and k not in own]:
+            del weights[k]  # FrozenBN / GroupNorm have no place for BN statistics
+        backbone_only = checkpoint.pop('__mpvit_backbone_only__', False)
+        if backbone_only and self.heads_must_fit:
+            raise CheckpointError('the checkpoint holds MPViT backbone weights only (a classification or other-task '
+                                  'checkpoint): no detector to evaluate')
+        # Fine-tuning resets heads of another shape (Detectron2 skips them with a warning); evaluation may not.
+        check_fit(weights, self.model,
+                  what=f"checkpoint ({'MPViT backbone only' if backbone_only else 'detector'})",
+                  scope=D2_BACKBONE_PREFIX if backbone_only else '',
+                  shape_may_differ=lambda key: not self.heads_must_fit and not key.startswith('backbone.bottom_up.'))
+        return super()._load_model(checkpoint)
