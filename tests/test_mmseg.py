@@ -212,3 +212,19 @@ def test_colour_label_png_is_named(tmp_path):
     loaded = LoadAnnotations(reduce_zero_label=True)(
         dict(seg_map_path=str(path), reduce_zero_label=True, seg_fields=[], ori_shape=(8, 10)))
     assert CheckSegMap(num_classes=150)(loaded) is not None
+
+
+def test_evaluation_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    """mmengine loads non-strictly; test.py must not evaluate a segmentor with a reset head."""
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016', train=1, val=1)
+    cfg = _model_cfg('small')
+    cfg.model.decode_head.num_classes = 10
+    torch.save({'state_dict': MODELS.build(cfg.model).state_dict()}, tmp_path / 'ten_classes.pth')
+    with pytest.raises(CheckpointError, match=r'ten_classes.pth does not fit .*keys of the wrong shape: '
+                                              r'decode_head.conv_seg.weight \(checkpoint \(10,'):
+        _tool('test').main([
+            str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), str(tmp_path / 'ten_classes.pth'),
+            '--work-dir', str(tmp_path / 'test'), '--cfg-options', f'test_dataloader.dataset.data_root={data_root}',
+            'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False',
+            'model.backbone.norm_cfg.type=BN', 'model.decode_head.norm_cfg.type=BN',
+            'model.auxiliary_head.norm_cfg.type=BN'])

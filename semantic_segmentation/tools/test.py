@@ -14,7 +14,7 @@ from mmengine.dist import is_main_process
 from mmengine.runner import Runner
 
 from mpvit import model_zoo
-from mpvit.checkpoint import local_checkpoint
+from mpvit.checkpoint import check_fit, local_checkpoint, read_checkpoint, unwrap_checkpoint
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 
 
@@ -55,7 +55,11 @@ def main(argv=None) -> dict:
     if data_root and not osp.isdir(data_root):
         raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
     ensure_writable_dir(cfg.work_dir, 'work directory')
-    metrics = Runner.from_cfg(cfg).test()
+    runner = Runner.from_cfg(cfg)
+    # mmengine loads non-strictly: a head of another class count would be left random and give a wrong mIoU.
+    model = getattr(runner.model, 'module', runner.model)
+    check_fit(unwrap_checkpoint(read_checkpoint(cfg.load_from)), model, what=str(cfg.load_from))
+    metrics = runner.test()
     if is_main_process():
         model_zoo.write_eval_metrics(osp.join(cfg.work_dir, 'eval_metrics.json'), 'mmseg', metrics,
                                      config=args.config, model=cfg.model.backbone.get('arch'))
