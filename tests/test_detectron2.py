@@ -441,3 +441,15 @@ def test_evaluation_refuses_heads_that_do_not_fit(tmp_path):
     torch.save({'model': classifier.state_dict()}, tmp_path / 'classifier.pth')
     with pytest.raises(CheckpointError, match='backbone weights only'):
         MPViTCheckpointer(model, heads_must_fit=True).load(str(tmp_path / 'classifier.pth'))
+
+
+def test_second_install_run_is_a_quiet_no_op():
+    """tools/install.sh on an installed machine changes nothing and prints no resolver complaints; the
+    Detectron2 distribution's requirements agree with our pins (pip check)."""
+    run = subprocess.run(['bash', str(REPO / 'tools' / 'install.sh')], capture_output=True, text=True,
+                         env={**os.environ, 'PYTHON': sys.executable}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if not line.startswith('WARNING: Location')]
+    assert lines == ['[install] pinned requirements (requirements.txt)', '[install] done'], lines
+    check = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
