@@ -287,6 +287,7 @@ def _train_net(coco, config, out, *opts, flags=(), expect_ok=True):
         'INPUT.MIN_SIZE_TRAIN', '(96,)', 'INPUT.MAX_SIZE_TRAIN', '160', 'INPUT.MIN_SIZE_TEST', '96',
         'INPUT.MAX_SIZE_TEST', '160', 'MODEL.RETINANET.NUM_CLASSES', '4', 'MODEL.ROI_HEADS.NUM_CLASSES', '4',
         'MODEL.RETINANET.SCORE_THRESH_TEST', '0.0', 'MODEL.ROI_HEADS.SCORE_THRESH_TEST', '0.0',
+        'SEED', '0',  # Detectron2 draws a seed per run otherwise: a 2-iteration model could predict nothing
         *opts,
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
