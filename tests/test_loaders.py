@@ -3,10 +3,14 @@ that does or does not fit, input channels, and the file checks (CPU, tiny model)
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
+from helpers import REPO
+from PIL import Image
 
 from mpvit import CheckpointError, load_backbone_weights, read_checkpoint
 
@@ -38,33 +42,37 @@ def test_model_not_ema_through_every_loader(model_and_ema, caplog):
     load_backbone_weights(ours, str(path))
     loaded['load_backbone_weights'] = ours.state_dict()[KEY]
 
-    if pytest.importorskip('detectron2'):
-        from detectron2.config import get_cfg
-        from detectron2.modeling import build_model
+    pytest.importorskip('detectron2')
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
 
-        from mpvit.d2 import MPViTCheckpointer, add_mpvit_config
+    from mpvit.d2 import MPViTCheckpointer, add_mpvit_config
 
-        cfg = get_cfg()
-        add_mpvit_config(cfg)
-        cfg.merge_from_file('configs/detectron2/retinanet_mpvit_tiny_1x.yaml')
-        cfg.merge_from_list(['MODEL.DEVICE', 'cpu', 'MODEL.WEIGHTS', '', 'MODEL.MPVIT.NORM', 'BN'])
-        detector = build_model(cfg)
-        MPViTCheckpointer(detector).load(str(path))
-        loaded['Detectron2'] = detector.backbone.bottom_up.backbone.state_dict()[KEY]
-    if pytest.importorskip('mmseg'):
-        from mmseg.registry import MODELS
+    cfg = get_cfg()
+    add_mpvit_config(cfg)
+    cfg.merge_from_file(str(REPO / 'configs' / 'detectron2' / 'retinanet_mpvit_tiny_1x.yaml'))
+    cfg.merge_from_list(['MODEL.DEVICE', 'cpu', 'MODEL.WEIGHTS', '', 'MODEL.MPVIT.NORM', 'BN'])
+    detector = build_model(cfg)
+    MPViTCheckpointer(detector).load(str(path))
+    loaded['Detectron2'] = detector.backbone.bottom_up.backbone.state_dict()[KEY]
 
-        import mpvit.mmseg  # noqa: F401
+    pytest.importorskip('mmseg')
+    from mmseg.registry import MODELS
 
-        backbone = MODELS.build(dict(type='MPViT', arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=str(path))))
-        backbone.init_weights()
-        loaded['mmseg init_cfg'] = backbone.state_dict()[KEY]
-    if pytest.importorskip('transformers'):
-        from mpvit.deformable_detr import build_deformable_detr, load_detector_weights
+    import mpvit.mmseg  # noqa: F401
 
-        detr = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
-        load_detector_weights(detr, read_checkpoint(str(path)))
-        loaded['Deformable DETR'] = detr.model.backbone.model.state_dict()[KEY]
+    backbone = MODELS.build(dict(type='MPViT', arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=str(path))))
+    backbone.init_weights()
+    loaded['mmseg init_cfg'] = backbone.state_dict()[KEY]
+
+    pytest.importorskip('transformers')
+    from mpvit.deformable_detr import build_deformable_detr, load_detector_weights
+
+    detr = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
+    load_detector_weights(detr, read_checkpoint(str(path)))
+    loaded['Deformable DETR'] = detr.model.backbone.model.state_dict()[KEY]
+
+    assert len(loaded) == 5
     for loader, value in loaded.items():
         assert torch.equal(value, expected[KEY]), loader
 
@@ -109,12 +117,6 @@ def test_file_checks(model_and_ema, tmp_path):
 
 
 def test_predict_prints_named_top5(tmp_path):
-    import subprocess
-    import sys
-
-    from helpers import REPO
-    from PIL import Image
-
     torch.manual_seed(0)
     model = timm.create_model('mpvit_tiny')
     torch.save({'model': model.state_dict()}, tmp_path / 'imagenet.pth')
