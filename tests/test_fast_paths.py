@@ -1,5 +1,8 @@
-"""The optimised ops against the straightforward ones they replace (float32), eager and compiled."""
+"""The optimised ops against the textbook ones they replace (float32), eager and compiled."""
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import timm
@@ -8,7 +11,23 @@ import torch.nn as nn
 from fidelity import compare, golden, synth_input, synth_state_dict
 
 import mpvit
-from mpvit.models.mpvit import ConvRelPosEnc, FactorAttnConvRelPosEnc, LayerNorm, _softmax, fold_batchnorm
+from mpvit.models.mpvit import (
+    ConvRelPosEnc,
+    FactorAttnConvRelPosEnc,
+    LayerNorm,
+    MHCAEncoder,
+    _softmax,
+    fold_batchnorm,
+)
+
+
+@contextmanager
+def textbook_ops(model: nn.Module) -> Iterator[None]:
+    mpvit.set_fast_ops(model, False)
+    try:
+        yield
+    finally:
+        mpvit.set_fast_ops(model, True)
 
 
 def _model(variant: str, **kwargs) -> nn.Module:
@@ -31,26 +50,26 @@ def _assert_close(fast: torch.Tensor, slow: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize('variant', ['tiny', 'xsmall', 'small', 'base'])
-def test_inference_equals_straightforward_ops(variant):
+def test_inference_equals_textbook_ops(variant):
     model = _model(variant).eval()
     x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
         fast = model.forward_intermediates(x)
-        with mpvit.straightforward_ops():
+        with textbook_ops(model):
             slow = model.forward_intermediates(x)
     _assert_close(fast[0], slow[0])
     for f, s in zip(fast[1], slow[1]):
         _assert_close(f, s)
 
 
-def test_training_gradients_equal_straightforward_ops():
+def test_training_gradients_equal_textbook_ops():
     model = _model('tiny', drop_path_rate=0.).train()
     x = torch.randn(2, 3, 64, 96)
 
-    def grads(straightforward: bool):
+    def grads(textbook: bool):
         model.zero_grad()
-        with mpvit.straightforward_ops(straightforward):
-            loss = model(x).square().mean()
+        mpvit.set_fast_ops(model, not textbook)
+        loss = model(x).square().mean()
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -80,13 +99,13 @@ def test_merged_crpe_kernel_equals_split_convs():
     crpe = ConvRelPosEnc(head_dim=4, num_heads=8, window={3: 2, 5: 3, 7: 3})
     v = torch.randn(2, 11, 13, 32)
     fast = crpe.conv_v(v)
-    with mpvit.straightforward_ops():
+    with textbook_ops(crpe):
         slow = crpe.conv_v(v)
     _assert_close(fast, slow)
 
 
 @pytest.mark.parametrize('variant', ['tiny', 'small'])
-def test_fused_and_straightforward_models_match_golden(variant, tmp_path):
+def test_fused_and_textbook_models_match_golden(variant, tmp_path):
     """Both formulations, and the batch-norm-folded model, reproduce the reference's outputs."""
     ref = golden(f'cls_mpvit_{variant}_224x224.json')
     weights = synth_state_dict(golden(f'manifest_mpvit_{variant}.json')['tensors'])
@@ -94,7 +113,7 @@ def test_fused_and_straightforward_models_match_golden(variant, tmp_path):
     model.load_state_dict(weights)
     x = synth_input(**ref['input'])
     with torch.no_grad():
-        with mpvit.straightforward_ops():
+        with textbook_ops(model):
             assert compare(ref['logits'], model(x)) == []
         model.fuse()
         assert compare(ref['logits'], model(x)) == []
@@ -108,7 +127,7 @@ def test_fuse_folds_every_batch_norm_and_keeps_outputs():
         assert model.fuse() is model
         after = model(x)
     _assert_close(after, before)
-    with torch.no_grad(), mpvit.straightforward_ops():
+    with torch.no_grad(), textbook_ops(model):
         _assert_close(model(x), before)
     assert not [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(len(m.conv_list) == 1 for m in model.modules() if isinstance(m, ConvRelPosEnc))
@@ -145,22 +164,57 @@ def test_fuse_refuses_training_mode_and_leaves_group_norm():
     assert fold_batchnorm(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4)) is None
 
 
-def test_flop_count_uses_the_published_formulation():
-    """Under jit tracing (what fvcore does) the model runs einsums, not the block-diagonal products."""
-    model = timm.create_model('mpvit_tiny').eval()
+def _traced_ops(model: nn.Module) -> set:
     graph = torch.jit.trace(model, torch.zeros(1, 3, 64, 64), check_trace=False).inlined_graph
-    kinds = {node.kind() for node in graph.nodes()}
-    assert 'aten::einsum' in kinds and 'aten::baddbmm' not in kinds
+    return {node.kind() for node in graph.nodes()}
 
 
-def test_bf16_autocast_is_as_accurate_as_straightforward_ops():
+def test_tracing_runs_the_ops_the_flags_choose():
+    """A jit trace (what fvcore counts) records the fast ops unless the textbook ones are asked for."""
+    assert 'aten::baddbmm' in _traced_ops(timm.create_model('mpvit_tiny').eval())
+    textbook = _traced_ops(timm.create_model('mpvit_tiny', fast_ops=False).eval())
+    assert 'aten::einsum' in textbook and 'aten::baddbmm' not in textbook
+    switched = _traced_ops(timm.create_model('mpvit_tiny').eval().set_fast_ops(False))
+    assert switched == textbook
+
+
+def test_eager_default_takes_the_fast_paths(monkeypatch):
+    """By default no split CRPE conv and no per-head einsum runs; with textbook ops both do."""
+    model = timm.create_model('mpvit_tiny').eval()
+    calls = {'split_conv': 0, 'per_head': 0}
+
+    def count_split_conv(*_):
+        calls['split_conv'] += 1
+
+    for crpe in (m for m in model.modules() if isinstance(m, ConvRelPosEnc)):
+        assert len(crpe.conv_list) == 3
+        for conv in crpe.conv_list:
+            conv.register_forward_pre_hook(count_split_conv)
+    per_head = FactorAttnConvRelPosEnc.forward_per_head
+
+    def count_per_head(self, x):
+        calls['per_head'] += 1
+        return per_head(self, x)
+
+    monkeypatch.setattr(FactorAttnConvRelPosEnc, 'forward_per_head', count_per_head)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        assert calls == {'split_conv': 0, 'per_head': 0}
+        with textbook_ops(model):
+            model(x)
+    layers = sum(len(m.MHCA_layers) for m in model.modules() if isinstance(m, MHCAEncoder))
+    assert calls['per_head'] == layers and calls['split_conv'] == 3 * layers
+
+
+def test_bf16_autocast_is_as_accurate_as_textbook_ops():
     model = _model('tiny').eval()
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         exact = model(x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             fast = model(x).float()
-            with mpvit.straightforward_ops():
+            with textbook_ops(model):
                 slow = model(x).float()
 
     def error(out: torch.Tensor) -> float:
@@ -208,16 +262,16 @@ def test_compiled_training_step_equals_eager():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize('variant', ['tiny', 'small'])
-def test_cuda_bf16_close_to_straightforward(variant):
+def test_cuda_bf16_close_to_textbook(variant):
     model = _model(variant).cuda().eval()
     x = torch.randn(8, 3, 224, 224, device='cuda')
     with torch.no_grad():
-        with mpvit.straightforward_ops():
+        with textbook_ops(model):
             slow32 = model(x)
         fast32 = model(x)
         with torch.autocast('cuda', dtype=torch.bfloat16):
             fast16 = model(x).float()
-            with mpvit.straightforward_ops():
+            with textbook_ops(model):
                 slow16 = model(x).float()
     _assert_close(fast32, slow32)
     # bf16 both ways: compare each with float32 and require the fast path to be no less accurate (within 20%).

@@ -48,14 +48,20 @@ def synthetic_small(tmp_path_factory):
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_layout_params_and_flops_match_reference(variant):
     manifest = golden(f'manifest_mpvit_{variant}.json')
-    model = timm.create_model(f'mpvit_{variant}').eval()
+    model = timm.create_model(f'mpvit_{variant}', fast_ops=False).eval()  # FLOPs are counted on textbook ops
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert shapes == manifest['tensors']
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == manifest['params_trainable']
+    assert _fvcore_flops(model) == manifest['fvcore_flops_224']
+    # The fast ops trace to more multiply-adds (zero taps, off-diagonal head blocks): never counted by default.
+    assert _fvcore_flops(model.set_fast_ops(True)) > manifest['fvcore_flops_224']
+
+
+def _fvcore_flops(model: torch.nn.Module) -> int:
     flops = FlopCountAnalysis(model, torch.zeros(1, 3, 224, 224))
     flops.unsupported_ops_warnings(False)
     flops.uncalled_modules_warnings(False)
-    assert flops.total() == manifest['fvcore_flops_224']
+    return flops.total()
 
 
 @pytest.mark.parametrize('variant', ['tiny', 'small'])
@@ -196,6 +202,62 @@ def test_head_api():
     assert model.get_submodule('stem.0.conv').in_channels == 3
 
 
+@pytest.mark.parametrize('pool', ['avg', 'max', 'avgmax', 'catavgmax'])
+def test_global_pool_choices(pool):
+    model = timm.create_model('mpvit_tiny', num_classes=3, global_pool=pool).eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    pooled = {'avg': feats.mean((2, 3)), 'max': feats.amax((2, 3))}
+    pooled['avgmax'] = (pooled['avg'] + pooled['max']) / 2
+    pooled['catavgmax'] = torch.cat([pooled['avg'], pooled['max']], 1)
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True), pooled[pool])
+    assert model(x).shape == (2, 3)
+    assert model.get_classifier().in_features == pooled[pool].shape[1]
+
+
+def test_global_pool_none_keeps_the_classifier_at_every_position():
+    """global_pool='' with classes: the released head's weights applied per position, as timm's conv heads."""
+    pooled = timm.create_model('mpvit_tiny', num_classes=3).eval()
+    model = timm.create_model('mpvit_tiny', num_classes=3, global_pool='').eval()
+    assert model.load_state_dict(pooled.state_dict()) is not None
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        logits = model(x)
+        assert logits.shape == (2, 3, 2, 3)
+        torch.testing.assert_close(logits.mean((2, 3)), pooled(x))  # a linear head commutes with the mean
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 216, 2, 3)  # the pool is kept by reset_classifier(n)
+    model.reset_classifier(4, 'avg')
+    assert model(x).shape == (2, 4)
+    with pytest.raises(ValueError, match="global_pool must be one of .*'token'"):
+        timm.create_model('mpvit_tiny', global_pool='token')
+
+
+def test_factory_kwargs_and_reset_classifier_keep_device_dtype_and_mode():
+    model = timm.create_model('mpvit_tiny', device='meta', dtype=torch.float64).eval()
+    tensors = [*model.parameters(), *model.buffers()]
+    assert {t.device.type for t in tensors} == {'meta'} and model.stem[0].conv.weight.dtype == torch.float64
+    assert model.forward_features(torch.empty(1, 3, 64, 64, device='meta', dtype=torch.float64)).shape == (1, 216, 2, 2)
+    model.reset_classifier(7)
+    weight = model.get_classifier().weight
+    assert (weight.device.type, weight.dtype, model.cls_head.training) == ('meta', torch.float64, False)
+    with pytest.raises(TypeError):
+        timm.create_model('mpvit_tiny', not_an_argument=1)
+
+
+@pytest.mark.parametrize('fast_ops', [True, False])
+def test_torchscript_matches_eager(fast_ops):
+    model = timm.create_model('mpvit_tiny', fast_ops=fast_ops).eval()
+    x = torch.randn(1, 3, 64, 64)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+        model.fuse()
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+    kinds = {node.kind() for node in scripted.inlined_graph.nodes()}
+    assert ('aten::baddbmm' in kinds) == fast_ops and ('aten::einsum' in kinds) != fast_ops
+
+
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     model = timm.create_model('mpvit_tiny')
@@ -250,8 +312,8 @@ def test_benchmark_tool_smoke(tmp_path):
     side_by_side = bench.main(['--models', 'mpvit_tiny', '--impl', 'both', '--fuse', '--mode', 'infer',
                                '--batch-size', '1', '--img-size', '64', '--amp', 'none', '--warmup', '0',
                                '--iters', '1', '--device', 'cpu'])
-    assert [r['impl'] for r in side_by_side] == ['straightforward', 'fast'] and side_by_side[1]['fused']
-    assert side_by_side[1]['vs_straightforward'] > 0 and 'vs_reference' not in side_by_side[1]
+    assert [r['impl'] for r in side_by_side] == ['textbook', 'fast'] and side_by_side[1]['fused']
+    assert side_by_side[1]['vs_textbook'] > 0 and 'vs_reference' not in side_by_side[1]
 
 
 def test_benchmark_ratios_to_the_reference_table():

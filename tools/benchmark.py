@@ -13,10 +13,10 @@ as for dense-task shapes. Peak memory is the GPU's ``max_memory_allocated``; on
 the CPU, timings are for smoke runs only.
 
 Two kinds of ratio are printed, both measured, never assumed:
-- ``--impl both`` times MPViT's optimised ops and its straightforward ones
-  (``mpvit.straightforward_ops``: per-head einsum attention, split CRPE convs,
+- ``--impl both`` times MPViT's optimised ops and its textbook ones
+  (``mpvit.set_fast_ops(model, False)``: per-head einsum attention, split CRPE convs,
   float32 LayerNorm under autocast, NCHW maps) in the same run, and prints
-  fast / straightforward per configuration.
+  fast / textbook per configuration.
 - On an H100 at batch 128 and 224x224, each MPViT / CoaT-Lite-S row is also
   divided by the reference implementation's throughput measured on an H100
   (the table in issue #7) and checked against that issue's target ratio.
@@ -102,11 +102,12 @@ def benchmark(name: str, args: argparse.Namespace, mode: str, amp: str, channels
     device = torch.device(args.device)
     kwargs = dict(features_only=True) if args.features else {}
     model = timm.create_model(name, **kwargs).to(device)
+    if impl == 'textbook':
+        mpvit.set_fast_ops(model, False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     height, width = args.img_size if len(args.img_size) == 2 else args.img_size * 2
     x = torch.randn(args.batch_size, 3, height, width, device=device).to(memory_format=memory_format)
-    ops = mpvit.straightforward_ops(impl == 'straightforward')
     if mode == 'infer':
         model.eval()
         if args.fuse and hasattr(model, 'fuse'):
@@ -135,8 +136,7 @@ def benchmark(name: str, args: argparse.Namespace, mode: str, amp: str, channels
     if device.type == 'cuda':
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    with ops:
-        elapsed = _timed(step, device, args.warmup, args.iters)
+    elapsed = _timed(step, device, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else float('nan')
     row = dict(model=name, impl=impl, mode=mode, batch_size=args.batch_size, img_size=[height, width], amp=amp,
                channels_last=channels_last, compile=compile_model, fused=bool(args.fuse and mode == 'infer'),
@@ -147,14 +147,14 @@ def benchmark(name: str, args: argparse.Namespace, mode: str, amp: str, channels
 
 
 def add_ratios(rows: List[Dict]) -> None:
-    """Fill ``vs_straightforward`` and ``vs_reference`` / ``target`` / ``meets_target`` where comparable."""
+    """Fill ``vs_textbook`` and ``vs_reference`` / ``target`` / ``meets_target`` where comparable."""
     def key(r: Dict) -> Tuple:
         return (r['model'], r['mode'], r['amp'], r['channels_last'], r['compile'], r['fused'], r['features'])
 
-    slow = {key(r): r for r in rows if r['impl'] == 'straightforward'}
+    slow = {key(r): r for r in rows if r['impl'] == 'textbook'}
     for row in rows:
         if row['impl'] == 'fast' and key(row) in slow:
-            row['vs_straightforward'] = row['images_per_s'] / slow[key(row)]['images_per_s']
+            row['vs_textbook'] = row['images_per_s'] / slow[key(row)]['images_per_s']
         column = reference_column(row)
         if column is None:
             continue
@@ -175,7 +175,7 @@ def _ratio(row: Dict, name: str) -> str:
 
 def render(rows: List[Dict]) -> str:
     header = ['model', 'impl', 'mode', 'batch', 'size', 'amp', 'channels_last', 'compile', 'img/s', 'peak GiB',
-              'vs straightforward', 'vs reference (H100)', 'target']
+              'vs textbook', 'vs reference (H100)', 'target']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for r in rows:
         target = ''
@@ -185,7 +185,7 @@ def render(rows: List[Dict]) -> str:
         name = r['model'] + (' (features)' if r['features'] else '') + (' (fused)' if r['fused'] else '')
         cells = [name, r['impl'], r['mode'], str(r['batch_size']), f"{r['img_size'][0]}x{r['img_size'][1]}", r['amp'],
                  str(r['channels_last']), str(r['compile']), f"{r['images_per_s']:.1f}",
-                 f"{r['peak_memory_gib']:.2f}", _ratio(r, 'vs_straightforward'), _ratio(r, 'vs_reference'), target]
+                 f"{r['peak_memory_gib']:.2f}", _ratio(r, 'vs_textbook'), _ratio(r, 'vs_reference'), target]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -202,8 +202,8 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--compile-mode', default=None, help="torch.compile mode, e.g. 'max-autotune'")
     parser.add_argument('--fuse', action='store_true', help='inference: fold batch norms into convs (MPViT.fuse)')
     parser.add_argument('--features', action='store_true', help='time the features_only backbone')
-    parser.add_argument('--impl', choices=['fast', 'straightforward', 'both'], default='fast',
-                        help="MPViT's ops: the default optimised ones, the straightforward ones, or both side by side")
+    parser.add_argument('--impl', choices=['fast', 'textbook', 'both'], default='fast',
+                        help="MPViT's ops: the default optimised ones, the textbook ones, or both side by side")
     parser.add_argument('--preset', choices=['reference-table'],
                         help="reference-table: issue #7's five columns (overrides --mode/--amp/--channels-last/"
                              "--compile)")
@@ -220,7 +220,7 @@ def main(argv=None) -> List[Dict]:
     else:
         modes = ['infer', 'train'] if args.mode == 'both' else [args.mode]
         configs = [(mode, args.amp, args.channels_last, args.compile) for mode in modes]
-    impls = ['straightforward', 'fast'] if args.impl == 'both' else [args.impl]
+    impls = ['textbook', 'fast'] if args.impl == 'both' else [args.impl]
     rows = []
     for name in args.models:
         for config in configs:

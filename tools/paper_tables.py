@@ -26,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without an install of this checkout
-from mpvit import model_zoo  # noqa: E402
+from mpvit import model_zoo, set_fast_ops  # noqa: E402
 from mpvit.model_zoo import ZooEntry  # noqa: E402
 
 CACHE = REPO / '.cache' / 'paper_tables' / 'flops.json'
@@ -112,6 +112,7 @@ def _quiet(analysis):
 @torch.no_grad()
 def count_flops(entry: ZooEntry, model: torch.nn.Module) -> Optional[Dict[str, float]]:
     """GFLOPs in the convention of ``entry``'s table (None where the table has no FLOPs)."""
+    set_fast_ops(model, False)  # the published formulation: the fast one adds multiply-by-zero work
     if entry.task == 'classification':
         from fvcore.nn import FlopCountAnalysis
         return {'gflops': _quiet(FlopCountAnalysis(model, torch.zeros(1, 3, 224, 224))).total() / 1e9}
@@ -144,6 +145,7 @@ def _fingerprint(entry: ZooEntry, model: torch.nn.Module) -> str:
     """What a FLOP count depends on: the model's structure (the same for a 1x and an MS 3x detector, so
     they share one count), its table's convention, and the code that builds it."""
     digest = hashlib.sha256(f'{entry.task}\n{model}'.encode())
+    digest.update(Path(__file__).read_bytes())  # the counting conventions (and the textbook-ops switch)
     for path in sorted((REPO / 'mpvit').rglob('*.py')):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:20]

@@ -47,6 +47,7 @@ class D2MPViT(Backbone):
             norm: str = 'BN',
             drop_path_rate: float = 0.,
             in_channels: int = 3,
+            fast_ops: bool = True,
     ):
         super().__init__()
         out_features = list(out_features or STAGE_NAMES)
@@ -59,7 +60,7 @@ class D2MPViT(Backbone):
             raise ValueError(f'MODEL.MPVIT.NAME {e}') from None
         self.backbone = MPViT(
             **arch, in_chans=in_channels, num_classes=0, global_pool='',
-            drop_path_rate=drop_path_rate, norm_layer=norm_factory(norm),
+            drop_path_rate=drop_path_rate, norm_layer=norm_factory(norm), fast_ops=fast_ops,
         )
         info = {STAGE_NAMES[i]: f for i, f in enumerate(self.backbone.feature_info)}
         self._out_features = [f for f in STAGE_NAMES if f in out_features]
@@ -97,7 +98,7 @@ def _check_fpn_features(cfg: CfgNode, bottom_up: D2MPViT) -> List[str]:
 def build_mpvit_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2MPViT:
     return D2MPViT(
         name=cfg.MODEL.MPVIT.NAME, out_features=list(cfg.MODEL.MPVIT.OUT_FEATURES), norm=cfg.MODEL.MPVIT.NORM,
-        drop_path_rate=cfg.MODEL.MPVIT.DROP_PATH, in_channels=input_shape.channels,
+        drop_path_rate=cfg.MODEL.MPVIT.DROP_PATH, in_channels=input_shape.channels, fast_ops=cfg.MODEL.MPVIT.FAST_OPS,
     )
 
 

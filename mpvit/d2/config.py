@@ -13,6 +13,8 @@ def add_mpvit_config(cfg: CfgNode) -> None:
     cfg.MODEL.MPVIT.OUT_FEATURES = list(STAGE_NAMES)
     cfg.MODEL.MPVIT.NORM = 'SyncBN'  # BN | SyncBN | FrozenBN | GN
     cfg.MODEL.MPVIT.DROP_PATH = 0.2
+    # False builds the textbook ops: what FLOP counting needs (tools/analyze_model.py --tasks flop).
+    cfg.MODEL.MPVIT.FAST_OPS = True
     cfg.SOLVER.OPTIMIZER = 'AdamW'  # AdamW | SGD
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # lr factor of every parameter under model.backbone
     cfg.AUG = CfgNode()

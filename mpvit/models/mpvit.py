@@ -13,22 +13,25 @@ view instead of reshaping tokens to maps and back around every conv (the
 maps are channels-last from the stem on).
 
 The model is bound by memory traffic, not arithmetic, so several ops are
-written in a faster but equivalent form (see ``straightforward_ops``, which
-switches back to the textbook form for tests, FLOP counts and benchmarks);
+written in a faster but equivalent form. Each module that has one decides at
+build time (a ``torch.jit.Final`` flag, ``fast_ops=True`` by default); the
+textbook form is what tests compare with, what FLOP counts need (the fast
+forms add multiply-by-zero work) and what ``set_fast_ops(model, False)``
+switches back to. Tracing runs whichever form the flags say.
 ``MPViT.fuse()`` re-parameterises a model for inference.
 
 Paper: https://arxiv.org/abs/2112.11010
 """
-from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from contextlib import nullcontext
+from typing import Callable, Dict, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
+from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, register_notrace_module, trunc_normal_
+from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.fast_norm import fast_layer_norm, get_autocast_dtype, is_autocast_enabled
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -36,7 +39,7 @@ from timm.models._manipulate import checkpoint
 
 from mpvit.checkpoint import check_pretrained_file, checkpoint_filter_fn, load_backbone_weights
 
-__all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn', 'fold_batchnorm', 'mpvit_arch', 'straightforward_ops']
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn', 'fold_batchnorm', 'mpvit_arch', 'set_fast_ops']
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -185,57 +188,48 @@ class PatchEmbedStage(nn.Module):
         return outputs
 
 
-_STRAIGHTFORWARD = False
+def set_fast_ops(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Set every MPViT module inside ``model`` (a classifier, a detector, a segmentor) to the fast
+    formulation of its ops, or with ``enable=False`` to the textbook one; returns ``model``.
 
-
-@contextmanager
-def straightforward_ops(enabled: bool = True) -> Iterator[None]:
-    """Run the textbook formulation of every optimised op while inside this context.
-
-    The default ops compute the same function faster: per-head attention as
-    block-diagonal products, the CRPE kernels as one zero-padded conv, the CPE
-    residual folded into its kernel, LayerNorm and softmax in the autocast dtype,
-    channels-last maps. The straightforward ones are what tests compare them
-    with, and what ``tools/benchmark.py --impl both`` times side by side.
+    The textbook ops are what FLOP counters must trace: the fast ones add multiply-by-zero work
+    (zero-padded kernels, off-diagonal head blocks) that a count would include. Call it before
+    ``torch.jit.script`` / ``torch.compile``, which take the flags as constants.
     """
-    global _STRAIGHTFORWARD
-    previous, _STRAIGHTFORWARD = _STRAIGHTFORWARD, enabled
-    try:
-        yield
-    finally:
-        _STRAIGHTFORWARD = previous
+    for module in model.modules():
+        if isinstance(module, LayerNorm):
+            module._fast_norm = enable
+        elif isinstance(module, (ConvPosEnc, ConvRelPosEnc, FactorAttnConvRelPosEnc, MPViT)):
+            module.fast_ops = enable
+    return model
 
 
-def _straightforward() -> bool:
-    """Straightforward ops are also used while a FLOP counter traces the model.
+@register_notrace_module  # fx leaf: fast_layer_norm asks for the autocast state, which a symbolic trace cannot
+class LayerNorm(TimmLayerNorm):
+    """timm's LayerNorm with its fast-norm flag set per module (``fast_ops``) instead of from timm's global.
 
-    fvcore (and Detectron2's and mmseg's tools built on it) counts ops from a jit
-    trace. The fast formulations add multiply-by-zero work (zero-padded kernels,
-    off-diagonal blocks) that such a count would include; the textbook ops give
-    the published FLOPs.
+    Fast, it stays in the autocast dtype: native CUDA autocast runs LayerNorm in
+    float32, which writes a float32 copy of the tokens only for the next Linear
+    to cast it back. The kernel accumulates in float32 either way.
     """
-    return _STRAIGHTFORWARD or torch.jit.is_tracing()
 
-
-@register_notrace_module  # fx leaf: the autocast-dtype check is not symbolic
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters) that stays in the autocast dtype.
-
-    Native CUDA autocast runs LayerNorm in float32, which writes a float32 copy
-    of the tokens only for the next Linear to cast it back. The kernel
-    accumulates in float32 either way; the bf16 output is what that Linear
-    would have seen.
-    """
+    def __init__(self, dim: int, eps: float = 1e-6, fast_ops: bool = True):
+        super().__init__(dim, eps=eps)
+        self._fast_norm = fast_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _straightforward():
+        if torch.jit.is_scripting():  # no autocast state to ask for (fast_layer_norm would do the same)
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if self._fast_norm and torch.amp.is_autocast_available(x.device.type):  # not on 'meta', say
+            return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax in the autocast dtype (float32 accumulation inside), for the same reason as LayerNorm."""
-    if is_autocast_enabled(x.device.type):
+    if torch.jit.is_scripting():  # TorchScript cannot ask for the autocast state
+        return x.softmax(dim)
+    if torch.amp.is_autocast_available(x.device.type) and is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             return x.to(get_autocast_dtype(x.device.type)).softmax(dim)
     return x.softmax(dim)
@@ -248,9 +242,11 @@ class ConvPosEnc(nn.Module):
     The residual is folded into the kernel (+1 at the centre tap), which is the
     same sum in one pass over memory instead of a conv and an add.
     """
+    fast_ops: Final[bool]
 
-    def __init__(self, dim: int, kernel_size: int = 3):
+    def __init__(self, dim: int, kernel_size: int = 3, fast_ops: bool = True):
         super().__init__()
+        self.fast_ops = fast_ops
         self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
         self.residual_in_kernel = False  # set by reparameterize(): the +1 is then stored in proj.weight
 
@@ -264,7 +260,7 @@ class ConvPosEnc(nn.Module):
         feat = x.permute(0, 3, 1, 2)
         if self.residual_in_kernel:
             return self.proj(feat).permute(0, 2, 3, 1)
-        if _straightforward():
+        if not self.fast_ops:
             return (self.proj(feat) + feat).permute(0, 2, 3, 1)
         weight = self._identity_tap(self.proj.weight)
         out = F.conv2d(feat, weight, self.proj.bias, padding=self.proj.padding, groups=self.proj.groups)
@@ -286,9 +282,11 @@ class ConvRelPosEnc(nn.Module):
     depthwise conv whose smaller kernels are zero-padded to the largest size:
     the same math, without splitting and re-concatenating the channels.
     """
+    fast_ops: Final[bool]
 
-    def __init__(self, head_dim: int, num_heads: int, window: Dict[int, int]):
+    def __init__(self, head_dim: int, num_heads: int, window: Dict[int, int], fast_ops: bool = True):
         super().__init__()
+        self.fast_ops = fast_ops
         if sum(window.values()) != num_heads:
             raise ValueError(f'CRPE window {window} does not cover {num_heads} heads')
         self.channel_splits = [heads * head_dim for heads in window.values()]
@@ -299,24 +297,33 @@ class ConvRelPosEnc(nn.Module):
 
     def merged_kernel(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """All groups' kernels as one ``[C, 1, k_max, k_max]`` depthwise weight, and the bias."""
-        if len(self.conv_list) == 1:
-            return self.conv_list[0].weight, self.conv_list[0].bias
-        k_max = max(conv.kernel_size[0] for conv in self.conv_list)
-        weights = []
+        k_max = 0
+        for conv in self.conv_list:
+            k_max = max(k_max, conv.kernel_size[0])
+        weights: List[torch.Tensor] = []
+        biases: List[torch.Tensor] = []
         for conv in self.conv_list:
             pad = (k_max - conv.kernel_size[0]) // 2
-            weights.append(F.pad(conv.weight, (pad, pad, pad, pad)))
-        return torch.cat(weights), torch.cat([conv.bias for conv in self.conv_list])
+            weights.append(F.pad(conv.weight, [pad, pad, pad, pad]) if pad else conv.weight)
+            bias = conv.bias
+            if bias is not None:  # always (the convs have biases); says so to TorchScript
+                biases.append(bias)
+        if len(weights) == 1:
+            return weights[0], biases[0]
+        return torch.cat(weights), torch.cat(biases)
 
     def conv_v(self, v: torch.Tensor) -> torch.Tensor:
         """The grouped depthwise convs on v, ``[B, H, W, C]`` in and out."""
         v_img = v.permute(0, 3, 1, 2)
-        if _straightforward():
-            groups = torch.split(v_img, self.channel_splits, dim=1)
-            out = torch.cat([conv(g) for conv, g in zip(self.conv_list, groups)], dim=1)
-        else:
+        if self.fast_ops:
             weight, bias = self.merged_kernel()
             out = F.conv2d(v_img, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+        else:
+            groups = torch.split(v_img, self.channel_splits, dim=1)
+            outs: List[torch.Tensor] = []
+            for i, conv in enumerate(self.conv_list):
+                outs.append(conv(groups[i]))
+            out = torch.cat(outs, dim=1)
         return out.permute(0, 2, 3, 1)
 
     def forward(self, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -348,8 +355,18 @@ class FactorAttnConvRelPosEnc(nn.Module):
     which is what bounds this model on a GPU.
     """
 
-    def __init__(self, dim: int, num_heads: int, shared_crpe: ConvRelPosEnc, qkv_bias: bool = True):
+    fast_ops: Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            shared_crpe: ConvRelPosEnc,
+            qkv_bias: bool = True,
+            fast_ops: bool = True,
+    ):
         super().__init__()
+        self.fast_ops = fast_ops
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -358,14 +375,15 @@ class FactorAttnConvRelPosEnc(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, W, C]`` tokens in and out."""
-        if _straightforward():
+        if not self.fast_ops:
             return self.forward_per_head(x)
         b, height, width, c = x.shape
         h, n = self.num_heads, height * width
         # Three products rather than one and three strided views: q, k and v come out
         # contiguous, which the softmax and the CRPE conv would otherwise copy to get.
-        q, k, v = (
-            F.linear(x, weight, bias) for weight, bias in zip(self.qkv.weight.chunk(3), self._qkv_bias_chunks()))
+        q = F.linear(x, self.qkv.weight[:c], self._qkv_bias(0, c))
+        k = F.linear(x, self.qkv.weight[c:2 * c], self._qkv_bias(c, 2 * c))
+        v = F.linear(x, self.qkv.weight[2 * c:], self._qkv_bias(2 * c, 3 * c))
         context = torch.bmm(_softmax(k.reshape(b, n, c), dim=1).transpose(1, 2), v.reshape(b, n, c))
         # Keep only each head's own block, and apply the scale there, on the small tensor
         # (a float32 mask: the scale is not rounded to bf16).
@@ -374,8 +392,9 @@ class FactorAttnConvRelPosEnc(nn.Module):
         out = torch.baddbmm(self.crpe(q, v).reshape(b, n, c), q.reshape(b, n, c), context)
         return self.proj(out.view(b, height, width, c))
 
-    def _qkv_bias_chunks(self) -> Sequence[Optional[torch.Tensor]]:
-        return self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None, None, None)
+    def _qkv_bias(self, start: int, end: int) -> Optional[torch.Tensor]:
+        bias = self.qkv.bias
+        return None if bias is None else bias[start:end]
 
     def forward_per_head(self, x: torch.Tensor) -> torch.Tensor:
         """The textbook formulation (per-head einsums), as the paper counts its FLOPs."""
@@ -400,16 +419,17 @@ class MHCALayer(nn.Module):
             drop_path: float,
             shared_cpe: ConvPosEnc,
             shared_crpe: ConvRelPosEnc,
+            fast_ops: bool = True,
     ):
         super().__init__()
         # Shared with the encoder and its other layers; registered here as the reference does.
         self.cpe = shared_cpe
         self.crpe = shared_crpe
-        self.factoratt_crpe = FactorAttnConvRelPosEnc(dim, num_heads, shared_crpe)
+        self.factoratt_crpe = FactorAttnConvRelPosEnc(dim, num_heads, shared_crpe, fast_ops=fast_ops)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm1 = LayerNorm(dim, eps=1e-6)
-        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6, fast_ops=fast_ops)
+        self.norm2 = LayerNorm(dim, eps=1e-6, fast_ops=fast_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cpe(x)
@@ -428,12 +448,13 @@ class MHCAEncoder(nn.Module):
             mlp_ratio: float,
             drop_path_list: Sequence[float],
             crpe_window: Optional[Dict[int, int]] = None,
+            fast_ops: bool = True,
     ):
         super().__init__()
-        self.cpe = ConvPosEnc(dim, 3)
-        self.crpe = ConvRelPosEnc(dim // num_heads, num_heads, crpe_window or {3: 2, 5: 3, 7: 3})
+        self.cpe = ConvPosEnc(dim, 3, fast_ops=fast_ops)
+        self.crpe = ConvRelPosEnc(dim // num_heads, num_heads, crpe_window or {3: 2, 5: 3, 7: 3}, fast_ops=fast_ops)
         self.MHCA_layers = nn.ModuleList([
-            MHCALayer(dim, num_heads, mlp_ratio, drop_path_list[idx], self.cpe, self.crpe)
+            MHCALayer(dim, num_heads, mlp_ratio, drop_path_list[idx], self.cpe, self.crpe, fast_ops=fast_ops)
             for idx in range(num_layers)
         ])
         self.grad_checkpointing = False
@@ -484,31 +505,56 @@ class MHCAStage(nn.Module):
             num_path: int,
             drop_path_list: Sequence[float],
             norm_layer: NormLayer = nn.BatchNorm2d,
+            fast_ops: bool = True,
     ):
         super().__init__()
         self.mhca_blks = nn.ModuleList([
-            MHCAEncoder(dim, num_layers, num_heads, mlp_ratio, drop_path_list) for _ in range(num_path)
+            MHCAEncoder(dim, num_layers, num_heads, mlp_ratio, drop_path_list, fast_ops=fast_ops)
+            for _ in range(num_path)
         ])
         self.InvRes = InvResBlock(dim, norm_layer=norm_layer)
         self.aggregate = Conv2dBN(dim * (num_path + 1), out_dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
 
     def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
         outputs = [self.InvRes(inputs[0])]
-        outputs.extend(encoder(x) for x, encoder in zip(inputs, self.mhca_blks))
+        for i, encoder in enumerate(self.mhca_blks):
+            outputs.append(encoder(inputs[i]))
         return self.aggregate(torch.cat(outputs, dim=1))
 
 
-class ClsHead(nn.Module):
-    """Global average pool -> dropout -> Linear (``cls`` in checkpoints)."""
+GLOBAL_POOLS = ('avg', 'max', 'avgmax', 'catavgmax', '')
 
-    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.):
+
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f'global_pool must be one of {GLOBAL_POOLS} (got {global_pool!r})')
+
+
+class ClsHead(nn.Module):
+    """timm's selectable global pool -> dropout -> Linear (``cls`` in checkpoints).
+
+    With ``global_pool=''`` the map is not pooled and the classifier, if any, is
+    applied at every position (``[B, num_classes, H, W]``), as timm's conv heads do,
+    with the same ``cls.weight`` / ``cls.bias`` keys.
+    """
+    per_position: Final[bool]
+
+    def __init__(self, dim: int, num_classes: int, global_pool: str = 'avg', drop_rate: float = 0.):
         super().__init__()
+        _check_global_pool(global_pool)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.per_position = not global_pool
         self.drop = nn.Dropout(drop_rate)
-        self.cls = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        in_features = dim * self.global_pool.feat_mult()
+        self.cls = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1))
-        return x if pre_logits else self.cls(x)
+        x = self.drop(self.global_pool(x))
+        if pre_logits:
+            return x
+        if self.per_position:
+            return self.cls(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.cls(x)
 
 
 class MPViT(nn.Module):
@@ -521,9 +567,14 @@ class MPViT(nn.Module):
         mlp_ratio: MLP hidden width / width.
         num_heads: attention heads (all stages).
         drop_path_rate: stochastic depth, linear over all layers of all stages.
+        global_pool: timm's pool types (``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'``)
+            or ``''`` (no pooling; a classifier is then applied at every position).
         norm_layer: factory ``(num_channels) -> module`` for every conv-path norm
             (BatchNorm2d by default; adapters pass SyncBN / FrozenBN / GroupNorm).
+        fast_ops: the faster formulations of the same function (default); ``False`` builds
+            the textbook ops, e.g. for FLOP counting. ``set_fast_ops`` switches later.
     """
+    fast_ops: Final[bool]
 
     def __init__(
             self,
@@ -538,44 +589,50 @@ class MPViT(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_layer: NormLayer = nn.BatchNorm2d,
+            fast_ops: bool = True,
+            device: Optional[Union[torch.device, str]] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '' (got {global_pool!r})")
+        _check_global_pool(global_pool)
         num_stages = len(embed_dims)
         if not len(num_path) == len(num_layers) == num_stages:
             raise ValueError('num_path, num_layers and embed_dims need one entry per stage')
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
+        self.fast_ops = fast_ops
 
-        dpr = torch.linspace(0, drop_path_rate, sum(num_layers)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(num_layers), device='cpu').tolist()
         stage_dpr = [dpr[sum(num_layers[:i]):sum(num_layers[:i + 1])] for i in range(num_stages)]
         out_dims = list(embed_dims[1:]) + [embed_dims[-1]]
-
         stem_dim = embed_dims[0] // 2
-        self.stem = nn.Sequential(
-            Conv2dBN(in_chans, stem_dim, 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
-            Conv2dBN(stem_dim, embed_dims[0], 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
-        )
-        self.patch_embed_stages = nn.ModuleList([
-            PatchEmbedStage(embed_dims[i], num_path[i], downsample=i > 0, norm_layer=norm_layer)
-            for i in range(num_stages)
-        ])
-        self.mhca_stages = nn.ModuleList([
-            MHCAStage(
-                embed_dims[i], out_dims[i], num_layers[i], num_heads, mlp_ratio, num_path[i],
-                stage_dpr[i], norm_layer=norm_layer,
+        # timm's factory kwargs: every parameter and buffer (norm_layer's too) is created on ``device``.
+        with torch.device(device) if device is not None else nullcontext():
+            self.stem = nn.Sequential(
+                Conv2dBN(in_chans, stem_dim, 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
+                Conv2dBN(stem_dim, embed_dims[0], 3, 2, 1, norm_layer=norm_layer, act_layer=nn.Hardswish),
             )
-            for i in range(num_stages)
-        ])
+            self.patch_embed_stages = nn.ModuleList([
+                PatchEmbedStage(embed_dims[i], num_path[i], downsample=i > 0, norm_layer=norm_layer)
+                for i in range(num_stages)
+            ])
+            self.mhca_stages = nn.ModuleList([
+                MHCAStage(
+                    embed_dims[i], out_dims[i], num_layers[i], num_heads, mlp_ratio, num_path[i],
+                    stage_dpr[i], norm_layer=norm_layer, fast_ops=fast_ops,
+                )
+                for i in range(num_stages)
+            ])
+            self.cls_head = ClsHead(embed_dims[-1], num_classes, global_pool, drop_rate)
         self.feature_info = [
             dict(num_chs=out_dims[i], reduction=4 * 2 ** i, module=f'mhca_stages.{i}') for i in range(num_stages)
         ]
-        self.cls_head = ClsHead(embed_dims[-1], num_classes if global_pool else 0, drop_rate)
         self.apply(self._init_transformer_weights)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     @staticmethod
     def _init_transformer_weights(m: nn.Module) -> None:
@@ -587,7 +644,7 @@ class MPViT(nn.Module):
             _init_norm(m)
 
     @torch.no_grad()
-    def fuse(self) -> MPViT:
+    def fuse(self) -> 'MPViT':
         """Re-parameterise for inference (in place; returns self, so that timm's ``reparameterize_model``,
         which replaces each child by ``child.fuse()`` and calls the in-place ``reparameterize()`` of the
         blocks below, gives the same model).
@@ -627,13 +684,18 @@ class MPViT(nn.Module):
         return self.cls_head.cls
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '' (got {global_pool!r})")
-            self.global_pool = global_pool
+        if global_pool is None:
+            global_pool = self.cls_head.global_pool.pool_type
         self.num_classes = num_classes
-        self.cls_head.cls = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_transformer_weights(self.cls_head.cls)
+        like = self.stem[0].conv.weight  # the new head takes the model's device, dtype and mode
+        with torch.device(like.device):
+            head = ClsHead(self.num_features, num_classes, global_pool, self.drop_rate)
+        self._init_transformer_weights(head.cls)
+        self.cls_head = head.to(dtype=like.dtype).train(self.training)
+
+    def set_fast_ops(self, enable: bool = True) -> 'MPViT':
+        """Switch between the fast and the textbook formulation of every op (see ``set_fast_ops``)."""
+        return set_fast_ops(self, enable)
 
     def forward_intermediates(
             self,
@@ -676,7 +738,7 @@ class MPViT(nn.Module):
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last from the first conv on: every later conv keeps that layout, so the
         # transformer paths' [B, H, W, C] tokens are views of the maps, never copies.
-        if not _straightforward():
+        if self.fast_ops:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.stem(x)
 
@@ -687,8 +749,6 @@ class MPViT(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if not self.global_pool:
-            return x
         return self.cls_head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
