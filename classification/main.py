@@ -19,32 +19,38 @@ import json
 import logging
 import math
 import os
-import random
 import resource
 import time
 from contextlib import nullcontext
 from typing import Dict, Optional
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import yaml
 from timm.data import Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy
+from timm.utils import ModelEmaV3, accuracy, init_distributed_device
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
 from torchvision.datasets import ImageFolder
 
 import mpvit
 from mpvit import model_zoo
 from mpvit.checkpoint import checkpoint_filter_fn, load_backbone_weights, local_checkpoint, read_checkpoint
+from mpvit.training import (
+    all_reduce_sum,
+    ensure_writable_dir,
+    gather_rng_states,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+    user_errors_in_one_line,
+    yaml_defaults,
+)
 from mpvit.training import autocast as amp_autocast
-from mpvit.training import ensure_writable_dir, rng_state, save_atomic, set_rng_state, user_errors_in_one_line
 
 _logger = logging.getLogger('mpvit.classification')
 
@@ -113,13 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        with open(first.config) as f:
-            overrides = yaml.safe_load(f) or {}
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            parser.error(f'{first.config}: unknown keys {unknown}')
-        parser.set_defaults(**overrides)
+        yaml_defaults(parser, first.config)
     args = parser.parse_args(argv)
     if args.accum_steps < 1:
         parser.error(f'--accum-steps {args.accum_steps}: must be at least 1')
@@ -132,30 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------------- distributed
-
-
-def init_distributed(args: argparse.Namespace) -> None:
-    args.distributed = 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', 1)) > 1
-    args.rank, args.world_size, args.local_rank = 0, 1, 0
-    if args.distributed:
-        args.rank, args.world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        args.local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        if args.device.startswith('cuda'):
-            torch.cuda.set_device(args.local_rank)
-            args.device = f'cuda:{args.local_rank}'
-        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
-
-
 def is_main(args) -> bool:
     return args.rank == 0
-
-
-def all_reduce_sum(values, device) -> list:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 # ---------------------------------------------------------------------------- data
@@ -368,12 +346,10 @@ def main(args: argparse.Namespace) -> Dict:
         if weights:
             local_checkpoint(weights)
     output_dir = ensure_writable_dir(args.output_dir)
-    init_distributed(args)
+    init_distributed_device(args)  # torchrun / SLURM: sets args.distributed, rank, world_size, local_rank, device
     logging.basicConfig(format='%(asctime)s %(message)s', datefmt='%H:%M:%S')  # no-op if already configured
     _logger.setLevel(logging.INFO if is_main(args) else logging.WARNING)
-    torch.manual_seed(args.seed + args.rank)
-    np.random.seed(args.seed + args.rank)
-    random.seed(args.seed + args.rank)
+    seed_everything(args.seed + args.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     else:
@@ -482,11 +458,7 @@ def main(args: argparse.Namespace) -> Dict:
         if ema is not None:
             _logger.info('EMA model:')
             metrics['ema_acc1'] = evaluate(args, ema.module, val_loader)['acc1']
-        rngs = [rng_state()]
-        if args.distributed:
-            gathered = [None] * args.world_size
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+        rngs = gather_rng_states()
         if is_main(args):
             state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                      'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,

@@ -18,40 +18,48 @@ import argparse
 import datetime
 import json
 import math
-import os
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
-import yaml
-from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from timm.utils import init_distributed_device
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision import tv_tensors
+from torchvision import datasets, tv_tensors
+from torchvision.datasets import wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from transformers import DeformableDetrImageProcessor
 
 from mpvit import model_zoo
 from mpvit.checkpoint import local_checkpoint, read_checkpoint
 from mpvit.coco_checks import check_coco_instances
 from mpvit.deformable_detr import (
     build_deformable_detr,
-    count_parameters,
     global_box_normaliser,
     is_original_layout,
     load_detector_weights,
     param_groups,
     weighted_loss,
 )
+from mpvit.training import (
+    all_reduce_sum,
+    ensure_writable_dir,
+    gather_rng_states,
+    is_main_process,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+    user_errors_in_one_line,
+    yaml_defaults,
+)
 from mpvit.training import autocast as amp_autocast
-from mpvit.training import ensure_writable_dir, rng_state, save_atomic, set_rng_state, user_errors_in_one_line
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -95,7 +103,9 @@ def build_transforms(train: bool, args: argparse.Namespace) -> v2.Compose:
 
 
 class CocoDetection(Dataset):
-    """COCO instances (boxes only, crowd annotations dropped, category ids kept as labels like the original).
+    """COCO instances read by torchvision (``wrap_dataset_for_transforms_v2``) in the original's target form:
+    crowd annotations dropped, boxes clipped to the image and empty ones dropped, category ids kept as
+    labels, boxes normalised ``cxcywh`` after the transforms.
 
     Refuses, before any model is built, listed images missing on disk and category ids that are not
     below ``num_classes``."""
@@ -104,70 +114,55 @@ class CocoDetection(Dataset):
         for path in (annotation_file, image_dir):
             if not path.exists():
                 raise FileNotFoundError(f'COCO data: {path} does not exist (see deformable_detr/README.md)')
-        self.image_dir, self.transforms = image_dir, transforms
-        self.coco = COCO(str(annotation_file))
-        check_coco_instances(self.coco.dataset, str(annotation_file), str(image_dir), max_category_id=num_classes)
-        self.ids = sorted(self.coco.imgs)
+        dataset = datasets.CocoDetection(str(image_dir), str(annotation_file))
+        check_coco_instances(dataset.coco.dataset, str(annotation_file), str(image_dir), max_category_id=num_classes)
+        self.coco = dataset.coco
+        for ann in self.coco.anns.values():  # optional in COCO files; torchvision's wrapper needs it when asked for
+            ann.setdefault('iscrowd', 0)
+        self.samples = wrap_dataset_for_transforms_v2(dataset, target_keys={'image_id', 'boxes', 'labels', 'iscrowd'})
+        self.transforms = transforms
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.samples)
 
     def __getitem__(self, index: int):
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        image = Image.open(self.image_dir / info['file_name']).convert('RGB')
-        w, h = image.size
-        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get('iscrowd', 0)]
-        boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2].clamp_(0, w)
-        boxes[:, 1::2].clamp_(0, h)
+        image, target = self.samples[index]
+        image, image_id = F.to_image(image), target['image_id']
+        h, w = image.shape[-2:]
+        if 'boxes' in target:  # torchvision leaves the keys out for an image without annotations
+            keep = ~torch.tensor(target['iscrowd'], dtype=torch.bool)
+            boxes = F.clamp_bounding_boxes(tv_tensors.wrap(target['boxes'][keep].float(), like=target['boxes']))
+            labels = target['labels'][keep]
+        else:
+            boxes, labels = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format='XYXY', canvas_size=(h, w)), \
+                torch.zeros(0, dtype=torch.int64)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        target = dict(
-            boxes=tv_tensors.BoundingBoxes(boxes[keep], format='XYXY', canvas_size=(h, w)),
-            labels=torch.tensor([a['category_id'] for a in anns], dtype=torch.int64)[keep],
-        )
-        image, target = self.transforms(F.to_image(image), target)
+        target = dict(boxes=tv_tensors.wrap(boxes[keep], like=boxes), labels=labels[keep])
+        image, target = self.transforms(image, target)
         out_h, out_w = image.shape[-2:]
         cxcywh = F.convert_bounding_box_format(target['boxes'], new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
         normalised = cxcywh.as_subclass(torch.Tensor) / torch.tensor([out_w, out_h, out_w, out_h])
         return image, dict(class_labels=target['labels'], boxes=normalised, image_id=image_id, orig_size=(h, w))
 
 
+# Pads batches and post-processes detections as transformers does for its own Deformable DETR.
+PROCESSOR = DeformableDetrImageProcessor()
+
+
 def collate(batch: List[Tuple[torch.Tensor, Dict]]) -> Dict:
-    """Pad to the largest image of the batch; pixel_mask marks the real pixels."""
-    height = max(img.shape[1] for img, _ in batch)
-    width = max(img.shape[2] for img, _ in batch)
-    pixel_values = torch.zeros(len(batch), 3, height, width)
-    pixel_mask = torch.zeros(len(batch), height, width, dtype=torch.long)
-    for i, (img, _) in enumerate(batch):
-        pixel_values[i, :, :img.shape[1], :img.shape[2]] = img
-        pixel_mask[i, :img.shape[1], :img.shape[2]] = 1
-    return dict(pixel_values=pixel_values, pixel_mask=pixel_mask, targets=[t for _, t in batch])
-
-
-# ------------------------------------------------------------------------------------------- distributed
-
-def init_distributed() -> Tuple[int, int, int]:
-    if 'RANK' not in os.environ:
-        return 0, 1, 0
-    rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    return rank, world, local
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def log(message: str) -> None:
-    if is_main():
-        print(f'{datetime.datetime.now():%H:%M:%S} {message}', flush=True)
+    """Pad to the largest image of the batch (the image processor's padding); pixel_mask marks the real pixels."""
+    size = (max(img.shape[1] for img, _ in batch), max(img.shape[2] for img, _ in batch))
+    padded = [PROCESSOR.pad(img, size)[:2] for img, _ in batch]
+    return dict(pixel_values=torch.stack([p[0] for p in padded]), pixel_mask=torch.stack([p[1] for p in padded]),
+                targets=[t for _, t in batch])
 
 
 # ------------------------------------------------------------------------------------------- train / eval
+
+def log(message: str) -> None:
+    if is_main_process():
+        print(f'{datetime.datetime.now():%H:%M:%S} {message}', flush=True)
+
 
 def autocast(args, device):
     return amp_autocast(args.amp, device.type)
@@ -203,15 +198,13 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args) 
             parts = ' '.join(f'{k} {v:.4f}' for k, v in values.items())
             log(f'epoch {epoch} [{step + 1}/{steps}] {parts} lr {optimizer.param_groups[0]["lr"]:.2e} '
                 f'({(time.time() - start) / (step + 1):.2f} s/it)')
-    return {k: v / steps for k, v in totals.items()}
+    *sums, all_steps = all_reduce_sum([*totals.values(), steps], device)  # averaged over every process's steps
+    return {k: v / all_steps for k, v in zip(totals, sums)}
 
 
 @torch.no_grad()
 def evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
     """COCO box AP with pycocotools; top-100 (query, class) pairs per image, as the original."""
-    from transformers import DeformableDetrImageProcessor
-
-    processor = DeformableDetrImageProcessor()
     model.eval()
     results = []
     for batch in loader:
@@ -219,7 +212,7 @@ def evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
             out = model(pixel_values=batch['pixel_values'].to(device), pixel_mask=batch['pixel_mask'].to(device))
         out.logits, out.pred_boxes = out.logits.float(), out.pred_boxes.float()
         sizes = torch.tensor([t['orig_size'] for t in batch['targets']], device=device)
-        for target, det in zip(batch['targets'], processor.post_process_object_detection(
+        for target, det in zip(batch['targets'], PROCESSOR.post_process_object_detection(
                 out, threshold=0.0, target_sizes=sizes, top_k=100)):
             for score, label, (x0, y0, x1, y1) in zip(det['scores'].tolist(), det['labels'].tolist(),
                                                       det['boxes'].tolist()):
@@ -235,7 +228,7 @@ def evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
             for r in part:
                 owner.setdefault(r['image_id'], rank)
         results = [r for rank, part in enumerate(gathered) for r in part if owner[r['image_id']] == rank]
-    if not is_main():
+    if not is_main_process():
         return {}
     counts = {'images': len({r['image_id'] for r in results}), 'detections': len(results)}
     if not results:
@@ -290,14 +283,9 @@ def get_args(argv=None) -> argparse.Namespace:
     add('--print-freq', type=int, default=50)
     add('--max-iters', type=int, default=0, help='limit iterations per epoch (smoke tests)')
     add('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    known, rest = config_parser.parse_known_args(argv)
+    known, _ = config_parser.parse_known_args(argv)
     if known.config:
-        with open(known.config) as f:
-            defaults = {k.replace('-', '_'): v for k, v in (yaml.safe_load(f) or {}).items()}
-        unknown = set(defaults) - {a.dest for a in parser._actions}
-        if unknown:
-            raise SystemExit(f'{known.config}: unknown keys {sorted(unknown)}')
-        parser.set_defaults(**defaults)
+        yaml_defaults(parser, known.config)
     args = parser.parse_args(argv)
     if not timm.is_model(args.backbone):
         parser.error(f"--backbone {args.backbone}: unknown model; MPViT variants: "
@@ -313,11 +301,9 @@ def main(argv=None) -> Dict[str, float]:
     if args.resume or args.pretrained:  # download / check before any work (a resume holds the backbone too)
         local_checkpoint(args.resume or args.pretrained)
     output_dir = ensure_writable_dir(args.output_dir)
-    rank, world, local = init_distributed()
-    device = torch.device(args.device if args.device != 'cuda' else f'cuda:{local}')
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
+    device = init_distributed_device(args)  # torchrun / SLURM; 'cuda' becomes this process's GPU
+    rank, world, local = args.rank, args.world_size, args.local_rank
+    seed_everything(args.seed + rank)
 
     root = Path(args.coco_path)
     val_set = CocoDetection(root / args.val_set, root / 'annotations' / f'instances_{args.val_set}.json',
@@ -334,7 +320,7 @@ def main(argv=None) -> Dict[str, float]:
     if args.sync_bn and world > 1 and device.type != 'cuda':
         log('--sync-bn: SyncBatchNorm needs CUDA; using per-process BatchNorm on CPU')
     model.to(device)
-    log(f'Deformable DETR + {args.backbone}: {count_parameters(model):,} trainable parameters')
+    log(f'Deformable DETR + {args.backbone}: {model.num_parameters(only_trainable=True):,} trainable parameters')
 
     val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
     # Its own generator: evaluating draws nothing from the global RNG, which a checkpoint restores.
@@ -365,7 +351,7 @@ def main(argv=None) -> Dict[str, float]:
                                                               else None)
     if args.eval:
         stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
-        if is_main():
+        if is_main_process():
             model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
                                          config=args.config or None, model=args.backbone)
             log(f'* box AP {stats.get("AP", 0):.2f}')
@@ -385,21 +371,18 @@ def main(argv=None) -> Dict[str, float]:
             train_sampler.set_epoch(epoch)
         train_stats = train_one_epoch(ddp_model, train_loader, optimizer, scaler, device, epoch, args)
         scheduler.step()
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        if is_main():
+        rngs = gather_rng_states()
+        if is_main_process():
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                              lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
                              rng=rngs, args=vars(args)), output_dir / 'checkpoint.pth')
         stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
-        if is_main():
+        if is_main_process():
             with open(output_dir / 'log.txt', 'a') as f:
                 f.write(json.dumps({'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
                                     **{f'test_{k}': v for k, v in stats.items()}}) + '\n')
             log(f'epoch {epoch}: box AP {stats.get("AP", 0):.2f}')
-    if is_main() and stats:
+    if is_main_process() and stats:
         model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
                                      config=args.config or None, model=args.backbone)
     return stats

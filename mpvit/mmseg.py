@@ -10,10 +10,12 @@ released UperNet checkpoints.
 """
 from __future__ import annotations
 
+import os.path as osp
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmcv.cnn import build_norm_layer
+from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS
@@ -36,6 +38,8 @@ class MMSegMPViT(_MPViT, BaseModule):
         drop_path_rate: stochastic depth.
         norm_cfg: mmcv norm config for the conv paths (BN / SyncBN / GN ...).
         norm_eval: keep BN layers in eval mode (frozen statistics) while training.
+        fast_ops: False builds the textbook ops, what FLOP counting needs
+            (``get_flops.py ... --cfg-options model.backbone.fast_ops=False``).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` takes a classification checkpoint
             or a released segmentation / detection checkpoint (its backbone part), read by
             :func:`mpvit.checkpoint_filter_fn`.
@@ -49,6 +53,7 @@ class MMSegMPViT(_MPViT, BaseModule):
             norm_cfg: Optional[Dict] = None,
             norm_eval: bool = False,
             in_channels: int = 3,
+            fast_ops: bool = True,
             init_cfg: Optional[Dict] = None,
     ):
         if isinstance(arch, str):
@@ -56,7 +61,7 @@ class MMSegMPViT(_MPViT, BaseModule):
         norm_cfg = dict(norm_cfg or dict(type='BN', requires_grad=True))
         super().__init__(
             **arch, in_chans=in_channels, num_classes=0, global_pool='', drop_path_rate=drop_path_rate,
-            norm_layer=lambda channels: build_norm_layer(norm_cfg, channels)[1],
+            norm_layer=lambda channels: build_norm_layer(norm_cfg, channels)[1], fast_ops=fast_ops,
         )
         self.init_cfg = init_cfg
         self._is_init = False
@@ -89,3 +94,15 @@ class MMSegMPViT(_MPViT, BaseModule):
     @property
     def out_channels(self) -> List[int]:
         return [self.feature_info[i]['num_chs'] for i in self.out_indices]
+
+
+def load_run_config(config: str, launcher: str = 'none', cfg_options: Optional[Dict] = None,
+                    work_dir: Optional[str] = None) -> Config:
+    """A config as mmseg's train / test tools read it: ``--cfg-options`` merged, the launcher set, and the
+    work dir from ``--work-dir``, the config, or ``work_dirs/<config name>`` (in that order)."""
+    cfg = Config.fromfile(config)
+    cfg.launcher = launcher
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.work_dir = work_dir or cfg.get('work_dir') or osp.join('work_dirs', osp.splitext(osp.basename(config))[0])
+    return cfg

@@ -1,4 +1,5 @@
-"""What the training drivers share: output checks, atomic checkpoints, RNG state, autocast.
+"""What the training drivers share: YAML defaults, output checks, seeding, atomic checkpoints, RNG state,
+cross-process sums, autocast. Distributed set-up itself is timm's ``init_distributed_device``.
 
 Small on purpose: each driver stays readable top to bottom; these are the parts
 whose subtle details (atomic replace, numpy's RNG in a ``weights_only``
@@ -6,21 +7,64 @@ checkpoint, a probe write before hours of work) must not differ between them.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Iterator
+from typing import Any, ContextManager, Dict, Iterator, List, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
 
 from mpvit.checkpoint import CheckpointError
 
-__all__ = ['USER_ERRORS', 'autocast', 'ensure_writable_dir', 'error_line', 'rng_state', 'save_atomic',
-           'set_rng_state', 'user_errors_in_one_line']
+__all__ = ['USER_ERRORS', 'all_reduce_sum', 'autocast', 'ensure_writable_dir', 'error_line', 'gather_rng_states',
+           'is_main_process', 'rng_state', 'save_atomic', 'seed_everything', 'set_rng_state',
+           'user_errors_in_one_line', 'yaml_defaults']
+
+
+def yaml_defaults(parser: argparse.ArgumentParser, path: str | os.PathLike) -> None:
+    """Make the ``key: value`` pairs of a YAML file ``parser``'s defaults (command-line flags still win).
+
+    Keys are argument names (``drop_path`` or ``drop-path``); a key that is not one is refused with the
+    file and key named, rather than silently ignored.
+    """
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        parser.error(f'--config {path}: {e.strerror or e}')
+    if not isinstance(values, dict):
+        parser.error(f'{path}: expected a mapping of argument names to values')
+    values = {str(k).replace('-', '_'): v for k, v in values.items()}
+    unknown = sorted(set(values) - {a.dest for a in parser._actions})
+    if unknown:
+        parser.error(f'{path}: unknown keys {unknown}')
+    parser.set_defaults(**values)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random`` (drivers pass ``seed + rank``)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device | str) -> List[float]:
+    """Element-wise sums over all processes (float64), or ``values`` back when not distributed."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = 'output directory') -> Path:
@@ -56,6 +100,15 @@ def rng_state() -> Dict[str, Any]:
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
+
+
+def gather_rng_states() -> List[Dict[str, Any]]:
+    """Every process's :func:`rng_state`, by rank (for the checkpoint, which rank 0 writes)."""
+    if not dist.is_initialized():
+        return [rng_state()]
+    states: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:

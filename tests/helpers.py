@@ -5,6 +5,7 @@ import importlib.util
 import socket
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Mapping
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,3 +25,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+def assert_scores(metrics: Mapping[str, Any], *keys: str, high: float = 100.0) -> None:
+    """Each of ``keys`` is a number in [0, high] (a NaN or an infinity fails), not only printed."""
+    for key in keys:
+        value = metrics[key]
+        assert isinstance(value, (int, float)) and 0.0 <= value <= high, f'{key} = {value!r} not in [0, {high}]'

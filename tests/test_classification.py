@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import timm
 import torch
-from helpers import REPO, free_port, load_script
+from helpers import REPO, assert_scores, free_port, load_script
 
 from mpvit import CheckpointError
 from mpvit.demo_data import write_shapes_imagefolder
@@ -36,7 +38,8 @@ def two_class(tmp_path_factory):
 
 def test_train_eval_and_checkpoint_round_trip(two_class, tmp_path, capsys):
     result = run(two_class, tmp_path, '--epochs', '1', '--max-steps', '2')
-    assert torch.isfinite(torch.tensor(result['loss']))
+    assert_scores(result, 'acc1', 'acc5', 'best_acc1')
+    assert math.isfinite(result['loss']) and result['images'] == 8
     state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)  # no pickled objects in our checkpoints
     assert state['epoch'] == 0 and state['step'] == 2
     assert (tmp_path / 'log.csv').read_text().startswith('epoch,')
@@ -80,8 +83,10 @@ def test_ddp_two_processes_on_cpu(two_class, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = torch.load(tmp_path / 'checkpoint.pth', weights_only=False)
     assert state['step'] == 2 and len(state['rng']) == 2
-    assert '* Acc@1' in proc.stdout
-    assert '(8 images)' in proc.stdout  # each val image exactly once over the two ranks
+    printed = re.search(r'\* Acc@1 (\S+) Acc@5 (\S+) loss (\S+) \(8 images\)', proc.stdout)  # each once over 2 ranks
+    assert printed, proc.stdout[-2000:]
+    assert_scores(dict(acc1=float(printed[1]), acc5=float(printed[2])), 'acc1', 'acc5')
+    assert math.isfinite(float(printed[3]))
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from fidelity import compare, golden, synth_input, synth_state_dict
-from helpers import free_port, load_script
+from helpers import assert_scores, free_port, load_script
 
 pytest.importorskip('transformers')
 import timm  # noqa: E402
@@ -20,7 +20,6 @@ from mpvit import CheckpointError  # noqa: E402
 from mpvit.deformable_detr import (  # noqa: E402
     build_deformable_detr,
     convert_original_state_dict,
-    count_parameters,
     load_detector_weights,
     param_groups,
     weighted_loss,
@@ -41,7 +40,7 @@ def released(tmp_path_factory):
 
 def test_parameters_heads_and_norms_match_the_reference():
     model = build_deformable_detr('mpvit_small')
-    assert count_parameters(model) == golden(MANIFEST)['params_trainable'] == 34_448_361
+    assert model.num_parameters(only_trainable=True) == golden(MANIFEST)['params_trainable'] == 34_448_361
     # Plain Deformable DETR: one class / box head for all six decoder layers.
     assert all(head is model.class_embed[0] for head in model.class_embed)
     assert all(head is model.bbox_embed[0] for head in model.bbox_embed)
@@ -116,10 +115,10 @@ def test_param_groups_follow_the_original():
     model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
     rest, backbone, proj = param_groups(model, lr=2e-4, lr_backbone=2e-5)
     assert (rest['lr'], backbone['lr'], proj['lr']) == (2e-4, 2e-5, pytest.approx(2e-5))
-    assert sum(p.numel() for p in backbone['params']) == count_parameters(model.model.backbone.model)
+    assert sum(p.numel() for p in backbone['params']) == sum(p.numel() for p in model.model.backbone.model.parameters())
     assert len(proj['params']) == 2 * (6 + 6) + 2  # sampling_offsets of 12 attention layers + reference_points
     total = sum(p.numel() for g in (rest, backbone, proj) for p in g['params'])
-    assert total == count_parameters(model)
+    assert total == model.num_parameters(only_trainable=True)
 
 
 # ------------------------------------------------------------------------ end to end (CPU)
@@ -142,6 +141,42 @@ def _main(coco, out, *args, expect_ok=True):
     return run.stdout + run.stderr
 
 
+def test_dataset_targets_and_padding(tmp_path):
+    """The original's targets from torchvision's COCO reader: crowd and empty boxes dropped, boxes clipped to
+    the image and normalised cxcywh, images without annotations kept; batches padded bottom-right."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    driver = load_script('deformable_detr/main.py')
+    (tmp_path / 'img').mkdir()
+    for name, size in (('a.jpg', (40, 20)), ('b.jpg', (30, 50))):
+        Image.new('RGB', size, (100, 150, 200)).save(tmp_path / 'img' / name)
+    anns = [
+        dict(id=1, image_id=7, category_id=3, bbox=[4, 2, 10, 6]),  # no iscrowd key: optional in COCO
+        dict(id=2, image_id=7, category_id=5, bbox=[30, 10, 20, 20], iscrowd=0),  # clipped to x <= 40, y <= 20
+        dict(id=3, image_id=7, category_id=1, bbox=[0, 0, 5, 5], iscrowd=1),  # crowd: dropped
+        dict(id=4, image_id=7, category_id=2, bbox=[45, 0, 5, 5], iscrowd=0),  # outside the image: empty, dropped
+    ]
+    coco = dict(images=[dict(id=7, file_name='a.jpg', width=40, height=20),
+                        dict(id=9, file_name='b.jpg', width=30, height=50)],
+                annotations=anns, categories=[dict(id=i, name=str(i)) for i in range(1, 6)])
+    (tmp_path / 'ann.json').write_text(json.dumps(coco))
+    dataset = driver.CocoDetection(tmp_path / 'img', tmp_path / 'ann.json', v2.ToDtype(torch.float32, scale=True), 10)
+    image, target = dataset[0]
+    assert image.shape == (3, 20, 40) and target['image_id'] == 7 and target['orig_size'] == (20, 40)
+    assert target['class_labels'].tolist() == [3, 5]
+    torch.testing.assert_close(target['boxes'], torch.tensor([[9 / 40, 5 / 20, 10 / 40, 6 / 20],
+                                                              [35 / 40, 15 / 20, 10 / 40, 10 / 20]]))
+    empty_image, empty = dataset[1]
+    assert empty['image_id'] == 9 and empty['boxes'].shape == (0, 4) and empty['class_labels'].shape == (0,)
+    batch = driver.collate([(image, target), (empty_image, empty)])
+    assert batch['pixel_values'].shape == (2, 3, 50, 40) and batch['pixel_mask'].shape == (2, 50, 40)
+    assert torch.equal(batch['pixel_values'][0, :, :20, :40], image)
+    assert not batch['pixel_values'][0, :, 20:].any()
+    assert batch['pixel_mask'][0].sum() == 20 * 40 and batch['pixel_mask'][0, :20, :40].all()
+    assert batch['pixel_mask'][1].sum() == 50 * 30 and batch['pixel_mask'][1, :, :30].all()
+
+
 def test_train_eval_resume(coco, tmp_path):
     out = tmp_path / 'run'
     log = _main(coco, out, '--epochs', '1')
@@ -150,8 +185,11 @@ def test_train_eval_resume(coco, tmp_path):
     assert saved['epoch'] == 0 and set(saved) >= {'model', 'optimizer', 'lr_scheduler', 'scaler'}
     log = _main(coco, out, '--epochs', '2', '--resume', str(out / 'checkpoint.pth'))
     assert 'at epoch 1' in log and 'epoch 1 [2/2] loss' in log and 'epoch 0 [' not in log
-    epochs = [json.loads(line)['epoch'] for line in (out / 'log.txt').read_text().splitlines()]
-    assert epochs == [0, 1]
+    rows = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [row['epoch'] for row in rows] == [0, 1]
+    for row in rows:
+        assert_scores(row, 'test_AP', 'test_AP50')
+        assert all(math.isfinite(row[f'train_{k}']) for k in ('loss', 'loss_ce', 'loss_bbox', 'loss_giou'))
 
 
 def test_eval_of_released_checkpoint_and_converter(coco, released, tmp_path):

@@ -77,6 +77,22 @@ def test_pretrained_init_cfg_reads_classification_and_refuses_other_variants(tmp
         MODELS.build(dict(type='MPViT', arch='tiny', out_indices=(4,)))
 
 
+def test_fast_ops_false_gives_flop_counting_the_textbook_ops():
+    """``--cfg-options model.backbone.fast_ops=False`` for get_flops.py: the textbook ops, the published count."""
+    from mmengine.analysis import get_model_complexity_info
+
+    counts = {}
+    for fast in (True, False):
+        backbone = MODELS.build(dict(type='MPViT', arch='tiny', fast_ops=fast)).eval()
+        assert {m.fast_ops for m in backbone.modules() if hasattr(m, 'fast_ops')} == {fast}
+        counts[fast] = get_model_complexity_info(backbone, inputs=(torch.zeros(1, 3, 224, 224),), show_table=False,
+                                                 show_arch=False)['flops']
+    # The headless tiny backbone at 224: the reference's fvcore count less its head (a 7x7x216 average pool,
+    # then 216 x 1000 multiply-adds).
+    assert counts[False] == golden('manifest_mpvit_tiny.json')['fvcore_flops_224'] - 216 * 49 - 216 * 1000
+    assert counts[False] < counts[True]
+
+
 def test_norm_eval_keeps_bn_frozen():
     backbone = MODELS.build(dict(type='MPViT', arch='tiny', norm_eval=True)).train()
     bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -9,12 +9,13 @@ import argparse
 import os
 import os.path as osp
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 from mmengine.runner import Runner
 
 from mpvit import model_zoo
 from mpvit.checkpoint import check_fit, local_checkpoint, read_checkpoint, unwrap_checkpoint
+from mpvit.mmseg import load_run_config
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 
 
@@ -34,12 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
-        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_run_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = local_checkpoint(model_zoo.resolve(args.checkpoint, args.config))
     # The backbone's ImageNet init is pointless before loading a whole segmentor.
     cfg.model.backbone.pop('init_cfg', None)
