@@ -74,6 +74,7 @@ def test_interrupted_run_resumes_to_the_same_model(two_class, tmp_path, workers)
             assert torch.equal(value, b['optimizer']['state'][pid][name]), (pid, name)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(two_class, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
@@ -194,6 +195,7 @@ def test_throughput_mode_reports(tmp_path, capsys):
     assert json.loads((tmp_path / 'throughput.json').read_text())['batch_size'] == 2
 
 
+@pytest.mark.slow
 def test_compiled_training_saves_plain_checkpoints(two_class, tmp_path):
     """--compile wraps the model for training and evaluation; checkpoints keep the released key layout."""
     result = run(two_class, tmp_path, '--epochs', '1', '--max-steps', '2', '--compile', 'aot_eager')

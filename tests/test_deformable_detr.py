@@ -177,6 +177,7 @@ def test_dataset_targets_and_padding(tmp_path):
     assert batch['pixel_mask'][1].sum() == 50 * 30 and batch['pixel_mask'][1, :, :30].all()
 
 
+@pytest.mark.slow
 def test_train_eval_resume(coco, tmp_path):
     out = tmp_path / 'run'
     log = _main(coco, out, '--epochs', '1')
@@ -192,6 +193,7 @@ def test_train_eval_resume(coco, tmp_path):
         assert all(math.isfinite(row[f'train_{k}']) for k in ('loss', 'loss_ce', 'loss_bbox', 'loss_giou'))
 
 
+@pytest.mark.slow
 def test_eval_of_released_checkpoint_and_converter(coco, released, tmp_path):
     log = _main(coco, tmp_path / 'eval', '--backbone', 'mpvit_small', '--num-classes', '91', '--num-queries', '300',
                 '--eval', '--resume', str(released))
@@ -211,6 +213,7 @@ def test_bad_dataset_path_is_named(tmp_path):
     assert f"{tmp_path / 'annotations' / 'instances_val.json'} does not exist" in log
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_two_processes(coco, tmp_path):
     out = tmp_path / 'ddp'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
@@ -230,6 +233,7 @@ def test_torchrun_ddp_two_processes(coco, tmp_path):
     assert 0.0 <= metrics['AP'] <= 100.0
 
 
+@pytest.mark.slow
 def test_auto_resume_equals_an_uninterrupted_run(coco, tmp_path):
     """Dropout, augmentation (2 worker processes) and shuffling: all continue as if never interrupted."""
     common = ('--num-workers', '2', '--lr-drop', '1')

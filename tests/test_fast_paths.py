@@ -247,6 +247,7 @@ def test_stage_maps_are_channels_last_and_input_layout_does_not_matter():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_compiled_training_step_equals_eager():
     """Forward and backward as one graph (fullgraph; inference through Inductor is in test_models)."""
     model = _model('tiny', drop_path_rate=0.).train()

@@ -144,6 +144,7 @@ def _small_run_cfg(data_root: Path, work_dir: Path, max_iters: int):
     return cfg
 
 
+@pytest.mark.slow
 def test_runner_train_val_resume_test_and_inference(tmp_path):
     data_root = _write_ade(tmp_path / 'ADEChallengeData2016')
     work_dir = tmp_path / 'work'

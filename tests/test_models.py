@@ -340,6 +340,7 @@ def test_benchmark_ratios_to_the_reference_table():
     assert 'NOT met' in bench.render(rows)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     """No graph breaks (fullgraph) and the same numbers; takes about a minute on 2 CPU cores."""
     model = timm.create_model('mpvit_tiny').eval()
@@ -349,6 +350,7 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_export_matches_eager():
     """The model exports as one graph (torch.export, the successor of TorchScript) with the same numbers."""
     model = timm.create_model('mpvit_tiny').eval()
