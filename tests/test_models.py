@@ -360,16 +360,24 @@ def test_torch_export_matches_eager():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_fx_feature_extraction_matches_the_getter():
-    """timm's feature_cls='fx' (torchvision's create_feature_extractor) traces the model symbolically."""
+@pytest.mark.parametrize('feature_cls', ['hook', 'fx'])
+def test_other_feature_wrappers_match_the_getter(feature_cls):
+    """timm's feature_cls='hook' and 'fx' (torchvision's create_feature_extractor, a symbolic trace)."""
     plain = timm.create_model('mpvit_tiny').eval()
-    fx = timm.create_model('mpvit_tiny', features_only=True, feature_cls='fx').eval()
-    missing, _ = fx.load_state_dict({'graph_module.' + k: v for k, v in plain.state_dict().items()}, strict=False)
+    wrapped = timm.create_model('mpvit_tiny', features_only=True, feature_cls=feature_cls, out_indices=(1, 3)).eval()
+    prefix = {'hook': 'body.', 'fx': 'graph_module.'}[feature_cls]
+    missing, _ = wrapped.load_state_dict({prefix + k: v for k, v in plain.state_dict().items()}, strict=False)
     assert not missing
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        expected = plain.forward_intermediates(x, intermediates_only=True)
-        got = fx(x)
-    assert len(got) == len(expected) == 4
+        expected = plain.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        got = wrapped(x)
+    assert len(got) == 2
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_dict_feature_wrapper_is_refused_clearly():
+    with pytest.raises(ValueError, match="feature_cls='dict' .* use the default"):
+        timm.create_model('mpvit_tiny', features_only=True, feature_cls='dict')
+

@@ -757,6 +757,12 @@ class MPViT(nn.Module):
 
 def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
     arch = mpvit_arch(variant)
+    feature_cls = kwargs.get('feature_cls')
+    if isinstance(feature_cls, str) and feature_cls.lower() in ('dict', 'list'):
+        # timm's FeatureDictNet runs the top-level modules in order; MPViT's checkpoint layout keeps all
+        # patch embeddings, then all stages, which run interleaved.
+        raise ValueError(f"{variant}: feature_cls={feature_cls!r} needs the stages as one sequence of top-level "
+                         "modules, which MPViT's checkpoint layout is not; use the default ('getter'), 'hook' or 'fx'")
     if pretrained:
         overlay = kwargs.get('pretrained_cfg_overlay')
         check_pretrained_file(variant, overlay)
