@@ -240,6 +240,27 @@ def test_norms_and_output_shape(norm):
         k: (s.channels, 64 // s.stride, 96 // s.stride) for k, s in shapes.items()}
 
 
+def test_fuse_folds_frozen_batch_norm():
+    """Detectron2's FrozenBatchNorm2d (the ImageNet-pretrained norm of its recipes) folds like BatchNorm2d."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    backbone = build_model(_cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.MPVIT.NORM', 'FrozenBN')).backbone.bottom_up
+    torch.manual_seed(0)
+    frozen = [m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    for norm in frozen:
+        norm.running_mean.normal_(0, 0.1)
+        norm.running_var.uniform_(0.5, 1.5)
+        norm.weight.normal_(1, 0.1)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = backbone.eval()(x)
+        backbone.backbone.fuse()
+        after = backbone(x)
+    assert frozen and not [m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-4)
+
+
 def test_fast_ops_key_gives_flop_counting_the_textbook_ops():
     """``MODEL.MPVIT.FAST_OPS False`` (for Detectron2's analyze_model.py --tasks flop) builds the textbook ops."""
     from fvcore.nn import FlopCountAnalysis

@@ -36,6 +36,7 @@ from timm.layers.fast_norm import fast_layer_norm, get_autocast_dtype, is_autoca
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from mpvit.checkpoint import check_pretrained_file, checkpoint_filter_fn, load_backbone_weights
 
@@ -86,14 +87,13 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
     if any(t is None for t in stats):
         return None
     mean, var, gamma, beta = stats
-    scale = gamma / torch.sqrt(var + norm.eps)
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, mean, var, norm.eps, gamma, beta)
     fused = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
         conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
-        fused.bias.copy_((bias - mean) * scale + beta)
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
     return fused
 
 
