@@ -307,8 +307,10 @@ def test_benchmark_tool_smoke(tmp_path):
     assert [r['mode'] for r in rows] == ['infer', 'train'] and all(r['images_per_s'] > 0 for r in rows)
     features = bench.main(['--models', 'mpvit_tiny', '--features', '--mode', 'train', '--batch-size', '1',
                            '--img-size', '64', '--amp', 'bf16', '--channels-last', '--warmup', '0', '--iters', '1',
-                           '--device', 'cpu'])
+                           '--device', 'cpu', '--profile', '3'])
     assert features[0]['features'] and json.loads(out.read_text())[0]['img_size'] == [64, 96]
+    top = features[0]['profile']
+    assert len(top) == 3 and top[0]['share'] >= top[2]['share'] > 0 and sum(p['share'] for p in top) <= 1
     side_by_side = bench.main(['--models', 'mpvit_tiny', '--impl', 'both', '--fuse', '--mode', 'infer',
                                '--batch-size', '1', '--img-size', '64', '--amp', 'none', '--warmup', '0',
                                '--iters', '1', '--device', 'cpu'])
@@ -338,6 +340,29 @@ def test_benchmark_ratios_to_the_reference_table():
     assert rows[2]['vs_reference'] > 2 and not rows[2]['meets_target']  # faster, but more memory than 16.3 GiB
     assert 'vs_reference' not in rows[3]
     assert 'NOT met' in bench.render(rows)
+
+
+def test_benchmark_times_a_reference_file_in_the_same_run(tmp_path):
+    """--reference-file: the authors' file registers mpvit_* with timm; ours stay registered, its are timed."""
+    bench = _tool('benchmark')
+    stand_in = tmp_path / 'reference_mpvit.py'
+    stand_in.write_text(
+        'import timm\nfrom timm.models.registry import register_model\n\n\n@register_model\n'
+        'def mpvit_tiny(**kwargs):\n    return timm.create_model("resnet10t", num_classes=1000)\n')
+    rows = bench.main(['--models', 'mpvit_tiny', '--reference-file', str(stand_in), '--mode', 'infer',
+                       '--batch-size', '1', '--img-size', '64', '--amp', 'none', '--warmup', '0', '--iters', '1',
+                       '--device', 'cpu'])
+    assert type(timm.create_model('mpvit_tiny')).__name__ == 'MPViT'
+    assert [r['impl'] for r in rows] == ['fast', 'reference']
+    assert rows[0]['reference_source'] == 'same run' and rows[0]['vs_reference'] > 0
+    with pytest.raises(SystemExit, match='no such file'):
+        bench.load_reference(str(tmp_path / 'missing.py'))
+
+    measured = [dict(r, batch_size=128, img_size=[224, 224], mode='train', amp='bf16', peak_memory_gib=10.)
+                for r in rows]
+    measured[0]['images_per_s'] = 2.5 * measured[1]['images_per_s']
+    bench.add_ratios(measured)
+    assert measured[0]['reference_column'] == 'train' and measured[0]['meets_target']
 
 
 @pytest.mark.slow

@@ -17,16 +17,21 @@ Two kinds of ratio are printed, both measured, never assumed:
   (``mpvit.set_fast_ops(model, False)``: per-head einsum attention, split CRPE convs,
   float32 LayerNorm under autocast, NCHW maps) in the same run, and prints
   fast / textbook per configuration.
-- On an H100 at batch 128 and 224x224, each MPViT / CoaT-Lite-S row is also
-  divided by the reference implementation's throughput measured on an H100
-  (the table in issue #7) and checked against that issue's target ratio.
+- ``--reference-file mpvit.py`` (the authors' model file, youngwanLEE/MPViT; not
+  shipped here) also times the reference implementation of each MPViT variant in
+  the same run, and divides ours by it. Without it, rows on an H100 at batch 128
+  and 224x224 are divided by the reference's H100 figures of issue #7's table.
+  At those settings the ratios are checked against the speed targets.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from contextlib import nullcontext
+from pathlib import Path
+from types import ModuleType
 from typing import Dict, List, Optional, Tuple
 
 import timm
@@ -81,10 +86,15 @@ def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
 
 
 def reference_column(row: Dict) -> Optional[str]:
-    """The reference-table column a row is comparable with, or None."""
-    if row['batch_size'] != 128 or row['img_size'] != [224, 224] or row['features'] or row['impl'] != 'fast':
-        return None
+    """The column of issue #7's H100 table a row is comparable with, or None."""
     if 'H100' not in row['device'] or row['model'] not in REFERENCE_H100:
+        return None
+    return target_column(row)
+
+
+def target_column(row: Dict) -> Optional[str]:
+    """The reference-table configuration (batch 128, 224x224) a row was timed at, or None."""
+    if row['batch_size'] != 128 or row['img_size'] != [224, 224] or row['features'] or row['impl'] != 'fast':
         return None
     if row['mode'] == 'train':
         return 'train' if row['amp'] == 'bf16' and not row['compile'] else None
@@ -97,11 +107,34 @@ def reference_column(row: Dict) -> Optional[str]:
     return 'bf16_cl' if row['channels_last'] else 'bf16'
 
 
+def load_reference(path: str) -> ModuleType:
+    """The authors' model file as a module. It registers ``mpvit_*`` with timm, which would replace ours:
+    it is imported with registration turned off, and its variants are called by name."""
+    import timm.models.registry as timm_registry
+
+    if not Path(path).is_file():
+        raise SystemExit(f'--reference-file {path}: no such file')
+    spec = importlib.util.spec_from_file_location('mpvit_reference', path)
+    module = importlib.util.module_from_spec(spec)
+    register = timm_registry.register_model
+    timm_registry.register_model = lambda fn: fn
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        raise SystemExit(f"--reference-file {path}: {e} (the authors' file needs einops)") from None
+    finally:
+        timm_registry.register_model = register
+    return module
+
+
 def benchmark(name: str, args: argparse.Namespace, mode: str, amp: str, channels_last: bool, compile_model: bool,
-              impl: str) -> Dict:
+              impl: str, reference: Optional[ModuleType] = None) -> Dict:
     device = torch.device(args.device)
     kwargs = dict(features_only=True) if args.features else {}
-    model = timm.create_model(name, **kwargs).to(device)
+    if impl == 'reference':
+        model = getattr(reference, name)().to(device)
+    else:
+        model = timm.create_model(name, **kwargs).to(device)
     if impl == 'textbook':
         mpvit.set_fast_ops(model, False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -110,7 +143,7 @@ def benchmark(name: str, args: argparse.Namespace, mode: str, amp: str, channels
     x = torch.randn(args.batch_size, 3, height, width, device=device).to(memory_format=memory_format)
     if mode == 'infer':
         model.eval()
-        if args.fuse and hasattr(model, 'fuse'):
+        if args.fuse and impl != 'reference' and hasattr(model, 'fuse'):
             model.fuse()
     run_model = torch.compile(model, mode=args.compile_mode) if compile_model else model
 
@@ -138,35 +171,77 @@ def benchmark(name: str, args: argparse.Namespace, mode: str, amp: str, channels
         torch.cuda.reset_peak_memory_stats(device)
     elapsed = _timed(step, device, args.warmup, args.iters)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else float('nan')
+    top = profile(step, device, args.profile) if args.profile else None
     row = dict(model=name, impl=impl, mode=mode, batch_size=args.batch_size, img_size=[height, width], amp=amp,
-               channels_last=channels_last, compile=compile_model, fused=bool(args.fuse and mode == 'infer'),
+               channels_last=channels_last, compile=compile_model,
+               fused=bool(args.fuse and mode == 'infer' and impl != 'reference'),
                features=args.features, images_per_s=args.iters * args.batch_size / elapsed, peak_memory_gib=peak,
                device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                torch=torch.__version__)
+    if top is not None:
+        row['profile'] = top
     return row
 
 
-def add_ratios(rows: List[Dict]) -> None:
-    """Fill ``vs_textbook`` and ``vs_reference`` / ``target`` / ``meets_target`` where comparable."""
-    def key(r: Dict) -> Tuple:
-        return (r['model'], r['mode'], r['amp'], r['channels_last'], r['compile'], r['fused'], r['features'])
+def profile(step, device: torch.device, top: int, steps: int = 3) -> List[Dict]:
+    """The ``top`` operators / kernels by self time (device time on a GPU) over ``steps`` more steps:
+    name, milliseconds per step, calls per step and share of the step's total."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [dict(name=e.key, ms_per_step=getattr(e, attr) / 1e3 / steps, calls_per_step=e.count / steps,
+                 share=getattr(e, attr) / total) for e in events[:top]]
 
-    slow = {key(r): r for r in rows if r['impl'] == 'textbook'}
+
+def render_profile(row: Dict) -> str:
+    title = f"{row['model']} {row['impl']} {row['mode']} batch {row['batch_size']} {row['amp']}"
+    lines = [f'top self {"device" if row["device"] != "cpu" else "CPU"} time: {title}',
+             '| share | ms / step | calls / step | op or kernel |', '| --- | --- | --- | --- |']
+    lines += [f"| {p['share']:.1%} | {p['ms_per_step']:.2f} | {p['calls_per_step']:g} | {p['name'][:90]} |"
+              for p in row['profile']]
+    return '\n'.join(lines)
+
+
+def add_ratios(rows: List[Dict]) -> None:
+    """Fill ``vs_textbook`` and ``vs_reference`` (``reference_source``: 'same run' or issue #7's H100 table),
+    and ``target`` / ``meets_target`` at the settings the targets are stated for."""
+    def key(r: Dict) -> Tuple:
+        return (r['model'], r['mode'], r['amp'], r['channels_last'], r['compile'], r['features'], r['batch_size'],
+                tuple(r['img_size']))
+
+    slow = {(key(r), r['fused']): r for r in rows if r['impl'] == 'textbook'}
+    measured = {key(r): r for r in rows if r['impl'] == 'reference'}  # ours, fused or not, against it
     for row in rows:
-        if row['impl'] == 'fast' and key(row) in slow:
-            row['vs_textbook'] = row['images_per_s'] / slow[key(row)]['images_per_s']
-        column = reference_column(row)
-        if column is None:
+        if row['impl'] != 'fast':
             continue
-        reference = REFERENCE_H100[row['model']]
-        row['reference_column'] = column
-        row['vs_reference'] = row['images_per_s'] / reference[column]
+        if (key(row), row['fused']) in slow:
+            row['vs_textbook'] = row['images_per_s'] / slow[key(row), row['fused']]['images_per_s']
+        if key(row) in measured:
+            column = target_column(row)
+            ref_speed, ref_peak = measured[key(row)]['images_per_s'], measured[key(row)]['peak_memory_gib']
+            row['reference_source'] = 'same run'
+        else:
+            column = reference_column(row)
+            if column is None:
+                continue
+            ref_speed, ref_peak = REFERENCE_H100[row['model']][column], REFERENCE_H100[row['model']]['train_gib']
+            row['reference_source'] = 'issue #7 H100 table'
+        row['vs_reference'] = row['images_per_s'] / ref_speed
         if column in TARGETS and row['model'].startswith('mpvit'):
+            row['reference_column'] = column
             row['target'] = TARGETS[column]
             row['meets_target'] = row['vs_reference'] >= TARGETS[column]
             if column == 'train':
-                row['reference_peak_gib'] = reference['train_gib']
-                row['meets_target'] = row['meets_target'] and row['peak_memory_gib'] <= reference['train_gib']
+                row['reference_peak_gib'] = ref_peak
+                row['meets_target'] = row['meets_target'] and not row['peak_memory_gib'] > ref_peak
 
 
 def _ratio(row: Dict, name: str) -> str:
@@ -175,7 +250,7 @@ def _ratio(row: Dict, name: str) -> str:
 
 def render(rows: List[Dict]) -> str:
     header = ['model', 'impl', 'mode', 'batch', 'size', 'amp', 'channels_last', 'compile', 'img/s', 'peak GiB',
-              'vs textbook', 'vs reference (H100)', 'target']
+              'vs textbook', 'vs reference', 'target']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for r in rows:
         target = ''
@@ -185,7 +260,9 @@ def render(rows: List[Dict]) -> str:
         name = r['model'] + (' (features)' if r['features'] else '') + (' (fused)' if r['fused'] else '')
         cells = [name, r['impl'], r['mode'], str(r['batch_size']), f"{r['img_size'][0]}x{r['img_size'][1]}", r['amp'],
                  str(r['channels_last']), str(r['compile']), f"{r['images_per_s']:.1f}",
-                 f"{r['peak_memory_gib']:.2f}", _ratio(r, 'vs_textbook'), _ratio(r, 'vs_reference'), target]
+                 f"{r['peak_memory_gib']:.2f}", _ratio(r, 'vs_textbook'),
+                 _ratio(r, 'vs_reference') + (f" ({r['reference_source']})" if 'reference_source' in r else ''),
+                 target]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -207,6 +284,9 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--preset', choices=['reference-table'],
                         help="reference-table: issue #7's five columns (overrides --mode/--amp/--channels-last/"
                              "--compile)")
+    parser.add_argument('--reference-file', help="the authors' mpvit.py: time its variants in the same run")
+    parser.add_argument('--profile', type=int, default=0, metavar='K',
+                        help='after timing, profile 3 more steps and print the top K ops / kernels by self time')
     parser.add_argument('--warmup', type=int, default=10)
     parser.add_argument('--iters', type=int, default=50)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -221,13 +301,20 @@ def main(argv=None) -> List[Dict]:
         modes = ['infer', 'train'] if args.mode == 'both' else [args.mode]
         configs = [(mode, args.amp, args.channels_last, args.compile) for mode in modes]
     impls = ['textbook', 'fast'] if args.impl == 'both' else [args.impl]
+    reference = load_reference(args.reference_file) if args.reference_file else None
+    if reference is not None and args.features:
+        parser.error('--reference-file times the classification models; it does not take --features')
     rows = []
     for name in args.models:
+        mpvit_impls = impls + (['reference'] if reference is not None and hasattr(reference, name) else [])
         for config in configs:
-            for impl in impls if name.startswith('mpvit') else ['fast']:
-                rows.append(benchmark(name, args, *config, impl=impl))
+            for impl in mpvit_impls if name.startswith('mpvit') else ['fast']:
+                rows.append(benchmark(name, args, *config, impl=impl, reference=reference))
                 print(render(rows[-1:]).splitlines()[-1], flush=True)
     add_ratios(rows)
+    for row in rows:
+        if 'profile' in row:
+            print(render_profile(row))
     print(render(rows))
     if args.json:
         with open(args.json, 'w') as f:
