@@ -85,9 +85,10 @@ def test_checkpoint_errors_and_backbone_init(tmp_path):
     model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
     classifier = timm.create_model('mpvit_tiny')
     left = load_detector_weights(model, {'model': classifier.state_dict()})
+    loaded = model.model.backbone.model.state_dict()
     for key, value in classifier.state_dict().items():
         if not key.startswith('cls_head.'):
-            assert torch.equal(model.model.backbone.model.state_dict()[key], value)
+            assert torch.equal(loaded[key], value)
     assert left and not any(k.startswith('model.backbone.') for k in left)
     with pytest.raises(CheckpointError, match='does not fit'):  # MPViT-S weights into MPViT-T
         load_detector_weights(model, {'model': synth_state_dict(golden(MANIFEST)['tensors'])})

@@ -195,8 +195,9 @@ def test_classification_checkpoint_initialises_backbone(tmp_path):
     torch.save({'model': classifier.state_dict(), 'epoch': 299}, path)
     model = build_model(_cfg('mask_rcnn_mpvit_tiny_1x.yaml', 'MODEL.MPVIT.NORM', 'FrozenBN'))
     MPViTCheckpointer(model).load(str(path))
+    expected = classifier.state_dict()
     for key, value in model.backbone.bottom_up.backbone.state_dict().items():
-        torch.testing.assert_close(value, classifier.state_dict()[key], msg=key)
+        torch.testing.assert_close(value, expected[key], msg=key)
 
 
 def test_mismatched_checkpoint_is_named(tmp_path):

@@ -110,9 +110,10 @@ def test_loads_every_released_format(wrap, synthetic_small, tmp_path):
     expected = timm.create_model('mpvit_small')
     expected.load_state_dict(weights)  # shared CPE/CRPE aliases: the last one loaded wins, as in the reference
     model = _from_file('small', _write(tmp_path / 'ckpt.pth', wrap(weights)))
+    reference = expected.state_dict()
     for key, value in model.state_dict().items():
         if not key.startswith('cls_head'):
-            assert torch.equal(value, expected.state_dict()[key]), key
+            assert torch.equal(value, reference[key]), key
 
 
 def test_num_classes_and_headless_load_backbone(synthetic_small):
