@@ -44,6 +44,7 @@ from mpvit.training import (
     all_reduce_sum,
     ensure_writable_dir,
     gather_rng_states,
+    is_main_process,
     save_atomic,
     seed_everything,
     set_rng_state,
@@ -130,10 +131,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.resume = model_zoo.resolve(args.resume, model=args.model)
     args.pretrained = model_zoo.resolve(args.pretrained, model=args.model)
     return args
-
-
-def is_main(args) -> bool:
-    return args.rank == 0
 
 
 # ---------------------------------------------------------------------------- data
@@ -274,7 +271,7 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, ep
         if ema is not None:
             ema.update(getattr(model, 'module', model), step=step)
         done = (i + 1) // args.accum_steps
-        if is_main(args) and (done % args.log_interval == 0 or done == steps_per_epoch):
+        if is_main_process() and (done % args.log_interval == 0 or done == steps_per_epoch):
             elapsed = time.time() - start
             eta = datetime.timedelta(seconds=int(elapsed / done * (steps_per_epoch - done)))
             _logger.info('Epoch %d [%d/%d] eta %s loss %.4f lr %.3e %.1f img/s', epoch, done, steps_per_epoch,
@@ -305,7 +302,7 @@ def evaluate(args, model, loader) -> Dict:
         raise ValueError(f'no readable validation image ({int(skipped)} unreadable) under {args.data_path}/val')
     metrics = {'acc1': 100 * top1 / count, 'acc5': 100 * top5 / count, 'loss': loss_sum / count, 'images': int(count),
                'unreadable_images': int(skipped)}
-    if is_main(args):
+    if is_main_process():
         note = f' ({int(count)} images; {int(skipped)} unreadable left out)' if skipped else f' ({int(count)} images)'
         print(f"* Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} loss {metrics['loss']:.3f}{note}",
               flush=True)
@@ -348,7 +345,7 @@ def main(args: argparse.Namespace) -> Dict:
     output_dir = ensure_writable_dir(args.output_dir)
     init_distributed_device(args)  # torchrun / SLURM: sets args.distributed, rank, world_size, local_rank, device
     logging.basicConfig(format='%(asctime)s %(message)s', datefmt='%H:%M:%S')  # no-op if already configured
-    _logger.setLevel(logging.INFO if is_main(args) else logging.WARNING)
+    _logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     seed_everything(args.seed + args.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -373,7 +370,7 @@ def main(args: argparse.Namespace) -> Dict:
 
     if args.throughput:
         result = measure_throughput(args, compiled(model))
-        if is_main(args):
+        if is_main_process():
             (output_dir / 'throughput.json').write_text(json.dumps(result, indent=2))
         return result
 
@@ -382,7 +379,7 @@ def main(args: argparse.Namespace) -> Dict:
         if args.resume:
             load_backbone_weights(model, args.resume, head='require')
         metrics = evaluate(args, compiled(model), val_loader)
-        if is_main(args):
+        if is_main_process():
             model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'classification', metrics,
                                          config=args.config, model=args.model)
         return metrics
@@ -459,7 +456,7 @@ def main(args: argparse.Namespace) -> Dict:
             _logger.info('EMA model:')
             metrics['ema_acc1'] = evaluate(args, ema.module, val_loader)['acc1']
         rngs = gather_rng_states()
-        if is_main(args):
+        if is_main_process():
             state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                      'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
                      'step': step, 'best_acc1': best, 'rng': rngs, 'args': vars(args)}

@@ -522,12 +522,7 @@ class MHCAStage(nn.Module):
         return self.aggregate(torch.cat(outputs, dim=1))
 
 
-GLOBAL_POOLS = ('avg', 'max', 'avgmax', 'catavgmax', '')
-
-
-def _check_global_pool(global_pool: str) -> None:
-    if global_pool not in GLOBAL_POOLS:
-        raise ValueError(f'global_pool must be one of {GLOBAL_POOLS} (got {global_pool!r})')
+GLOBAL_POOLS = ('avg', 'max', 'avgmax', '')  # each keeps the width: pre-logits are num_features wide
 
 
 class ClsHead(nn.Module):
@@ -541,12 +536,12 @@ class ClsHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, global_pool: str = 'avg', drop_rate: float = 0.):
         super().__init__()
-        _check_global_pool(global_pool)
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f'global_pool must be one of {GLOBAL_POOLS} (got {global_pool!r})')
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.per_position = not global_pool
         self.drop = nn.Dropout(drop_rate)
-        in_features = dim * self.global_pool.feat_mult()
-        self.cls = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.cls = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.drop(self.global_pool(x))
@@ -567,8 +562,8 @@ class MPViT(nn.Module):
         mlp_ratio: MLP hidden width / width.
         num_heads: attention heads (all stages).
         drop_path_rate: stochastic depth, linear over all layers of all stages.
-        global_pool: timm's pool types (``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'``)
-            or ``''`` (no pooling; a classifier is then applied at every position).
+        global_pool: timm's pool types ``'avg'``, ``'max'``, ``'avgmax'``, or ``''`` (no pooling;
+            a classifier is then applied at every position).
         norm_layer: factory ``(num_channels) -> module`` for every conv-path norm
             (BatchNorm2d by default; adapters pass SyncBN / FrozenBN / GroupNorm).
         fast_ops: the faster formulations of the same function (default); ``False`` builds
@@ -594,7 +589,6 @@ class MPViT(nn.Module):
             dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        _check_global_pool(global_pool)
         num_stages = len(embed_dims)
         if not len(num_path) == len(num_layers) == num_stages:
             raise ValueError('num_path, num_layers and embed_dims need one entry per stage')
@@ -605,6 +599,7 @@ class MPViT(nn.Module):
         self.grad_checkpointing = False
         self.fast_ops = fast_ops
 
+        # On the CPU also inside a caller's ``with torch.device('meta')``: the rates are Python floats.
         dpr = torch.linspace(0, drop_path_rate, sum(num_layers), device='cpu').tolist()
         stage_dpr = [dpr[sum(num_layers[:i]):sum(num_layers[:i + 1])] for i in range(num_stages)]
         out_dims = list(embed_dims[1:]) + [embed_dims[-1]]
