@@ -13,7 +13,9 @@ setup(
     packages=find_packages(include=['mpvit', 'mpvit.*']),
     package_data={'mpvit': ['model_zoo.json']},
     python_requires='>=3.10',
-    install_requires=['torch>=2.1', 'torchvision', 'timm>=1.0.15', 'fvcore'],
+    # torch 2.6: weights_only loading with named allowlist entries (mpvit.serialization).
+    install_requires=['torch>=2.6', 'torchvision', 'timm>=1.0.15', 'fvcore', 'safetensors', 'huggingface_hub',
+                      'filelock'],
     classifiers=[
         'Programming Language :: Python :: 3',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',

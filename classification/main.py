@@ -339,10 +339,13 @@ def measure_throughput(args, model) -> Dict:
 
 
 def main(args: argparse.Namespace) -> Dict:
-    for weights in (args.resume, args.pretrained):  # download / check before any work
+    output_dir = ensure_writable_dir(args.output_dir)
+    resume = args.resume
+    if args.auto_resume and not args.eval and (output_dir / 'checkpoint.pth').is_file():
+        resume = str(output_dir / 'checkpoint.pth')
+    for weights in (resume, args.pretrained):  # find / download and check (no code in it) before any work
         if weights:
             local_checkpoint(weights)
-    output_dir = ensure_writable_dir(args.output_dir)
     init_distributed_device(args)  # torchrun / SLURM: sets args.distributed, rank, world_size, local_rank, device
     logging.basicConfig(format='%(asctime)s %(message)s', datefmt='%H:%M:%S')  # no-op if already configured
     _logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
@@ -414,9 +417,6 @@ def main(args: argparse.Namespace) -> Dict:
         criterion = nn.CrossEntropyLoss()
 
     start_epoch, step, best = 0, 0, 0.0
-    resume = args.resume
-    if args.auto_resume and (output_dir / 'checkpoint.pth').is_file():
-        resume = str(output_dir / 'checkpoint.pth')
     if resume:
         state = read_checkpoint(resume)
         if not (isinstance(state, dict) and 'optimizer' in state):

@@ -118,9 +118,15 @@ def main(args: argparse.Namespace):
     cfg = setup(args)
     register_coco_datasets(args.coco_dataset)
     check_datasets(cfg, eval_only=args.eval_only)
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint'))
-    if cfg.MODEL.WEIGHTS and not resuming and (is_url(cfg.MODEL.WEIGHTS) or '://' not in cfg.MODEL.WEIGHTS):
-        local_checkpoint(cfg.MODEL.WEIGHTS)  # download / check now, before any model is built
+    # Find / download and check (no code in it) the file to load now, before any model is built: the one
+    # named in OUTPUT_DIR/last_checkpoint when resuming, else MODEL.WEIGHTS (the checkpointer then reads the
+    # same local copy: a URL is downloaded once).
+    last = os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')
+    if args.resume and os.path.isfile(last):
+        with open(last) as f:
+            local_checkpoint(os.path.join(cfg.OUTPUT_DIR, f.read().strip()))
+    elif cfg.MODEL.WEIGHTS and (is_url(cfg.MODEL.WEIGHTS) or '://' not in cfg.MODEL.WEIGHTS):
+        local_checkpoint(cfg.MODEL.WEIGHTS)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = MPViTCheckpointer(model, save_dir=cfg.OUTPUT_DIR, heads_must_fit=True)

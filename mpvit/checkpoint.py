@@ -11,6 +11,10 @@ mmsegmentation      ``checkpoint["state_dict"]``          ``backbone.``
 Deformable DETR     ``checkpoint["model"]``               ``backbone.0.backbone.``
 ==================  ====================================  =====================
 
+plus transformers' ``TimmWrapper`` models (``timm_model.``) and safetensors files of any of
+them. Files are read by :mod:`mpvit.serialization` (never running code from them) and found
+by :mod:`mpvit.weights` (weights directory, Hub, URLs).
+
 :func:`checkpoint_filter_fn` (timm's ``pretrained_filter_fn`` hook) turns any of
 them into a state dict for :class:`mpvit.models.mpvit.MPViT`, and refuses a
 checkpoint that does not fit with a short list of what is wrong, instead of
@@ -19,27 +23,28 @@ torch's wall of keys or a silently half-loaded model.
 from __future__ import annotations
 
 import logging
-import os
-import pickle
-import zipfile
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping
 
 import torch
 import torch.nn as nn
 
+from mpvit.serialization import CheckpointError, ensure_checkpoint_file, safe_load
+from mpvit.weights import fetch, is_url
+
+__all__ = ['BACKBONE_PREFIXES', 'CheckpointError', 'backbone_prefix', 'check_fit', 'checkpoint_filter_fn',
+           'checkpoint_tensors',
+           'ensure_checkpoint_file', 'is_url', 'load_backbone_weights', 'local_checkpoint',
+           'read_checkpoint', 'unwrap_checkpoint']
+
 _logger = logging.getLogger(__name__)
 
-# Longest first: 'backbone.' is a prefix of the other two.
-BACKBONE_PREFIXES = ('backbone.bottom_up.backbone.', 'backbone.0.backbone.', 'backbone.')
+# Longest first: 'backbone.' is a prefix of the next two. 'timm_model.': transformers' TimmWrapper models.
+BACKBONE_PREFIXES = ('backbone.bottom_up.backbone.', 'backbone.0.backbone.', 'backbone.', 'timm_model.')
 _NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 EMA_KEYS = ('model_ema', 'state_dict_ema')
 HEAD_POLICIES = ('reset', 'require')
 _SHOW = 5
 STEM_WEIGHT = 'stem.0.conv.weight'
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, or whose tensors do not fit the model."""
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
@@ -164,76 +169,30 @@ def checkpoint_filter_fn(
     return weights
 
 
-def _is_safetensors(path: str) -> bool:
-    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
-    with open(path, 'rb') as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
+def checkpoint_tensors(checkpoint: Any, what: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint (its ``model`` / ``state_dict`` entry, or the dict itself; a Caffe2
+    pickle's ``blobs``) as tensors, keys unchanged: numpy arrays converted, other values left out."""
+    if isinstance(checkpoint, Mapping) and 'model' not in checkpoint and isinstance(checkpoint.get('blobs'), Mapping):
+        checkpoint = checkpoint['blobs']
+    tensors = {k: torch.as_tensor(v) for k, v in unwrap_checkpoint(checkpoint).items()
+               if isinstance(v, torch.Tensor) or hasattr(v, '__array__')}
+    if not tensors:
+        raise CheckpointError(f'{what} holds no tensors')
+    return tensors
 
 
-def ensure_checkpoint_file(path: str) -> None:
-    """Refuse, with a clear message, a path that is missing or holds no PyTorch checkpoint.
-
-    Sniffing the container (zip archive, legacy pickle, safetensors) is cheap and
-    avoids torch.load's unpickler errors, which for a corrupt file can be anything.
-    """
-    if os.path.isdir(path):
-        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
-    safetensors = _is_safetensors(path)
-    if path.endswith('.safetensors'):
-        if not safetensors:
-            raise CheckpointError(f'{path} is not a readable safetensors file (truncated download?)')
-        return
-    if safetensors:
-        raise CheckpointError(f'{path} is a safetensors file under another name; rename it to '
-                              f'{os.path.splitext(path)[0]}.safetensors (loaders choose the format by the name)')
-    with open(path, 'rb') as f:
-        head = f.read(1)
-    if not (zipfile.is_zipfile(path) or head == b'\x80'):
-        raise CheckpointError(
-            f'{path} is not a readable PyTorch checkpoint (neither a zip archive nor a pickle; truncated download?)')
-
-
-def is_url(path_or_url: str) -> bool:
-    return path_or_url.startswith(('http://', 'https://'))
-
-
-def download(url: str) -> str:
-    """The local path of ``url``, downloaded once into torch.hub's cache; one clear error when it cannot be."""
-    from timm.models._hub import download_cached_file
-
-    try:
-        return download_cached_file(url, check_hash=False, progress=True)
-    except OSError as e:  # URLError, HTTPError, socket and SSL errors
-        reason = getattr(e, 'reason', None) or e
-        raise CheckpointError(f'cannot download {url} ({reason}); download it where there is internet access and '
-                              f'pass the local file in place of the URL') from None
-
-
-def local_checkpoint(path_or_url: str) -> str:
-    """A checked local checkpoint file for a path or URL (downloaded first): for failing before any work."""
-    path = download(path_or_url) if is_url(path_or_url) else os.path.expanduser(path_or_url)
+def local_checkpoint(source: str) -> str:
+    """A checked local checkpoint file for a path, URL or ``hf-hub:`` id (found or downloaded first,
+    :func:`mpvit.weights.fetch`): for failing before any work."""
+    path = fetch(source)
     ensure_checkpoint_file(path)
     return path
 
 
-def read_checkpoint(path_or_url: str) -> Dict[str, Any]:
-    """Load a checkpoint from a local file or URL (cached by torch.hub) on the CPU, with clear errors."""
-    path = local_checkpoint(path_or_url)
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-
-        return load_file(path, device='cpu')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'Weights only load failed' not in str(e):
-            raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({e})') from e
-    # Training checkpoints can hold arbitrary Python objects (argparse args, configs).
-    _logger.warning('%s holds non-tensor objects; loading it with full unpickling.', path)
-    return torch.load(path, map_location='cpu', weights_only=False)
+def read_checkpoint(source: str) -> Any:
+    """Load a checkpoint from a file, URL or ``hf-hub:`` id on the CPU, never running code from it
+    (:func:`mpvit.serialization.safe_load`)."""
+    return safe_load(local_checkpoint(source))
 
 
 def load_backbone_weights(model: nn.Module, path_or_url: str, strict: bool = True, head: str = 'reset') -> None:
@@ -248,12 +207,3 @@ def load_backbone_weights(model: nn.Module, path_or_url: str, strict: bool = Tru
         raise CheckpointError(f'{path_or_url}: {e}') from None
     model.load_state_dict(weights, strict=strict)
 
-
-def check_pretrained_file(variant: str, overlay: Optional[Mapping[str, Any]]) -> None:
-    """Validate ``pretrained_cfg_overlay=dict(file=...)`` before timm reads it."""
-    path = (overlay or {}).get('file')
-    if path:
-        try:
-            ensure_checkpoint_file(path)
-        except (FileNotFoundError, CheckpointError) as e:
-            raise type(e)(f'{variant}: {e}') from None

@@ -4,6 +4,11 @@ Importing this module registers the backbone with ``mmseg.registry.MODELS`` (and
 label check :class:`mpvit.mmseg_transforms.CheckSegMap` with ``TRANSFORMS``);
 configs do it with ``custom_imports = dict(imports=['mpvit.mmseg'])``.
 
+It also makes mmengine read every checkpoint (``load_from``, ``--resume``, ``init_cfg``
+of any module; local files and URLs) through :func:`mpvit.checkpoint.read_checkpoint`:
+never running code from a file, and finding URLs in the weights directory first.
+mmengine's own reader falls back to full unpickling when its allowlist refuses a file.
+
 The backbone *is* the core model (a subclass, not a wrapper), so a segmentor's
 ``backbone.*`` keys are the classification checkpoint's keys, as in the
 released UperNet checkpoints.
@@ -18,13 +23,29 @@ from mmcv.cnn import build_norm_layer
 from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
+from mmengine.runner.checkpoint import CheckpointLoader
 from mmseg.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mpvit.mmseg_transforms  # noqa: F401  (registers CheckSegMap)
-from mpvit.checkpoint import load_backbone_weights
+from mpvit.checkpoint import load_backbone_weights, read_checkpoint
 from mpvit.models.mpvit import MPViT as _MPViT
 from mpvit.models.mpvit import mpvit_arch
+
+
+def _load_without_code(filename: str, map_location=None) -> dict:
+    """mmengine's checkpoint loader for local files and URLs; read on the CPU, then moved to a
+    ``map_location`` device if one is named (a callable one is left to mmengine's own moves)."""
+    checkpoint = read_checkpoint(filename)
+    if isinstance(map_location, (str, torch.device)) and str(map_location) != 'cpu':
+        import torch.utils._pytree as pytree
+
+        checkpoint = pytree.tree_map_only(torch.Tensor, lambda t: t.to(map_location), checkpoint)
+    return checkpoint
+
+
+CheckpointLoader.register_scheme(prefixes=('', 'http://', 'https://', 'hf-hub:'), loader=_load_without_code,
+                                 force=True)
 
 
 @MODELS.register_module(name='MPViT')

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -20,6 +21,18 @@ from typing import Dict, List, Optional
 
 RELEASED = 'released'
 TASKS = ('classification', 'detectron2', 'mmseg', 'deformable_detr')
+CITATION = """@inproceedings{lee2022mpvit,
+  title={MPViT: Multi-Path Vision Transformer for Dense Prediction},
+  author={Youngwan Lee and Jonghee Kim and Jeff Willette and Sung Ju Hwang},
+  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year={2022}
+}"""
+HUB_TASKS = {'classification': 'image-classification', 'detectron2': 'object-detection',
+             'deformable_detr': 'object-detection', 'mmseg': 'image-segmentation'}
+_DATASETS = {'classification': 'ImageNet-1k', 'detectron2': 'COCO', 'deformable_detr': 'COCO', 'mmseg': 'ADE20K'}
+_FIGURES = {'acc1': 'ImageNet-1k top-1 (%)', 'box_ap': 'COCO val2017 box AP', 'mask_ap': 'COCO val2017 mask AP',
+            'miou': 'ADE20K val mIoU (%)', 'params_m': '#params (M)', 'gflops': 'GFLOPs', 'epochs': 'epochs',
+            'iters': 'iterations', 'crop': 'crop'}
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,20 @@ class ZooEntry:
     url: str
     metrics_url: Optional[str] = None
     reported: Dict[str, float] = field(default_factory=dict)
+    mirrors: List[str] = field(default_factory=list)  # more URLs of the same file
+    hf_hub_id: Optional[str] = None  # a Hub repository holding it (tools/export_hub.py's layout)
+    sha256: Optional[str] = None  # of the released file, where known: downloads and local copies are checked
+
+    @property
+    def sources(self) -> List[str]:
+        """The URLs of this file, the authors' first."""
+        return [self.url, *self.mirrors]
+
+    @property
+    def hub_filename(self) -> str:
+        """The file in its Hub repository: timm's ``model.safetensors`` for an ImageNet classifier, the whole
+        task checkpoint (``<name>.safetensors``, the released key layout) for the dense tasks."""
+        return 'model.safetensors' if self.task == 'classification' else f'{self.name}.safetensors'
 
 
 def _same_config(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -41,9 +68,55 @@ def _same_config(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 @cache
-def entries() -> List[ZooEntry]:
+def _data() -> Dict:
     with open(Path(__file__).with_name('model_zoo.json')) as f:
-        return [ZooEntry(**e) for e in json.load(f)['checkpoints']]
+        return json.load(f)
+
+
+def entries() -> List[ZooEntry]:
+    return [ZooEntry(**e) for e in _data()['checkpoints']]
+
+
+def weights_license() -> Dict[str, str]:
+    """The released weights' license: Hub ``id`` / ``name`` / ``link`` and a one-line ``summary``."""
+    return dict(_data()['license'])
+
+
+def model_card(name: str, hub_id: Optional[str] = None, source_sha256: Optional[str] = None) -> Dict:
+    """A Hub model card for a released checkpoint, in the ``model_card`` form of timm's ``push_to_hf_hub``:
+    the weights' license, the figures the authors report, where the file came from, usage and citation."""
+    entry = get(name)
+    license_ = weights_license()
+    variant = re.search(r'mpvit_(tiny|xsmall|small|base)', entry.name).group(0)
+    dense = entry.task != 'classification'
+    repo = hub_id or '<org>/<name>'
+    details = {'Model type': f'{HUB_TASKS[entry.task]} ({entry.task})' if dense else 'image classification',
+               'Dataset': _DATASETS[entry.task],
+               'Reported by the authors': {_FIGURES.get(k, k): v for k, v in entry.reported.items()},
+               'Papers': {'MPViT: Multi-Path Vision Transformer for Dense Prediction': 'https://arxiv.org/abs/2112.11010'},
+               'Original': entry.url, 'Config (this repository)': entry.config,
+               'License': f"{license_['summary']} ({license_['link']})"}
+    if source_sha256:
+        details['Converted from (sha256)'] = source_sha256
+    usage = ("```python\nimport timm\nimport mpvit  # registers the MPViT models with timm\n\n"
+             f"model = timm.create_model('hf-hub:{repo}', pretrained=True)\n```\n")
+    if dense:
+        usage += (f'\n`model.safetensors` is the {variant} backbone as a timm model (`num_classes=0`; '
+                  f'`features_only=True` gives the stage maps). `{entry.hub_filename}` is the whole {entry.task} '
+                  f'model in the released key layout, which `released` in this repository evaluates with '
+                  f'`{entry.config}` once `model_zoo.json` names this repository.\n')
+    return {'license': license_['id'], 'license_name': license_['name'], 'license_link': license_['link'],
+            'tags': [HUB_TASKS[entry.task], 'timm', 'mpvit'],
+            'description': f'MPViT ({variant}) weights released by the authors of the paper, as safetensors.',
+            'details': details, 'usage': usage, 'citation': CITATION}
+
+
+def by_url(url: str) -> Optional[ZooEntry]:
+    """The released checkpoint served at ``url`` (its URL or a mirror), if any."""
+    for entry in entries():
+        if url in entry.sources:
+            return entry
+    return None
 
 
 def get(name: str) -> ZooEntry:

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,19 @@ import torch
 
 # tests/ holds helpers (fidelity.py, helpers.py) imported by the test modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _private_weights_dir(tmp_path_factory):
+    """Weights found or downloaded by the tests go to a folder of their own, never the user's cache
+    (subprocesses inherit it)."""
+    previous = os.environ.get('MPVIT_WEIGHTS')
+    os.environ['MPVIT_WEIGHTS'] = str(tmp_path_factory.mktemp('weights'))
+    yield
+    if previous is None:
+        os.environ.pop('MPVIT_WEIGHTS', None)
+    else:
+        os.environ['MPVIT_WEIGHTS'] = previous
 
 
 def pytest_collection_modifyitems(config, items):

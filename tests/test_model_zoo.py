@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +68,9 @@ def test_offline_download_is_one_clear_line():
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(url)
     message = str(info.value)
-    assert '\n' not in message and url in message and 'pass the local file' in message
+    # Every place is named: the weights directory (by the released name), then the URL with its reason.
+    assert '\n' not in message and url in message and 'pass its path' in message
+    assert f"{os.environ['MPVIT_WEIGHTS']} ($MPVIT_WEIGHTS) for mask_rcnn_mpvit_small_ms_3x.pth" in message
 
 
 def test_drivers_resolve_released(monkeypatch):
@@ -100,21 +104,21 @@ def _point_zoo_at(monkeypatch, name: str) -> str:
 def test_released_offline_fails_before_work_in_every_driver(monkeypatch, tmp_path):
     url = _point_zoo_at(monkeypatch, 'mpvit_tiny')
     cls = load_script('classification/main.py')
-    with pytest.raises(CheckpointError, match=f'cannot download {url}'):
+    with pytest.raises(CheckpointError, match=f'cannot find the weights .* {re.escape(url)}: '):
         cls.main(cls.parse_args(['--model', 'mpvit_tiny', '--eval', '--resume', 'released',
                                  '--data-path', str(tmp_path / 'missing')]))
 
     pytest.importorskip('transformers')
     url = _point_zoo_at(monkeypatch, 'deformable_detr_mpvit_small')
     ddetr = load_script('deformable_detr/main.py')
-    with pytest.raises(CheckpointError, match=f'cannot download {url}'):
+    with pytest.raises(CheckpointError, match=f'cannot find the weights .* {re.escape(url)}: '):
         ddetr.main(['-c', str(REPO / 'configs/deformable_detr/mpvit_small.yaml'), '--eval', '--resume', 'released',
                     '--coco-path', str(tmp_path / 'missing'), '--output-dir', str(tmp_path / 'out')])
 
     pytest.importorskip('mmseg')
     url = _point_zoo_at(monkeypatch, 'upernet_mpvit_small')
     seg_test = load_script('semantic_segmentation/tools/test.py')
-    with pytest.raises(CheckpointError, match=f'cannot download {url}'):
+    with pytest.raises(CheckpointError, match=f'cannot find the weights .* {re.escape(url)}: '):
         seg_test.main([str(REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'), 'released',
                        '--work-dir', str(tmp_path / 'seg')])
     # Training: the backbone's ImageNet init_cfg URL is fetched before the Runner builds anything.
@@ -122,7 +126,7 @@ def test_released_offline_fails_before_work_in_every_driver(monkeypatch, tmp_pat
     monkeypatch.setattr(seg_train.Runner, 'from_cfg', lambda cfg: pytest.fail('Runner built before the check'))
     url = _unreachable_url('mpvit_small.pth')
     (tmp_path / 'ade').mkdir()
-    with pytest.raises(CheckpointError, match=f'cannot download {url}'):
+    with pytest.raises(CheckpointError, match=f'cannot find the weights .* {re.escape(url)}: '):
         seg_train.main([str(REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'),
                         '--work-dir', str(tmp_path / 'seg_train'), '--cfg-options',
                         f'train_dataloader.dataset.data_root={tmp_path / "ade"}',
@@ -140,7 +144,7 @@ def test_detectron2_unreachable_weights_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith('error: cannot download') and url in last
+    assert last.startswith('error: cannot find the weights retinanet_mpvit_tiny_1x.pth') and url in last
 
 
 # ------------------------------------------------------------------------------------- paper tables

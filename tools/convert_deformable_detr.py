@@ -13,6 +13,7 @@ import torch
 
 from mpvit.checkpoint import read_checkpoint, unwrap_checkpoint
 from mpvit.deformable_detr import convert_original_state_dict, is_original_layout
+from mpvit.training import user_errors_in_one_line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,4 +30,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    with user_errors_in_one_line():
+        main()

@@ -55,5 +55,5 @@ for variant in mpvit.MPVIT_ARCHS:
     torch.save({'model': weights}, hub / url.rsplit('/', 1)[-1])
 EOF
 cd "$WORK"
-TORCH_HOME="$WORK/torch" PYTHONPATH="$REPO" "$PY" -m pytest tests/test_models.py -p no:cacheprovider -q \
+TORCH_HOME="$WORK/torch" MPVIT_WEIGHTS="$WORK/torch/hub/checkpoints" PYTHONPATH="$REPO" "$PY" -m pytest tests/test_models.py -p no:cacheprovider -q \
     -W ignore::pytest.PytestUnknownMarkWarning -k "${TIMM_TESTS_K:-mpvit}" "$@"

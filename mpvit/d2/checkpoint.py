@@ -1,14 +1,23 @@
 """``MPViTCheckpointer``: Detectron2's checkpointer for every released MPViT format, with
-:func:`mpvit.checkpoint.check_fit` as its one key check."""
+:func:`mpvit.checkpoint.check_fit` as its one key check, reading every file (``.pth``, ``.pkl``,
+``.safetensors``, its own checkpoints when resuming) without running code from it."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 
-from mpvit.checkpoint import CheckpointError, backbone_prefix, check_fit, read_checkpoint, unwrap_checkpoint
+from mpvit.checkpoint import (
+    CheckpointError,
+    backbone_prefix,
+    check_fit,
+    is_url,
+    local_checkpoint,
+    read_checkpoint,
+    unwrap_checkpoint,
+)
 
 _logger = logging.getLogger(__name__)
 D2_BACKBONE_PREFIX = 'backbone.bottom_up.backbone.'
@@ -30,10 +39,16 @@ class MPViTCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **checkpointables)
         self.heads_must_fit = heads_must_fit
 
+    def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
+        # A URL is found or downloaded once, into the weights directory (mpvit.weights), not again by iopath.
+        if path and (is_url(path) or path.startswith('hf-hub:')):
+            path = local_checkpoint(path)
+        return super().load(path, checkpointables)
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith('.pkl'):
-            return super()._load_file(filename)
         loaded = read_checkpoint(filename)
+        if filename.endswith('.pkl'):
+            return self._pkl_layout(loaded)
         state = unwrap_checkpoint(loaded)
         prefix = backbone_prefix(state)
         if prefix == D2_BACKBONE_PREFIX:
@@ -45,6 +60,18 @@ class MPViTCheckpointer(DetectionCheckpointer):
         _logger.info('%s: MPViT weights of a non-Detectron2 checkpoint (prefix %r); initialising the backbone only',
                      filename, prefix)
         return {'model': weights, '__mpvit_backbone_only__': True}
+
+    @staticmethod
+    def _pkl_layout(data: Dict[str, Any]) -> Dict[str, Any]:
+        """Detectron2's reading of a ``.pkl`` (its model zoo's, or Caffe2's ``blobs``), over data that
+        :func:`mpvit.serialization.safe_load` unpickled without running code."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f'expected a dict in the .pkl file, got {type(data).__name__}')
+        if 'model' in data and '__author__' in data:
+            return data
+        data = data.get('blobs', data)
+        return {'model': {k: v for k, v in data.items() if not k.endswith('_momentum')}, '__author__': 'Caffe2',
+                'matching_heuristics': True}
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         weights = checkpoint['model']

@@ -33,12 +33,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, register_notrace_module, trunc_normal_
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.fast_norm import fast_layer_norm, get_autocast_dtype, is_autocast_enabled
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from mpvit.checkpoint import check_pretrained_file, checkpoint_filter_fn, load_backbone_weights
+from mpvit import model_zoo
+from mpvit.checkpoint import CheckpointError, checkpoint_filter_fn, load_backbone_weights, local_checkpoint
+from mpvit.weights import HUB_PREFIX
 
 __all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn', 'fold_batchnorm', 'mpvit_arch', 'set_fast_ops']
 
@@ -437,6 +439,24 @@ class MHCALayer(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+def _copy_shared_aliases(module: nn.Module, state_dict: Dict, prefix: str, local_metadata: Dict) -> None:
+    """State-dict post-hook: each layer's ``cpe.*``, ``crpe.*`` and ``factoratt_crpe.crpe.*`` keys (the
+    encoder's own tensors under the reference's alias names) hold copies, so that no two keys of a state
+    dict share memory.
+
+    The released checkpoints keep the aliases, and so do ours, key for key; safetensors (timm's
+    ``save_for_hf``, transformers' ``save_pretrained``) refuses tensors that share memory. Loading writes
+    every alias into the one shared module, in checkpoint order. With ``keep_vars=True`` the parameters
+    themselves are kept.
+    """
+    layers = prefix + 'MHCA_layers.'
+    for key in [k for k in state_dict if k.startswith(layers)]:
+        parts = key[len(layers):].split('.')
+        value = state_dict[key]
+        if ('cpe' in parts or 'crpe' in parts) and not isinstance(value, nn.Parameter):
+            state_dict[key] = value.clone()
+
+
 class MHCAEncoder(nn.Module):
     """The transformer encoder of one path; its CPE and CRPE are shared by all its layers."""
 
@@ -458,6 +478,7 @@ class MHCAEncoder(nn.Module):
             for idx in range(num_layers)
         ])
         self.grad_checkpointing = False
+        self.register_state_dict_post_hook(_copy_shared_aliases)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` map in, ``[B, C, H, W]`` map out (a channels-last view)."""
@@ -750,6 +771,35 @@ class MPViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _pretrained_source(variant: str, kwargs: Dict) -> Dict:
+    """The ``pretrained_cfg_overlay`` that sends every pretrained source through this repository's loader.
+
+    timm would download a URL into its cache unchecked, and skips a Hub id for models with a custom
+    loader. Instead the file is found here (:func:`mpvit.weights.fetch`: the local weights directory, the
+    Hub, then the URLs; ``hf-hub:`` ids through the Hub's cache), and ``MPViT.load_pretrained`` reads it
+    without running code, whatever its format.
+    """
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+    if overlay.get('state_dict') is not None:  # an in-memory state dict: timm's own loader and our filter
+        return {**overlay, 'custom_load': False}
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
+    if cfg.file:
+        source = cfg.file
+    elif cfg.hf_hub_id and (cfg.source == 'hf-hub' or not cfg.url):
+        source = f'{HUB_PREFIX}{cfg.hf_hub_id}/{cfg.hf_hub_filename or "model.safetensors"}'
+    elif cfg.url:
+        source = cfg.url
+    else:
+        raise CheckpointError(f'{variant}: no pretrained weights are known for this configuration; '
+                              "pass pretrained_cfg_overlay=dict(file='...')")
+    try:
+        path = local_checkpoint(source)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise type(e)(f'{variant}: {e}') from None
+    # source '' : the file, not the Hub id (timm's custom loaders skip the Hub).
+    return {**overlay, 'file': path, 'custom_load': True, 'source': ''}
+
+
 def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
     arch = mpvit_arch(variant)
     feature_cls = kwargs.get('feature_cls')
@@ -759,10 +809,7 @@ def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
         raise ValueError(f"{variant}: feature_cls={feature_cls!r} needs the stages as one sequence of top-level "
                          "modules, which MPViT's checkpoint layout is not; use the default ('getter'), 'hook' or 'fx'")
     if pretrained:
-        overlay = kwargs.get('pretrained_cfg_overlay')
-        check_pretrained_file(variant, overlay)
-        if overlay:  # timm resets custom_load for an overridden source; every MPViT source goes through ours
-            kwargs['pretrained_cfg_overlay'] = {'custom_load': True, **overlay}
+        kwargs['pretrained_cfg_overlay'] = _pretrained_source(variant, kwargs)
     return build_model_with_cfg(
         MPViT,
         variant,
@@ -773,9 +820,13 @@ def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
     )
 
 
-def _cfg(url: str = '', **kwargs) -> Dict:
+def _cfg(name: str, **kwargs) -> Dict:
+    """A released ImageNet checkpoint's pretrained cfg; its sources and license come from ``model_zoo.json``."""
+    entry = model_zoo.get(name)
     return {
-        'url': url,
+        'url': entry.url,
+        'hf_hub_id': entry.hf_hub_id,  # set once the weights are on the Hub (tools/export_hub.py)
+        'license': model_zoo.weights_license()['id'],  # the authors' MPViT LSA (see model_zoo.json)
         'num_classes': 1000,
         'input_size': (3, 224, 224),
         'pool_size': (7, 7),
@@ -795,10 +846,7 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 
 # The authors' ImageNet-1k weights (DeiT recipe, 300 epochs); top-1 78.2 / 80.9 / 83.0 / 84.3.
 default_cfgs = generate_default_cfgs({
-    'mpvit_tiny.in1k': _cfg(url='https://dl.dropbox.com/s/1cmquqyjmaeeg1n/mpvit_tiny.pth'),
-    'mpvit_xsmall.in1k': _cfg(url='https://dl.dropbox.com/s/vvpq2m474g8tvyq/mpvit_xsmall.pth'),
-    'mpvit_small.in1k': _cfg(url='https://dl.dropbox.com/s/y3dnmmy8h4npz7a/mpvit_small.pth'),
-    'mpvit_base.in1k': _cfg(url='https://dl.dropbox.com/s/la8w31m0apj2830/mpvit_base.pth'),
+    f'{name}.in1k': _cfg(name) for name in ('mpvit_tiny', 'mpvit_xsmall', 'mpvit_small', 'mpvit_base')
 })
 
 

@@ -11,6 +11,7 @@ import os.path as osp
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
+from mmengine.runner.checkpoint import find_latest_checkpoint
 
 from mpvit.checkpoint import local_checkpoint
 from mpvit.mmseg import load_run_config
@@ -41,9 +42,17 @@ def build_config(args: argparse.Namespace) -> Config:
     if data_root and not osp.isdir(data_root):
         raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
     ensure_writable_dir(cfg.work_dir, 'work directory')
-    init_cfg = cfg.model.backbone.get('init_cfg') or {}
-    if init_cfg.get('type') == 'Pretrained' and init_cfg.get('checkpoint') and not cfg.resume:
-        local_checkpoint(init_cfg['checkpoint'])  # download / check now, not after the model is built
+    # Find / download and check (no code in it) every file the Runner will read, before it builds anything:
+    # the latest checkpoint when resuming, else load_from and the backbone's init_cfg.
+    latest = find_latest_checkpoint(cfg.work_dir) if cfg.resume else None
+    if latest:
+        local_checkpoint(latest)
+    else:
+        if cfg.get('load_from'):
+            cfg.load_from = local_checkpoint(cfg.load_from)
+        init_cfg = cfg.model.backbone.get('init_cfg') or {}
+        if init_cfg.get('type') == 'Pretrained' and init_cfg.get('checkpoint'):
+            local_checkpoint(init_cfg['checkpoint'])
     return cfg
 
 

@@ -1,0 +1,327 @@
+"""Reading weight files without running code from them, and writing them as safetensors.
+
+A checkpoint found on a mirror or a shared drive is untrusted input: a pickle can
+call any Python function while it loads. Every reader in this repository goes
+through :func:`safe_load`, which never unpickles arbitrary objects:
+
+- ``.safetensors``: tensors only, by construction;
+- PyTorch files: ``torch.load(weights_only=True)`` with an explicit allowlist of the
+  harmless, data-only types that real training checkpoints carry (:func:`safe_globals`);
+- Detectron2 / Caffe2 ``.pkl`` files: a restricted unpickler that builds numpy arrays
+  and plain containers, nothing else.
+
+Anything else is refused in one line naming the file and the type it asked for;
+:func:`load_trusted` (``tools/convert_checkpoint.py --trust``) is the one explicit way
+to read such a file, once, and re-save its weights as safetensors.
+
+Zip-format PyTorch files are also checked against the CRC-32 of every member
+first, so a file corrupted on disk or in transfer is refused instead of
+evaluated (torch's reader does not check them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
+
+import torch
+
+__all__ = ['CheckpointError', 'ensure_checkpoint_file', 'load_trusted', 'safe_load',
+           'safe_globals', 'save_safetensors', 'tensors_for_safetensors', 'verify_zip']
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, may not be read, or whose tensors do not fit the model."""
+
+
+def _numpy_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
+    """numpy arrays, scalars and dtypes as pickled by numpy 1.x (``numpy.core``) and 2.x (``numpy._core``)."""
+    import numpy as np
+
+    core = np._core if hasattr(np, '_core') else np.core
+    found: List[Union[Callable, Tuple[Callable, str]]] = [np.ndarray, np.dtype]
+    for name in ('_reconstruct', 'scalar'):
+        fn = getattr(core.multiarray, name)
+        found += [fn, (fn, f'numpy.core.multiarray.{name}'), (fn, f'numpy._core.multiarray.{name}')]
+    # numpy >= 1.25 pickles a dtype through its class (numpy.dtypes.Float64DType, ...).
+    codes = '?bBhHiIlLqQefdgFDG'
+    found += list({type(np.dtype(code)) for code in codes})
+    return found
+
+
+_RECORD_CLASSES: List[type] = []
+
+
+def _method_of_record(obj: Any, name: str) -> Any:
+    """``getattr`` as the allowlist lets a pickle call it: only to name a public method of an allowlisted
+    record class (mmengine pickles ``HistoryBuffer.min`` that way). The builtin itself would reach any
+    object's globals, hence code."""
+    if any(obj is cls for cls in _RECORD_CLASSES) and not name.startswith('_') and callable(vars(obj).get(name)):
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f'getattr({getattr(obj, "__name__", type(obj).__name__)}, {name!r}) is not allowed')
+
+
+def _framework_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
+    """Data-only classes of the frameworks' own checkpoint writers (imported only where installed)."""
+    import importlib.util
+
+    found: List[Union[Callable, Tuple[Callable, str]]] = []
+    if importlib.util.find_spec('mmengine') is not None:
+        # mmengine's Runner saves its MessageHub, whose scalars are HistoryBuffers (numpy arrays inside,
+        # and their statistics methods, pickled as getattr(HistoryBuffer, 'mean')).
+        from mmengine.logging.history_buffer import HistoryBuffer
+
+        if HistoryBuffer not in _RECORD_CLASSES:
+            _RECORD_CLASSES.append(HistoryBuffer)
+        found += [HistoryBuffer, (_method_of_record, 'builtins.getattr')]
+    return found
+
+
+def safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
+    """The allowlist beyond torch's defaults: ``argparse.Namespace`` (DeiT-style ``args``), numpy data types
+    (mmengine / Detectron2 metadata, RNG states), and framework record types; no callables that run code."""
+    return [argparse.Namespace, *_numpy_globals(), *_framework_globals()]
+
+
+
+def _convert_hint(path: str) -> str:
+    return (f'if you trust this file, convert it once with: python tools/convert_checkpoint.py --trust {path} '
+            f'{os.path.splitext(os.path.basename(path))[0]}.safetensors')
+
+
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
+
+
+_CRC_CHECKED: Dict[str, Tuple[int, int]] = {}
+
+
+def _version(path: str) -> Tuple[str, Tuple[int, int]]:
+    stat = os.stat(path)
+    return os.path.realpath(path), (stat.st_size, stat.st_mtime_ns)
+
+
+def verify_zip(path: str) -> None:
+    """Refuse a zip-format checkpoint whose members do not match their stored CRC-32 (checked once per file
+    version: path, size and modification time)."""
+    key, version = _version(path)
+    if _CRC_CHECKED.get(key) == version:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f'{path} is a damaged checkpoint ({e}); download or copy it again') from None
+    if bad is not None:
+        raise CheckpointError(f'{path} is corrupted: the bytes of {bad} do not match their stored checksum '
+                              '(damaged on disk or in transfer); download or copy it again')
+    _CRC_CHECKED[key] = version
+
+
+def _check_file(path: str) -> str:
+    """The container of a checkpoint file ('safetensors', 'zip', 'pickle'), refusing a missing, truncated or
+    corrupted one."""
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a directory, not a checkpoint file')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    safetensors = _is_safetensors(path)
+    if path.endswith('.safetensors'):
+        if not safetensors:
+            raise CheckpointError(f'{path} is not a readable safetensors file (truncated download?)')
+        return 'safetensors'
+    if safetensors:
+        raise CheckpointError(f'{path} is a safetensors file under another name; rename it to '
+                              f'{os.path.splitext(path)[0]}.safetensors (loaders choose the format by the name)')
+    if zipfile.is_zipfile(path):
+        verify_zip(path)
+        return 'zip'
+    with open(path, 'rb') as f:
+        head = f.read(1)
+    if head != b'\x80':
+        raise CheckpointError(
+            f'{path} is not a readable PyTorch checkpoint (neither a zip archive nor a pickle; truncated download?)')
+    return 'pickle'
+
+
+_CHECKED: Dict[str, Tuple[int, int]] = {}
+
+
+def ensure_checkpoint_file(path: str) -> None:
+    """Refuse, in one line naming the file, a checkpoint that is missing, damaged, or that would build
+    objects outside the allowlist, without loading its tensors: the drivers call it before any work.
+
+    Zip members are checked against their CRC-32 and the pickle's globals are listed statically
+    (torch's ``get_unsafe_globals_in_checkpoint``); a legacy pickle is read once with the safe reader;
+    a safetensors header is parsed. Checked once per file version (path, size, modification time).
+    """
+    kind = _check_file(path)
+    key, version = _version(path)
+    if _CHECKED.get(key) == version:
+        return
+    if kind == 'zip':
+        with torch.serialization.safe_globals(safe_globals()):
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as e:
+                raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') \
+                    from None
+        if unsafe:
+            raise _refusal(path, unsafe)
+    elif kind == 'safetensors':
+        _read_safetensors(path, header_only=True)
+    elif path.endswith('.pkl'):
+        _read_pickle(path)
+    else:  # a legacy (non-zip) torch file: only a full read shows what it holds
+        _read_torch(path)
+    _CHECKED[key] = version
+
+
+# Detectron2 / Caffe2 model-zoo pickles hold numpy arrays in plain containers.
+_PICKLE_DATA_GLOBALS = {
+    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('collections', 'OrderedDict'), ('_codecs', 'encode'),
+    *((core, name) for core in ('numpy.core.multiarray', 'numpy._core.multiarray') for name in ('_reconstruct',
+                                                                                                'scalar')),
+}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, scalars and containers; any other global is refused, never imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PICKLE_DATA_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith(('numpy.dtypes', 'numpy.core', 'numpy._core')) and name.endswith('DType'):
+            return super().find_class(module, name)
+        raise _RefusedGlobal(f'{module}.{name}')
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+def _read_pickle(path: str) -> Any:
+    try:
+        with open(path, 'rb') as f:
+            return _DataUnpickler(f, encoding='latin1').load()
+    except _RefusedGlobal as e:
+        raise _refusal(path, [str(e)]) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f'{path} is not a readable pickle ({type(e).__name__}: {e})') from None
+
+
+def _unsafe_globals(path: str, message: str) -> List[str]:
+    names: List[str] = []
+    if zipfile.is_zipfile(path):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 (only for the message; the refusal stands either way)
+            names = []
+    return names or list(dict.fromkeys(re.findall(r'GLOBAL ([\w.]+)', message)))
+
+
+def _read_torch(path: str) -> Any:
+    allowlist = safe_globals()
+    with torch.serialization.safe_globals(allowlist):
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:
+            message = str(e)
+            if 'Weights only load failed' not in message:
+                raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({message.splitlines()[0]})') \
+                    from None
+            names = _unsafe_globals(path, message)
+        except (RuntimeError, EOFError, UnicodeDecodeError, ValueError, KeyError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+            raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first})') \
+                from None
+    raise _refusal(path, names)
+
+
+def _refusal(path: str, names: List[str]) -> CheckpointError:
+    what = ', '.join(names) if names else 'a Python object that is not a tensor or a known data type'
+    return CheckpointError(f'{path} asks to unpickle {what}: refused, as loading it could run code '
+                           f'(only tensors and plain data are read); {_convert_hint(path)}')
+
+
+def _read_safetensors(path: str, header_only: bool = False) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        if header_only:
+            with safe_open(path, framework='pt') as f:
+                f.keys()
+            return {}
+        return load_file(path, device='cpu')
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f'{path} is not a readable safetensors file ({e}; truncated download?)') from None
+
+
+def safe_load(path: str) -> Any:
+    """Load a local checkpoint file on the CPU without running code from it (see the module docstring).
+
+    ``.safetensors`` and Detectron2 ``.pkl`` files are recognised by name; anything else is read as a
+    PyTorch file. Raises :class:`CheckpointError` (one line, naming the file) for a damaged file or one
+    that asks to build objects outside the allowlist.
+    """
+    kind = _check_file(path)
+    if kind == 'safetensors':
+        return _read_safetensors(path)
+    if kind == 'pickle' and path.endswith('.pkl'):
+        return _read_pickle(path)
+    return _read_torch(path)
+
+
+def load_trusted(path: str) -> Any:
+    """Full unpickling, for ``tools/convert_checkpoint.py --trust`` only: runs whatever the file holds."""
+    if _check_file(path) == 'safetensors':
+        return _read_safetensors(path)
+    if path.endswith('.pkl'):
+        with open(path, 'rb') as f:
+            return pickle.load(f, encoding='latin1')  # noqa: S301 (the user vouched for this file)
+    return torch.load(path, map_location='cpu', weights_only=False)  # noqa: S614 (likewise)
+
+
+def tensors_for_safetensors(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """``state_dict`` as safetensors can store it: tensors only (numpy arrays converted), contiguous, and
+    each storage once (tensors that share memory, like the reference's aliased ``cpe`` / ``crpe`` keys,
+    are copied)."""
+    out: Dict[str, torch.Tensor] = {}
+    seen = set()
+    for key, value in state_dict.items():
+        tensor = torch.as_tensor(value).detach()
+        if tensor.device.type != 'cpu':
+            tensor = tensor.cpu()
+        if tensor.untyped_storage().data_ptr() in seen or not tensor.is_contiguous():
+            tensor = tensor.contiguous().clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``state_dict`` as a safetensors file, atomically (a temporary name, then rename)."""
+    from safetensors.torch import save
+
+    data = save(tensors_for_safetensors(state_dict), metadata=dict(metadata or {}))
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+

@@ -1,0 +1,214 @@
+"""Where weights come from: one local weights directory, the Hugging Face Hub, then the URLs.
+
+The authors' Dropbox links are dead for many users, who find copies elsewhere.
+So every weight source in this repository (``released``, a URL in a config, a
+timm ``pretrained=True``) is looked up in this order:
+
+1. the **weights directory**, ``$MPVIT_WEIGHTS`` (default: torch's hub cache,
+   ``~/.cache/torch/hub/checkpoints``), for the file's released name
+   (``mpvit_small.pth``) or the same name as ``.safetensors``;
+2. the Hub repository recorded for that checkpoint in ``model_zoo.json``
+   (``hf_hub_id``), through the Hub's own cache (``HF_HUB_OFFLINE=1`` works);
+3. the URL and its mirrors, downloaded into the weights directory atomically
+   (a temporary name, then rename), checked against the announced size and,
+   where ``model_zoo.json`` records one, the sha256; the sha256 is printed so
+   that copies can be compared.
+
+When none has it, one error names every place that was tried.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from mpvit import model_zoo
+from mpvit.serialization import CheckpointError
+
+__all__ = ['HUB_PREFIX', 'WEIGHTS_ENV', 'download', 'fetch', 'file_sha256', 'is_url', 'local_names', 'weights_dir']
+
+WEIGHTS_ENV = 'MPVIT_WEIGHTS'
+HUB_PREFIX = 'hf-hub:'
+_CHUNK = 1 << 20
+
+
+def weights_dir() -> Path:
+    """``$MPVIT_WEIGHTS``, else torch's hub cache (where timm and torch.hub keep downloads too)."""
+    configured = os.environ.get(WEIGHTS_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / 'checkpoints'
+
+
+def is_url(path_or_url: str) -> bool:
+    return path_or_url.startswith(('http://', 'https://'))
+
+
+def _basename(url: str) -> str:
+    return os.path.basename(urllib.parse.urlparse(url).path)
+
+
+def local_names(url: str) -> List[str]:
+    """File names under which the weights directory may hold ``url``'s file: the released name, and that
+    name as ``.safetensors`` (what ``tools/convert_checkpoint.py`` writes)."""
+    name = _basename(url)
+    names = [name]
+    stem, ext = os.path.splitext(name)
+    if ext != '.safetensors':
+        names.append(stem + '.safetensors')
+    return names
+
+
+_HASHED: Dict[str, Tuple[Tuple[int, int], str]] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file (hex), remembered per file version (size and modification time)."""
+    path = os.path.realpath(path)
+    stat = os.stat(path)
+    version = (stat.st_size, stat.st_mtime_ns)
+    cached = _HASHED.get(path)
+    if cached and cached[0] == version:
+        return cached[1]
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    _HASHED[path] = (version, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _check_sha256(path: str | os.PathLike, expected: Optional[str], origin: str) -> None:
+    if expected and file_sha256(path) != expected.lower():
+        raise CheckpointError(f'{path} ({origin}) has sha256 {file_sha256(path)}, but model_zoo.json records '
+                              f'{expected} for it: a different or damaged copy; remove it and fetch it again')
+
+
+def _progress(total: Optional[int], name: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with huggingface_hub, a timm dependency
+        return None
+    return tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=name, file=sys.stderr,
+                disable=not sys.stderr.isatty())
+
+
+def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` atomically; refuse a short read or a sha256 mismatch; print the sha256.
+
+    The bytes go to a new temporary file in ``dest``'s folder (created exclusively, never through a
+    link), which is renamed over ``dest`` only once complete and checked. Processes that download the
+    same file at once (one per GPU) wait for the first through a lock file.
+    """
+    from filelock import FileLock
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + '.lock'):
+        if dest.is_file():  # another process finished it meanwhile
+            return dest
+        print(f'[mpvit] downloading {url} -> {dest}', file=sys.stderr, flush=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part')
+        digest, size = hashlib.sha256(), 0
+        try:
+            request = urllib.request.Request(url, headers={'User-Agent': 'mpvit'})
+            with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                announced = response.headers.get('Content-Length')
+                announced = int(announced) if announced and announced.isdigit() else None
+                bar = _progress(announced, dest.name)
+                while chunk := response.read(_CHUNK):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+                if bar is not None:
+                    bar.close()
+            if announced is not None and size != announced:
+                raise CheckpointError(f'{url}: the download stopped after {size:,} of {announced:,} bytes; try again')
+            got = digest.hexdigest()
+            if sha256 and got != sha256.lower():
+                raise CheckpointError(f'{url}: the downloaded file has sha256 {got}, but model_zoo.json records '
+                                      f'{sha256}: not the released file; nothing was kept')
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    _HASHED.pop(os.path.realpath(dest), None)
+    print(f'[mpvit] saved {dest} ({size:,} bytes, sha256 {got})', file=sys.stderr, flush=True)
+    return dest
+
+
+def _hub_download(repo_id: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id, filename)
+
+
+def _split_hub(source: str) -> Tuple[str, str]:
+    """``hf-hub:org/name`` or ``hf-hub:org/name/file.safetensors`` -> (repo id, file name)."""
+    parts = source[len(HUB_PREFIX):].split('/', 2)
+    if len(parts) < 2 or not all(parts[:2]):
+        raise CheckpointError(f'{source}: expected {HUB_PREFIX}<org>/<name>[/<file>]')
+    return '/'.join(parts[:2]), parts[2] if len(parts) == 3 else 'model.safetensors'
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, urllib.error.HTTPError):
+        return f'HTTP Error {err.code} {err.reason}'
+    reason = getattr(err, 'reason', None) or err
+    return str(reason).strip().splitlines()[0] if str(reason).strip() else type(err).__name__
+
+
+def fetch(source: str) -> str:
+    """The local path of a weights ``source``: a file path, a URL, or ``hf-hub:<org>/<name>[/<file>]``.
+
+    A URL is looked up as the module docstring says (weights directory, Hub id, URL and mirrors);
+    a released checkpoint's extra sources come from ``model_zoo.json``.
+    """
+    if source.startswith(HUB_PREFIX):
+        repo_id, filename = _split_hub(source)
+        try:
+            return _hub_download(repo_id, filename)
+        except Exception as e:  # noqa: BLE001 (the Hub raises many types; each is a place that failed)
+            raise CheckpointError(f'cannot get {filename} from the Hugging Face Hub repository {repo_id} '
+                                  f'({type(e).__name__}: {_reason(e)})') from None
+    if not is_url(source):
+        return os.path.expanduser(source)
+
+    entry = model_zoo.by_url(source)
+    urls = [source] + [u for u in (entry.sources if entry else []) if u != source]
+    names = list(dict.fromkeys(name for url in urls for name in local_names(url)))
+    folder = weights_dir()
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            if entry and name in {_basename(url) for url in entry.sources}:  # the released file itself
+                _check_sha256(path, entry.sha256, f'the released {entry.name}')
+            return str(path)
+    tried = [f'{folder} (${WEIGHTS_ENV}) for {" or ".join(names)}: not there']
+    if entry and entry.hf_hub_id:
+        try:
+            return _hub_download(entry.hf_hub_id, entry.hub_filename)
+        except Exception as e:  # noqa: BLE001 (as above)
+            tried.append(f'Hugging Face Hub {entry.hf_hub_id}/{entry.hub_filename}: {type(e).__name__}: {_reason(e)}')
+    for url in urls:
+        try:
+            return str(download(url, folder / _basename(url), entry.sha256 if entry else None))
+        except (OSError, urllib.error.URLError, http.client.HTTPException, CheckpointError) as e:
+            # HTTP, socket and SSL errors, an unwritable folder, a short read, another sha256: the next source
+            tried.append(f'{url}: {_reason(e).removeprefix(url + ": ")}')
+    what = entry.name if entry else _basename(source)
+    raise CheckpointError(f'cannot find the weights {what}; tried ' + '; '.join(tried)
+                          + f'. Copy the file into {folder} (or set ${WEIGHTS_ENV}), or pass its path instead')
+

@@ -1,0 +1,624 @@
+"""Weights from anywhere: no code runs from a checkpoint on any path, damaged files are refused, safetensors and
+the Hub round-trip, and every source is looked up in the weights directory, the Hub, then the URLs."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import zipfile
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import numpy as np
+import pytest
+import timm
+import torch
+from fidelity import compare, golden, synth_input, synth_state_dict
+from helpers import REPO, load_script
+
+from mpvit import model_zoo
+from mpvit.checkpoint import read_checkpoint
+from mpvit.demo_data import write_shapes_coco, write_shapes_imagefolder
+from mpvit.serialization import CheckpointError, tensors_for_safetensors
+from mpvit.weights import fetch, file_sha256
+
+
+class Payload:
+    """What a checkpoint from anywhere may hold: unpickling it calls ``os.system``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def _payload_pth(folder: Path, name: str = 'payload.pth', **extra) -> Tuple[Path, Path]:
+    marker = folder / f'{name}.ran'
+    path = folder / name
+    torch.save({'model': {'stem.0.conv.weight': torch.zeros(1)}, 'args': Payload(marker), **extra}, path)
+    return path, marker
+
+
+def _one_line_refusal(proc: subprocess.CompletedProcess, path: Path, what: str = 'posix.system') -> str:
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and str(path) in last and what in last, last
+    return last
+
+
+def _run(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=600)
+
+
+def _env(**extra: str) -> Dict[str, str]:
+    """This process's environment (the private MPVIT_WEIGHTS included), for a subprocess."""
+    return {**os.environ, 'PYTHONWARNINGS': 'ignore', **extra}
+
+
+# ------------------------------------------------------------------------------------------ no code runs
+
+
+def test_timm_overlay_refuses_a_payload_before_building(tmp_path):
+    path, marker = _payload_pth(tmp_path)
+    with pytest.raises(CheckpointError, match=r'payload.pth asks to unpickle posix.system: refused.*'
+                                              r'convert_checkpoint.py --trust'):
+        timm.create_model('mpvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert not marker.exists()
+
+
+def test_every_format_refuses_a_payload_and_names_the_global(tmp_path):
+    legacy = tmp_path / 'legacy.pth'
+    marker = tmp_path / 'ran'
+    torch.save({'args': Payload(marker)}, legacy, _use_new_zipfile_serialization=False)
+    pkl = tmp_path / 'model_final.pkl'
+    with open(pkl, 'wb') as f:
+        pickle.dump({'model': {'w': np.zeros(2)}, '__author__': 'x', 'hook': Payload(marker)}, f)
+    for path in (legacy, pkl):
+        with pytest.raises(CheckpointError, match=rf'{path.name} asks to unpickle posix.system: refused'):
+            read_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_harmless_training_metadata_loads_without_full_unpickling(tmp_path):
+    """DeiT-style ``args`` Namespace, numpy scalars / arrays / dtypes (mmengine, Detectron2 metadata), and the
+    Detectron2 model-zoo pickle layout, read by the restricted readers."""
+    deit = tmp_path / 'deit.pth'
+    torch.save({'model': {'w': torch.ones(2)}, 'args': argparse.Namespace(lr=5e-4, model='mpvit_tiny'),
+                'meta': {'seed': np.int64(3), 'best': np.float32(0.5), 'hist': np.arange(3),
+                         'dtype': np.dtype('float16')}}, deit)
+    loaded = read_checkpoint(str(deit))
+    assert loaded['args'].lr == 5e-4 and loaded['meta']['seed'] == 3 and loaded['meta']['hist'].tolist() == [0, 1, 2]
+    pkl = tmp_path / 'zoo.pkl'
+    with open(pkl, 'wb') as f:
+        pickle.dump({'model': {'w': np.ones((2, 2), np.float32)}, '__author__': 'Detectron2 Model Zoo'}, f, protocol=2)
+    assert read_checkpoint(str(pkl))['model']['w'].sum() == 4
+    # getattr is not allowlisted as such: only to name a method of an allowlisted record class.
+    sneaky = tmp_path / 'getattr.pth'
+
+    class Sneaky:
+        def __reduce__(self):
+            return getattr, (argparse.Namespace, '__init__')
+
+    torch.save({'x': Sneaky()}, sneaky)
+    with pytest.raises(CheckpointError, match='refused'):
+        read_checkpoint(str(sneaky))
+
+
+def _flip_tensor_bytes(path: Path, count: int = 256) -> None:
+    """Invert ``count`` bytes in the middle of the largest tensor of a zip-format checkpoint."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if '/data/' in i.filename), key=lambda i: i.file_size)
+    with open(path, 'r+b') as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+        name_len, extra_len = struct.unpack('<HH', header[26:30])
+        start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2 - count // 2
+        f.seek(start)
+        data = bytes(b ^ 0xFF for b in f.read(count))
+        f.seek(start)
+        f.write(data)
+
+
+def test_corrupted_and_truncated_files_are_refused(tmp_path):
+    path = tmp_path / 'weights.pth'
+    torch.save({'model': timm.create_model('mpvit_tiny').state_dict()}, path)
+    _flip_tensor_bytes(path)
+    with pytest.raises(CheckpointError, match=r'weights.pth is corrupted: the bytes of .*data/\d+ do not match'):
+        read_checkpoint(str(path))
+    safetensors = tmp_path / 'weights.safetensors'
+    from safetensors.torch import save_file
+
+    save_file({'w': torch.ones(1000)}, safetensors)
+    safetensors.write_bytes(safetensors.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match='weights.safetensors is not a readable safetensors file'):
+        read_checkpoint(str(safetensors))
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    return write_shapes_imagefolder(tmp_path_factory.mktemp('images'), num_classes=2, train_per_class=2,
+                                    val_per_class=1, size=48)
+
+
+def test_classification_eval_of_a_corrupted_checkpoint_is_one_line(images, tmp_path):
+    """It used to print an Acc@1 with loss NaN and exit 0."""
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'model': timm.create_model('mpvit_tiny', num_classes=2).state_dict()}, path)
+    _flip_tensor_bytes(path)
+    proc = _run('classification/main.py', '--model', 'mpvit_tiny', '--eval', '--resume', str(path),
+                '--data-path', str(images), '--output-dir', str(tmp_path / 'out'), '--input-size', '48',
+                '--num-workers', '0')
+    last = _one_line_refusal(proc, path, 'is corrupted')
+    assert not (tmp_path / 'out' / 'eval_metrics.json').exists(), last
+
+
+@pytest.fixture(scope='module')
+def coco(tmp_path_factory):
+    return write_shapes_coco(tmp_path_factory.mktemp('coco'), train_images=2, val_images=1, size=(96, 80))
+
+
+def _d2(coco: Path, out: Path, *opts: str, flags: Tuple[str, ...] = ()) -> List[str]:
+    return ['detectron2/train_net.py', '--config-file', 'configs/detectron2/retinanet_mpvit_tiny_1x.yaml',
+            '--coco-dataset', 'shapes_train', str(coco / 'annotations/instances_train.json'), str(coco / 'train'),
+            '--coco-dataset', 'shapes_val', str(coco / 'annotations/instances_val.json'), str(coco / 'val'), *flags,
+            'MODEL.DEVICE', 'cpu', 'OUTPUT_DIR', str(out), 'DATASETS.TRAIN', "('shapes_train',)",
+            'DATASETS.TEST', "('shapes_val',)", 'MODEL.RETINANET.NUM_CLASSES', '4', 'DATALOADER.NUM_WORKERS', '0',
+            'INPUT.MIN_SIZE_TEST', '96', 'INPUT.MAX_SIZE_TEST', '128', 'SOLVER.MAX_ITER', '1', *opts]
+
+
+def _seg(tool: str, ade: Path, work: Path, *extra: str) -> List[str]:
+    config = 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'
+    return [f'semantic_segmentation/tools/{tool}.py', config, *extra, '--work-dir', str(work), '--cfg-options',
+            f'data_root={ade}',
+            f'train_dataloader.dataset.data_root={ade}', f'test_dataloader.dataset.data_root={ade}',
+            f'val_dataloader.dataset.data_root={ade}']
+
+
+def _detr(coco: Path, out: Path, *extra: str) -> List[str]:
+    return ['deformable_detr/main.py', '--backbone', 'mpvit_tiny', '--coco-path', str(coco), '--train-set', 'train',
+            '--val-set', 'val', '--output-dir', str(out), '--num-workers', '0', *extra]
+
+
+def _cls(images: Path, out: Path, *extra: str) -> List[str]:
+    return ['classification/main.py', '--model', 'mpvit_tiny', '--data-path', str(images), '--output-dir', str(out),
+            '--input-size', '48', '--num-workers', '0', *extra]
+
+
+def _plant(path: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, target)
+    return target
+
+
+# Each: (name, argv builder (payload .pth, payload .pkl, tmp, data) -> (argv, the file that must be named)).
+PAYLOAD_PATHS = {
+    'classification --eval --resume': lambda p, k, t, d: (_cls(d['images'], t / 'o', '--eval', '--resume', str(p)), p),
+    'classification --pretrained': lambda p, k, t, d: (_cls(d['images'], t / 'o', '--pretrained', str(p)), p),
+    'classification --auto-resume': lambda p, k, t, d: (
+        _cls(d['images'], t / 'o', '--auto-resume'), _plant(p, t / 'o' / 'checkpoint.pth')),
+    'predict.py --weights': lambda p, k, t, d: (
+        ['tools/predict.py', str(next(f for f in (d['images'] / 'val').rglob('*') if f.is_file())), '--model',
+         'mpvit_tiny',
+         '--weights', str(p)], p),
+    'detectron2 MODEL.WEIGHTS .pth': lambda p, k, t, d: (_d2(d['coco'], t / 'o', 'MODEL.WEIGHTS', str(p),
+                                                             flags=('--eval-only',)), p),
+    'detectron2 MODEL.WEIGHTS .pkl': lambda p, k, t, d: (_d2(d['coco'], t / 'o', 'MODEL.WEIGHTS', str(k)), k),
+    'detectron2 --resume': lambda p, k, t, d: (
+        _d2(d['coco'], t / 'o', 'MODEL.WEIGHTS', '', flags=('--resume',)),
+        _plant(p, t / 'o' / 'model_0000009.pth') if (t / 'o').mkdir() or
+        (t / 'o' / 'last_checkpoint').write_text('model_0000009.pth') else None),
+    'mmseg test.py': lambda p, k, t, d: (_seg('test', d['ade'], t / 'w', str(p)), p),
+    'mmseg init_cfg Pretrained': lambda p, k, t, d: (
+        _seg('train', d['ade'], t / 'w') + [f'model.backbone.init_cfg.checkpoint={p}'], p),
+    'mmseg load_from': lambda p, k, t, d: (_seg('train', d['ade'], t / 'w') + [f'load_from={p}'], p),
+    'mmseg --resume': lambda p, k, t, d: (
+        _seg('train', d['ade'], t / 'w', '--resume'),
+        _plant(p, t / 'w' / 'iter_8.pth') if (t / 'w').mkdir() or
+        (t / 'w' / 'last_checkpoint').write_text(str(t / 'w' / 'iter_8.pth')) else None),
+    'deformable_detr --eval --resume': lambda p, k, t, d: (_detr(d['coco'], t / 'o', '--eval', '--resume', str(p)), p),
+    'deformable_detr --pretrained': lambda p, k, t, d: (_detr(d['coco'], t / 'o', '--pretrained', str(p)), p),
+    'deformable_detr --auto-resume': lambda p, k, t, d: (
+        _detr(d['coco'], t / 'o', '--auto-resume'), _plant(p, t / 'o' / 'checkpoint.pth')),
+    'convert_deformable_detr.py': lambda p, k, t, d: (['tools/convert_deformable_detr.py', str(p), str(t / 'c.pth')],
+                                                      p),
+    'convert_checkpoint.py (no --trust)': lambda p, k, t, d: (
+        ['tools/convert_checkpoint.py', str(p), str(t / 'c.safetensors')], p),
+    'export_hub.py': lambda p, k, t, d: (['tools/export_hub.py', 'mpvit_tiny', '--weights', str(p), '--out',
+                                          str(t / 'hub')], p),
+}
+
+
+@pytest.fixture(scope='module')
+def data(images, coco, tmp_path_factory):
+    ade = tmp_path_factory.mktemp('ade')
+    for part in ('images/training', 'images/validation', 'annotations/training', 'annotations/validation'):
+        (ade / part).mkdir(parents=True)
+    return dict(images=images, coco=coco, ade=ade)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', list(PAYLOAD_PATHS))
+def test_no_loading_path_runs_a_checkpoints_code(case, data, tmp_path):
+    payload, marker = _payload_pth(tmp_path)
+    pkl = tmp_path / 'payload.pkl'
+    with open(pkl, 'wb') as f:
+        pickle.dump({'model': {'w': np.zeros(2)}, '__author__': 'x', 'hook': Payload(marker)}, f)
+    argv, named = PAYLOAD_PATHS[case](payload, pkl, tmp_path, data)
+    proc = _run(*argv)
+    assert not marker.exists(), f'{case}: the payload ran'
+    _one_line_refusal(proc, named)
+
+
+# ------------------------------------------------------------------------------------------ every writer
+
+
+def test_checkpoints_our_drivers_write_load_under_the_same_rules(tmp_path):
+    """The shapes each driver saves (their resume tests read them back through the same reader)."""
+    from mpvit.training import gather_rng_states
+
+    model = timm.create_model('mpvit_tiny', num_classes=2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2)
+    args = vars(argparse.Namespace(model='mpvit_tiny', lr=1e-3, input_size=48, output_dir=str(tmp_path)))
+    for name, state in {
+        'classification': dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                               scheduler=scheduler.state_dict(), scaler=torch.amp.GradScaler().state_dict(), epoch=0,
+                               step=1, best_acc1=50.0, rng=gather_rng_states(), args=args),
+        'deformable_detr': dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                lr_scheduler=scheduler.state_dict(), epoch=0, rng=gather_rng_states(), args=args),
+    }.items():
+        torch.save(state, tmp_path / f'{name}.pth')
+        assert read_checkpoint(str(tmp_path / f'{name}.pth'))['epoch'] == 0
+
+
+def test_detectron2_and_mmengine_checkpointers_write_what_we_read(tmp_path):
+    pytest.importorskip('detectron2')
+    pytest.importorskip('mmengine')
+    from detectron2.checkpoint import DetectionCheckpointer
+    from mmengine.logging import MessageHub
+
+    import mpvit.mmseg  # noqa: F401  (mmengine reads through our loader)
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    DetectionCheckpointer(model, str(tmp_path), optimizer=optimizer).save('model_0000001', iteration=1)
+    assert read_checkpoint(str(tmp_path / 'model_0000001.pth'))['iteration'] == 1
+    hub = MessageHub.get_instance('weights_test')
+    hub.update_scalar('train/loss', np.float32(0.5))
+    torch.save({'meta': {'seed': np.int64(1), 'dataset_meta': {'classes': ('a', 'b')}},
+                'message_hub': hub.state_dict(), 'state_dict': model.state_dict()}, tmp_path / 'iter_1.pth')
+    loaded = read_checkpoint(str(tmp_path / 'iter_1.pth'))
+    assert loaded['message_hub']['log_scalars']['train/loss'].current() == 0.5
+
+
+# ------------------------------------------------------------------------------------------ converter
+
+
+def test_converter_needs_trust_for_other_objects_and_keeps_the_weights(tmp_path):
+    model = timm.create_model('mpvit_tiny').eval()
+    path = tmp_path / 'run.pth'
+    torch.save({'model': model.state_dict(), 'meta': {'when': datetime.date(2022, 6, 1)}}, path)
+    refused = _run('tools/convert_checkpoint.py', str(path), str(tmp_path / 'run.safetensors'))
+    _one_line_refusal(refused, path, 'datetime.date')
+    converted = _run('tools/convert_checkpoint.py', '--trust', str(path), str(tmp_path / 'run.safetensors'))
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert f'sha256 {file_sha256(path)}' in converted.stdout
+    again = timm.create_model('mpvit_tiny', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'run.safetensors'))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(again(x), model(x))
+
+
+def test_tensors_for_safetensors_copies_shared_memory():
+    base = torch.arange(6.)
+    out = tensors_for_safetensors({'a': base, 'b': base, 'c': base.view(2, 3).t(), 'n': np.ones(2)})
+    pointers = {t.untyped_storage().data_ptr() for t in out.values()}
+    assert len(pointers) == 4 and all(t.is_contiguous() for t in out.values())
+    assert torch.equal(out['c'], base.view(2, 3).t())
+
+
+# ------------------------------------------------------------------------------------------ safetensors, Hub
+
+
+def _offline_hub(monkeypatch, cache: Path) -> None:
+    """This process reads the Hub offline from ``cache`` (huggingface_hub reads its variables at import)."""
+    from huggingface_hub import constants
+
+    for name, value in (('HF_HUB_OFFLINE', True), ('HF_HUB_CACHE', str(cache))):
+        monkeypatch.setenv(name, '1' if value is True else value)
+        monkeypatch.setattr(constants, name, value)
+
+
+def _hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
+    """A Hugging Face Hub cache holding ``folder`` as the main revision of ``repo_id`` (as a download leaves it)."""
+    repo = root / ('models--' + repo_id.replace('/', '--'))
+    revision = 'f' * 40
+    shutil.copytree(folder, repo / 'snapshots' / revision)
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(revision)
+    return root
+
+
+def test_model_state_dict_keeps_the_aliases_without_shared_memory():
+    model = timm.create_model('mpvit_tiny')
+    state = model.state_dict()
+    assert 'mhca_stages.0.mhca_blks.0.MHCA_layers.0.cpe.proj.weight' in state
+    assert set(state) == set(golden('manifest_mpvit_tiny.json')['tensors'])
+    pointers = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]
+    assert len(pointers) == len(set(pointers))
+    # keep_vars: the parameters themselves (shared, as registered)
+    kept = model.state_dict(keep_vars=True)
+    assert kept['mhca_stages.0.mhca_blks.0.MHCA_layers.0.cpe.proj.weight'] is \
+        model.mhca_stages[0].mhca_blks[0].cpe.proj.weight
+
+
+def test_golden_case_survives_timm_safetensors_export_and_hub_load(tmp_path):
+    """Synthetic weights in the released layout -> save_for_hf(safe_serialization=True) -> hf-hub: load
+    (offline, from a Hub cache) -> the reference's golden logits and stage outputs."""
+    case = golden('cls_mpvit_tiny_224x224.json')
+    model = timm.create_model('mpvit_tiny').eval()
+    model.load_state_dict(synth_state_dict(golden('manifest_mpvit_tiny.json')['tensors']))
+    timm.models.save_for_hf(model, tmp_path / 'export', safe_serialization=True)
+    cache = _hub_cache(tmp_path / 'hub', 'someone/mpvit_tiny.test', tmp_path / 'export')
+    code = f"""
+import json, sys, torch, timm
+sys.path.insert(0, {str(REPO / 'tests')!r})
+from fidelity import compare, golden, synth_input
+import mpvit
+case = golden('cls_mpvit_tiny_224x224.json')
+model = timm.create_model('hf-hub:someone/mpvit_tiny.test', pretrained=True).eval()
+x = synth_input(**case['input'])
+with torch.no_grad():
+    logits, stages = model(x), model.forward_intermediates(x, intermediates_only=True)
+problems = compare(case['logits'], logits)
+for summary, stage in zip(case['stages'], stages):
+    problems += compare(summary, stage)
+print(json.dumps(dict(problems=problems, file=model.pretrained_cfg['file'])))
+"""
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                          env=_env(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result['problems'] == [] and result['file'].endswith('model.safetensors')
+    # The same check fails for weights that differ from the golden ones.
+    with torch.no_grad():
+        assert compare(case['logits'], timm.create_model('mpvit_tiny').eval()(synth_input(**case['input']))) != []
+
+
+def test_push_to_hf_hub_local_part_writes_our_license_and_citation(tmp_path):
+    from timm.models._hub import generate_readme
+
+    model = timm.create_model('mpvit_tiny').eval()
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=True)
+    assert json.loads((tmp_path / 'config.json').read_text())['pretrained_cfg']['license'] == 'other'
+    readme = generate_readme(model_zoo.model_card('mpvit_tiny'), 'someone/mpvit_tiny')
+    assert 'license: other' in readme and 'lee2022mpvit' in readme and '78.2' in readme
+
+
+def test_transformers_timm_wrapper_saves_safetensors_that_timm_loads(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    import mpvit  # noqa: F401
+
+    wrapper = transformers.TimmWrapperForImageClassification(
+        transformers.TimmWrapperConfig(architecture='mpvit_tiny', num_labels=3)).eval()
+    wrapper.save_pretrained(tmp_path)
+    x = torch.randn(1, 3, 64, 64)
+    reference = wrapper(pixel_values=x).logits
+    model = timm.create_model('mpvit_tiny', num_classes=3, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'model.safetensors'))).eval()
+    assert torch.equal(model(x), reference)
+    back = transformers.TimmWrapperForImageClassification.from_pretrained(tmp_path).eval()
+    assert torch.equal(back(pixel_values=x).logits, reference)
+
+
+def _released_file(folder: Path, name: str, manifest: str, wrap: str = 'model') -> Path:
+    path = folder / Path(model_zoo.get(name).url).name
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({wrap: synth_state_dict(golden(manifest)['tensors'])}, path)
+    return path
+
+
+def test_export_hub_classification_row_loads_from_a_hub_cache(tmp_path, monkeypatch):
+    weights = Path(os.environ['MPVIT_WEIGHTS'])
+    source = _released_file(weights, 'mpvit_tiny', 'manifest_mpvit_tiny.json')
+    export = load_script('tools/export_hub.py')
+    out = export.main(['mpvit_tiny', '--weights', 'released', '--out', str(tmp_path / 'hub'), '--hub-id',
+                       'someone/mpvit_tiny.in1k'])
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    card = (out / 'README.md').read_text()
+    assert 'license: other' in card and 'license_name: mpvit-lsa' in card and 'lee2022mpvit' in card
+    assert '  - ImageNet-1k top-1 (%): 78.2' in card and file_sha256(source) in card
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'mpvit_tiny' and len(config['label_names']) == 1000
+    # released via the Hub: the weights directory lacks the file, model_zoo.json names the Hub repository.
+    cache = _hub_cache(tmp_path / 'cache', 'someone/mpvit_tiny.in1k', out)
+    _offline_hub(monkeypatch, cache)
+    monkeypatch.setenv('MPVIT_WEIGHTS', str(tmp_path / 'empty'))
+    patched = [model_zoo.ZooEntry(**{**e.__dict__, 'hf_hub_id': 'someone/mpvit_tiny.in1k'})
+               if e.name == 'mpvit_tiny' else e for e in model_zoo.entries()]
+    monkeypatch.setattr(model_zoo, 'entries', lambda: patched)
+    from_hub = timm.create_model('mpvit_tiny', pretrained=True).eval()
+    assert from_hub.pretrained_cfg['file'].startswith(str(cache))
+    from_file = timm.create_model('mpvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(source))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(from_hub(x), from_file(x))
+
+
+@pytest.mark.slow
+def test_export_hub_detector_row_serves_released_from_the_hub(tmp_path, monkeypatch):
+    pytest.importorskip('detectron2')
+    from detectron2.modeling import build_model
+
+    from mpvit.d2 import MPViTCheckpointer
+
+    source = _released_file(tmp_path / 'files', 'retinanet_mpvit_tiny_1x', 'manifest_d2_retinanet_mpvit_tiny.json')
+    out = load_script('tools/export_hub.py').main(
+        ['retinanet_mpvit_tiny_1x', '--weights', str(source), '--out', str(tmp_path / 'hub')])
+    assert {'model.safetensors', 'config.json', 'README.md', 'retinanet_mpvit_tiny_1x.safetensors'} == \
+        {p.name for p in out.iterdir()}
+    cache = _hub_cache(tmp_path / 'cache', 'someone/retinanet_mpvit_tiny_1x', out)
+    _offline_hub(monkeypatch, cache)
+    entry = model_zoo.get('retinanet_mpvit_tiny_1x')
+    patched = [model_zoo.ZooEntry(**{**e.__dict__, 'hf_hub_id': 'someone/retinanet_mpvit_tiny_1x'})
+               if e.name == entry.name else e for e in model_zoo.entries()]
+    monkeypatch.setattr(model_zoo, 'entries', lambda: patched)
+    found = fetch(model_zoo.resolve('released', REPO / entry.config))
+    assert found.startswith(str(cache)) and found.endswith('retinanet_mpvit_tiny_1x.safetensors')
+    from detectron2.config import get_cfg
+
+    from mpvit.d2 import add_mpvit_config
+
+    cfg = get_cfg()
+    add_mpvit_config(cfg)
+    cfg.merge_from_file(str(REPO / entry.config))
+    cfg.merge_from_list(['MODEL.DEVICE', 'cpu', 'MODEL.MPVIT.NORM', 'BN'])
+    from_hub, from_file = build_model(cfg).eval(), build_model(cfg).eval()
+    MPViTCheckpointer(from_hub, heads_must_fit=True).load(found)
+    MPViTCheckpointer(from_file, heads_must_fit=True).load(str(source))
+    hub_state, file_state = from_hub.state_dict(), from_file.state_dict()
+    assert all(torch.equal(hub_state[k], file_state[k]) for k in file_state)
+
+
+# ------------------------------------------------------------------------------------------ weights directory
+
+
+class _Server:
+    """Files over HTTP on 127.0.0.1, counting requests; ``short`` names files sent shorter than announced."""
+
+    def __init__(self, files: Dict[str, bytes], short: Tuple[str, ...] = ()):
+        self.files, self.short, self.requests = files, short, []
+
+    @contextmanager
+    def running(self) -> Iterator[str]:
+        server_self = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                name = self.path.lstrip('/')
+                server_self.requests.append(name)
+                if name not in server_self.files:
+                    self.send_error(404)
+                    return
+                body = server_self.files[name]
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if name in server_self.short else body)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f'http://127.0.0.1:{server.server_address[1]}'
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def _zoo_entry(monkeypatch, name: str, **fields) -> model_zoo.ZooEntry:
+    patched = [model_zoo.ZooEntry(**{**e.__dict__, **fields}) if e.name == name else e for e in model_zoo.entries()]
+    monkeypatch.setattr(model_zoo, 'entries', lambda: patched)
+    return model_zoo.get(name)
+
+
+def test_downloads_are_atomic_checked_hashed_and_looked_up_first_locally(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv('MPVIT_WEIGHTS', str(tmp_path / 'weights'))
+    good = tmp_path / 'good.pth'
+    torch.save({'model': {'w': torch.ones(3)}}, good)
+    body = good.read_bytes()
+    server = _Server({'mpvit_tiny.pth': body, 'short.pth': body, 'mirror/mpvit_tiny.pth': body}, short=('short.pth',))
+    with server.running() as base:
+        # An arbitrary URL: downloaded into the weights directory, its sha256 printed; then found there.
+        path = fetch(f'{base}/mpvit_tiny.pth')
+        assert path == str(tmp_path / 'weights' / 'mpvit_tiny.pth') and Path(path).read_bytes() == body
+        assert f'sha256 {file_sha256(good)}' in capfd.readouterr().err
+        assert fetch(f'{base}/mpvit_tiny.pth') == path and server.requests == ['mpvit_tiny.pth']
+        # A short read is refused; nothing is left behind, not even the temporary file.
+        with pytest.raises(CheckpointError, match=r'short.pth: the download stopped after [\d,]+ of [\d,]+ bytes'):
+            fetch(f'{base}/short.pth')
+        assert sorted(p.name for p in (tmp_path / 'weights').iterdir() if not p.name.endswith('.lock')) == \
+            ['mpvit_tiny.pth']
+        # A released row: the recorded sha256 is checked (a wrong copy is refused, kept nowhere); a mirror
+        # serves when the authors' link is dead.
+        Path(path).unlink()
+        _zoo_entry(monkeypatch, 'mpvit_tiny', url=f'{base}/dead/mpvit_tiny.pth',
+                   mirrors=[f'{base}/mirror/mpvit_tiny.pth'], sha256='0' * 64)
+        with pytest.raises(CheckpointError) as info:
+            fetch(f'{base}/dead/mpvit_tiny.pth')
+        message = str(info.value)
+        assert 'HTTP Error 404' in message and f'sha256 {file_sha256(good)}' in message and '\n' not in message
+        assert not (tmp_path / 'weights' / 'mpvit_tiny.pth').exists()
+        _zoo_entry(monkeypatch, 'mpvit_tiny', url=f'{base}/dead/mpvit_tiny.pth',
+                   mirrors=[f'{base}/mirror/mpvit_tiny.pth'], sha256=file_sha256(good))
+        assert fetch(f'{base}/dead/mpvit_tiny.pth') == str(tmp_path / 'weights' / 'mpvit_tiny.pth')
+
+
+def test_released_is_found_in_the_weights_directory_by_its_released_name(tmp_path, monkeypatch):
+    monkeypatch.setenv('MPVIT_WEIGHTS', str(tmp_path))
+    entry = model_zoo.get('mpvit_xsmall')
+    torch.save({'model': {}}, tmp_path / 'mpvit_xsmall.pth')
+    assert fetch(model_zoo.resolve('released', model='mpvit_xsmall')) == str(tmp_path / 'mpvit_xsmall.pth')
+    (tmp_path / 'mpvit_xsmall.pth').unlink()
+    from safetensors.torch import save_file
+
+    save_file({'w': torch.ones(1)}, tmp_path / 'mpvit_xsmall.safetensors')
+    assert fetch(entry.url) == str(tmp_path / 'mpvit_xsmall.safetensors')
+    # A recorded sha256 that the local copy does not have: refused, naming both.
+    _zoo_entry(monkeypatch, 'mpvit_xsmall', sha256='1' * 64)
+    torch.save({'model': {}}, tmp_path / 'mpvit_xsmall.pth')
+    with pytest.raises(CheckpointError, match='mpvit_xsmall.pth .the released mpvit_xsmall. has sha256'):
+        fetch(entry.url)
+
+
+def test_offline_error_names_the_directory_the_hub_and_the_url(tmp_path, monkeypatch):
+    monkeypatch.setenv('MPVIT_WEIGHTS', str(tmp_path))
+    _offline_hub(monkeypatch, tmp_path / 'hub')
+    with _Server({}).running() as base:
+        entry = _zoo_entry(monkeypatch, 'upernet_mpvit_small', url=f'{base}/upernet_mpvit_small.pth',
+                           hf_hub_id='someone/upernet_mpvit_small')
+        with pytest.raises(CheckpointError) as info:
+            read_checkpoint(entry.url)
+    message = str(info.value)
+    assert '\n' not in message
+    for place in (f'{tmp_path} ($MPVIT_WEIGHTS) for upernet_mpvit_small.pth or upernet_mpvit_small.safetensors',
+                  'Hugging Face Hub someone/upernet_mpvit_small/upernet_mpvit_small.safetensors',
+                  f'{entry.url}: HTTP Error 404'):
+        assert place in message, message
+
+
+@pytest.mark.slow
+def test_detectron2_downloads_a_url_once(coco, tmp_path, monkeypatch):
+    """train_net.py used to download MODEL.WEIGHTS into torch's cache, then fvcore's checkpointer again."""
+    pytest.importorskip('detectron2')
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from mpvit.d2 import add_mpvit_config
+
+    cfg = get_cfg()
+    add_mpvit_config(cfg)
+    cfg.merge_from_file(str(REPO / 'configs/detectron2/retinanet_mpvit_tiny_1x.yaml'))
+    cfg.merge_from_list(['MODEL.DEVICE', 'cpu', 'MODEL.MPVIT.NORM', 'BN', 'MODEL.RETINANET.NUM_CLASSES', '4'])
+    source = tmp_path / 'detector.pth'
+    torch.save({'model': build_model(cfg).state_dict()}, source)
+    server = _Server({'my_detector.pth': source.read_bytes()})
+    with server.running() as base:
+        proc = _run(*_d2(coco, tmp_path / 'out', 'MODEL.WEIGHTS', f'{base}/my_detector.pth', 'MODEL.MPVIT.NORM', 'BN',
+                         flags=('--eval-only',)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert server.requests == ['my_detector.pth'] and 'AP' in proc.stdout + proc.stderr
+    assert (Path(os.environ['MPVIT_WEIGHTS']) / 'my_detector.pth').is_file()

@@ -1,0 +1,58 @@
+"""Re-save a checkpoint's weights as safetensors: the format every loader here reads without any risk.
+
+    python tools/convert_checkpoint.py mpvit_small.pth mpvit_small.safetensors
+    python tools/convert_checkpoint.py --trust old_training_run.pth weights.safetensors
+
+Every loader of this repository refuses a pickle that asks to build objects outside
+a small allowlist of data types, because unpickling them could run code. For a file
+you trust (you made it, or you know where it comes from), ``--trust`` unpickles it
+fully, once, here, and writes its weights (the ``model`` / ``state_dict`` entry, or the
+whole dict) as safetensors, keeping their keys: the result loads wherever the
+original did (``MODEL.WEIGHTS``, ``--resume`` for evaluation, ``init_cfg``, timm's
+``pretrained_cfg_overlay``), and into the weights directory under the released name
+(``mpvit_small.safetensors``) it serves ``released`` too. Optimizer and other
+training state is not kept: it cannot be resumed from.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Sequence
+
+from mpvit.checkpoint import checkpoint_tensors, local_checkpoint
+from mpvit.serialization import load_trusted, safe_load, save_safetensors
+from mpvit.training import user_errors_in_one_line
+from mpvit.weights import fetch, file_sha256
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('src', help='checkpoint: file, URL or released name on the Hub (hf-hub:org/name/file)')
+    parser.add_argument('dst', help='output .safetensors file')
+    parser.add_argument('--trust', action='store_true',
+                        help='unpickle SRC fully (it can run code): only for a file you trust')
+    args = parser.parse_args(argv)
+    if not args.dst.endswith('.safetensors'):
+        parser.error(f'{args.dst}: the output name must end in .safetensors (loaders choose the format by the name)')
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = parse_args(argv)
+    # --trust: the file is still checked for damage, not for what it holds.
+    path = fetch(args.src) if args.trust else local_checkpoint(args.src)
+    checkpoint = load_trusted(path) if args.trust else safe_load(path)
+    tensors = checkpoint_tensors(checkpoint, args.src)
+    directory = os.path.dirname(os.path.abspath(args.dst))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'output folder not found: {directory}')
+    save_safetensors(tensors, args.dst, metadata={'format': 'pt', 'source': os.path.basename(path),
+                                                  'source_sha256': file_sha256(path)})
+    print(f'{path} (sha256 {file_sha256(path)}): {len(tensors)} tensors -> {args.dst} '
+          f'(sha256 {file_sha256(args.dst)})')
+    return args.dst
+
+
+if __name__ == '__main__':
+    with user_errors_in_one_line():
+        main()

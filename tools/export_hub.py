@@ -1,0 +1,108 @@
+"""Turn a released MPViT checkpoint (any of the 23, in any of their formats) into a Hugging Face Hub folder.
+
+    python tools/export_hub.py mpvit_small --weights released --out hub/mpvit_small.in1k
+    python tools/export_hub.py mask_rcnn_mpvit_small_ms_3x --weights copy.pth --out hub/mask_rcnn --hub-id me/mpvit
+
+The folder holds what timm and the Hub expect, written by timm's own ``save_for_hf``:
+
+- ``model.safetensors`` + ``config.json``: the timm model (the ImageNet classifier, or the
+  backbone of a detector / segmentor with ``num_classes=0``), loadable with
+  ``timm.create_model('hf-hub:<id>', pretrained=True)`` once uploaded;
+- for a dense checkpoint also ``<name>.safetensors``: the whole detector / segmentor in its
+  released key layout, which ``released`` finds on the Hub once ``model_zoo.json`` names the
+  repository (``hf_hub_id``);
+- ``README.md``: the model card of ``mpvit.model_zoo.model_card`` (the paper's figures, the weights'
+  license, the source file's sha256, usage and the citation), the one ``push_to_hf_hub`` takes too.
+
+Upload it with ``huggingface-cli upload <id> <folder>`` (or timm's ``push_to_hf_hub``), then set the
+row's ``hf_hub_id`` in ``mpvit/model_zoo.json``. The source file is read without running code from
+it (``--trust`` for a file you vouch for that carries other Python objects).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Dict, Sequence
+
+import timm
+import torch
+
+import mpvit  # noqa: F401  (registers the models)
+from mpvit import model_zoo
+from mpvit.checkpoint import checkpoint_filter_fn, checkpoint_tensors, local_checkpoint
+from mpvit.model_zoo import HUB_TASKS
+from mpvit.serialization import load_trusted, safe_load, save_safetensors
+from mpvit.training import user_errors_in_one_line
+from mpvit.weights import fetch, file_sha256
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('name', help=f"a released checkpoint ({', '.join(e.name for e in model_zoo.entries()[:3])}, "
+                                     '...; see mpvit/model_zoo.json)')
+    parser.add_argument('--weights', default=model_zoo.RELEASED,
+                        help="its file, URL, or 'released' (the weights directory, the Hub, then the authors' URL)")
+    parser.add_argument('--out', required=True, help='output folder (created)')
+    parser.add_argument('--hub-id', help='the Hub repository it will be uploaded to, for the model card')
+    parser.add_argument('--trust', action='store_true', help='unpickle the file fully (it can run code)')
+    args = parser.parse_args(argv)
+    try:
+        args.entry = model_zoo.get(args.name)
+    except KeyError as e:
+        parser.error(str(e.args[0]))
+    return args
+
+
+def render_card(card: Dict, name: str, task: str) -> str:
+    """A README.md for ``card`` (``mpvit.model_zoo.model_card``): YAML front matter, then sections."""
+    lines = ['---', f"license: {card['license']}", f"license_name: {card['license_name']}",
+             f"license_link: {card['license_link']}", 'library_name: timm', f'pipeline_tag: {HUB_TASKS[task]}',
+             'tags:', *[f'- {tag}' for tag in card['tags']], 'datasets:', f"- {card['details']['Dataset'].lower()}",
+             '---', f'# {name}', '', card['description'], '', '## Model details']
+    for key, value in card['details'].items():
+        if isinstance(value, dict):
+            lines += [f'- **{key}:**', *[f'  - {k}: {v}' for k, v in value.items()]]
+        else:
+            lines.append(f'- **{key}:** {value}')
+    lines += ['', '## Use', '', card['usage'], '## Citation', '', '```bibtex', card['citation'], '```', '']
+    return '\n'.join(lines)
+
+
+def export(args: argparse.Namespace) -> Path:
+    entry = args.entry
+    variant = re.search(r'mpvit_(tiny|xsmall|small|base)', entry.name).group(0)
+    source = model_zoo.resolve(args.weights, model=entry.name)
+    path = Path(fetch(source) if args.trust else local_checkpoint(source))
+    checkpoint = load_trusted(str(path)) if args.trust else safe_load(str(path))
+    classifier = entry.task == 'classification'
+    model = timm.create_model(variant, num_classes=1000 if classifier else 0).eval()
+    # The same filter every loader uses: backbone extracted from any layout, classifier required to fit.
+    model.load_state_dict(checkpoint_filter_fn(checkpoint, model, head='require'))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_config: Dict = {}
+    if classifier:
+        info = timm.data.ImageNetInfo()
+        model_config = dict(label_names=info.label_names(), label_descriptions=info.label_descriptions(as_dict=True))
+    timm.models.save_for_hf(model, out, model_config=model_config, safe_serialization=True)
+    if not classifier:
+        save_safetensors(checkpoint_tensors(checkpoint, str(path)), out / entry.hub_filename,
+                         metadata={'format': 'pt', 'source': path.name})
+    sha256 = file_sha256(path)
+    card = model_zoo.model_card(entry.name, hub_id=args.hub_id, source_sha256=sha256)
+    (out / 'README.md').write_text(render_card(card, entry.name, entry.task))
+    files = sorted(p.name for p in out.iterdir())
+    print(json.dumps({'name': entry.name, 'source': str(path), 'sha256': sha256, 'out': str(out), 'files': files}))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    torch.set_grad_enabled(False)
+    return export(parse_args(argv))
+
+
+if __name__ == '__main__':
+    with user_errors_in_one_line():
+        main()
