@@ -20,7 +20,9 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from mpvit.checkpoint import local_checkpoint
 from mpvit.d2 import MPViTCheckpointer, add_mpvit_config, register_coco_datasets
+from mpvit.training import user_errors_in_one_line
 
 
 class Predictor(DefaultPredictor):
@@ -64,6 +66,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     missing = [p for p in args.input if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f'input image(s) not found: {", ".join(missing)}')
+    if cfg.MODEL.WEIGHTS:  # found / downloaded and checked (no code in it) before the model is built
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = local_checkpoint(cfg.MODEL.WEIGHTS)
+        cfg.freeze()
     predictor = Predictor(cfg)
     name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else '__unused'
     if name in DatasetCatalog.list() and not MetadataCatalog.get(name).get('thing_classes'):
@@ -84,4 +90,5 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == '__main__':
-    main()
+    with user_errors_in_one_line():
+        main()

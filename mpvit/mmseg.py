@@ -5,9 +5,11 @@ label check :class:`mpvit.mmseg_transforms.CheckSegMap` with ``TRANSFORMS``);
 configs do it with ``custom_imports = dict(imports=['mpvit.mmseg'])``.
 
 It also makes mmengine read every checkpoint (``load_from``, ``--resume``, ``init_cfg``
-of any module; local files and URLs) through :func:`mpvit.checkpoint.read_checkpoint`:
-never running code from a file, and finding URLs in the weights directory first.
-mmengine's own reader falls back to full unpickling when its allowlist refuses a file.
+of any module; local files, URLs, and its ``torchvision://`` / ``open-mmlab://`` / ``s3://``
+... schemes) without running code from it: local files and URLs through
+:func:`mpvit.checkpoint.read_checkpoint` (URLs found in the weights directory first), and
+mmengine's two readers underneath its other schemes replaced by safe ones. mmengine's own
+reader falls back to full unpickling when its allowlist refuses a file.
 
 The backbone *is* the core model (a subclass, not a wrapper), so a segmentor's
 ``backbone.*`` keys are the classification checkpoint's keys, as in the
@@ -15,15 +17,19 @@ released UperNet checkpoints.
 """
 from __future__ import annotations
 
+import os
 import os.path as osp
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import mmengine
+import mmengine.runner.checkpoint as mmengine_checkpoint
 import torch
 from mmcv.cnn import build_norm_layer
 from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.runner.checkpoint import CheckpointLoader
+from mmengine.utils import apply_to
 from mmseg.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -31,21 +37,49 @@ import mpvit.mmseg_transforms  # noqa: F401  (registers CheckSegMap)
 from mpvit.checkpoint import load_backbone_weights, read_checkpoint
 from mpvit.models.mpvit import MPViT as _MPViT
 from mpvit.models.mpvit import mpvit_arch
+from mpvit.serialization import safe_load_stream
 
 
-def _load_without_code(filename: str, map_location=None) -> dict:
-    """mmengine's checkpoint loader for local files and URLs; read on the CPU, then moved to a
-    ``map_location`` device if one is named (a callable one is left to mmengine's own moves)."""
-    checkpoint = read_checkpoint(filename)
+def _on_device(checkpoint: Any, map_location: Any) -> Any:
+    """Tensors read on the CPU, moved to ``map_location`` if it names a device (a callable one is left to
+    mmengine's own moves)."""
     if isinstance(map_location, (str, torch.device)) and str(map_location) != 'cpu':
-        import torch.utils._pytree as pytree
-
-        checkpoint = pytree.tree_map_only(torch.Tensor, lambda t: t.to(map_location), checkpoint)
+        checkpoint = apply_to(checkpoint, lambda x: isinstance(x, torch.Tensor), lambda t: t.to(map_location))
     return checkpoint
 
 
-CheckpointLoader.register_scheme(prefixes=('', 'http://', 'https://', 'hf-hub:'), loader=_load_without_code,
-                                 force=True)
+def _load_without_code(filename: str, map_location: Any = None) -> Any:
+    """mmengine's checkpoint loader for local files, URLs and ``hf-hub:`` ids."""
+    return _on_device(read_checkpoint(filename), map_location)
+
+
+def _safe_torch_load(file: Any, map_location: Any = None, weights_only: Any = None) -> Any:
+    """Stands in for mmengine's ``_safe_torch_load`` (which falls back to full unpickling) under its
+    other schemes: a path as any checkpoint here, a stream (s3, petrel) by the same allowlist."""
+    if isinstance(file, (str, os.PathLike)):
+        return _on_device(read_checkpoint(os.fspath(file)), map_location)
+    return _on_device(safe_load_stream(file), map_location)
+
+
+def _load_url(url: str, model_dir: Any = None, map_location: Any = None, progress: bool = True,
+              check_hash: bool = False, file_name: Any = None) -> Any:
+    """Stands in for mmengine's ``load_url`` (torch.hub's, full unpickling) under ``torchvision://``,
+    ``open-mmlab://``, ``mmcls://`` ...: the URL is found or downloaded as every other one."""
+    return _on_device(read_checkpoint(url), map_location)
+
+
+def _make_mmengine_safe() -> None:
+    for name, safe in (('_safe_torch_load', _safe_torch_load), ('load_url', _load_url)):
+        if not callable(getattr(mmengine_checkpoint, name, None)):  # fail loudly if mmengine changes
+            raise ImportError(f'mmengine {mmengine.__version__} has no mmengine.runner.checkpoint.{name}: '
+                              'mpvit.mmseg cannot make its checkpoint reading safe; use the mmengine version '
+                              'of requirements.txt')
+        setattr(mmengine_checkpoint, name, safe)
+    CheckpointLoader.register_scheme(prefixes=('', 'http://', 'https://', 'hf-hub:'), loader=_load_without_code,
+                                     force=True)
+
+
+_make_mmengine_safe()
 
 
 @MODELS.register_module(name='MPViT')

@@ -30,8 +30,8 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
 import torch
 
-__all__ = ['CheckpointError', 'ensure_checkpoint_file', 'load_trusted', 'safe_load',
-           'safe_globals', 'save_safetensors', 'tensors_for_safetensors', 'verify_zip']
+__all__ = ['CheckpointError', 'check_container', 'ensure_checkpoint_file', 'load_trusted', 'safe_load',
+           'safe_load_stream', 'safe_globals', 'save_safetensors', 'tensors_for_safetensors', 'verify_zip']
 
 
 class CheckpointError(RuntimeError):
@@ -47,10 +47,19 @@ def _numpy_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
     for name in ('_reconstruct', 'scalar'):
         fn = getattr(core.multiarray, name)
         found += [fn, (fn, f'numpy.core.multiarray.{name}'), (fn, f'numpy._core.multiarray.{name}')]
-    # numpy >= 1.25 pickles a dtype through its class (numpy.dtypes.Float64DType, ...).
-    codes = '?bBhHiIlLqQefdgFDG'
-    found += list({type(np.dtype(code)) for code in codes})
+    # A dtype is rebuilt as numpy.dtype(...) and then given its state, which the unpickler allows for the
+    # allowlisted classes of dtype instances: every numpy.dtypes.*DType (str, object, datetime, ...).
+    found += _numpy_dtype_classes()
     return found
+
+
+def _numpy_dtype_classes() -> List[type]:
+    import numpy as np
+
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:  # numpy >= 1.25
+        return [cls for name, cls in vars(dtypes).items() if name.endswith('DType') and isinstance(cls, type)]
+    return list({type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDGSUVOMm'})
 
 
 _RECORD_CLASSES: List[type] = []
@@ -73,7 +82,10 @@ def _framework_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
     if importlib.util.find_spec('mmengine') is not None:
         # mmengine's Runner saves its MessageHub, whose scalars are HistoryBuffers (numpy arrays inside,
         # and their statistics methods, pickled as getattr(HistoryBuffer, 'mean')).
-        from mmengine.logging.history_buffer import HistoryBuffer
+        try:
+            from mmengine.logging.history_buffer import HistoryBuffer
+        except ImportError:  # a broken mmengine: its checkpoints are refused, naming HistoryBuffer
+            return found
 
         if HistoryBuffer not in _RECORD_CLASSES:
             _RECORD_CLASSES.append(HistoryBuffer)
@@ -100,12 +112,13 @@ def _is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
 
 
-_CRC_CHECKED: Dict[str, Tuple[int, int]] = {}
+_CRC_CHECKED: Dict[str, Tuple[int, ...]] = {}
 
 
-def _version(path: str) -> Tuple[str, Tuple[int, int]]:
+def _version(path: str) -> Tuple[str, Tuple[int, ...]]:
+    """A file's identity for the caches: a replaced file (new inode or change time) is checked again."""
     stat = os.stat(path)
-    return os.path.realpath(path), (stat.st_size, stat.st_mtime_ns)
+    return os.path.realpath(path), (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 
 
 def verify_zip(path: str) -> None:
@@ -125,15 +138,16 @@ def verify_zip(path: str) -> None:
     _CRC_CHECKED[key] = version
 
 
-def _check_file(path: str) -> str:
+def check_container(path: str, name: str | None = None) -> str:
     """The container of a checkpoint file ('safetensors', 'zip', 'pickle'), refusing a missing, truncated or
-    corrupted one."""
+    corrupted one. ``name``: the file name that decides the format (default: ``path``'s)."""
+    name = name or path
     if os.path.isdir(path):
         raise CheckpointError(f'{path} is a directory, not a checkpoint file')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
     safetensors = _is_safetensors(path)
-    if path.endswith('.safetensors'):
+    if name.endswith('.safetensors'):
         if not safetensors:
             raise CheckpointError(f'{path} is not a readable safetensors file (truncated download?)')
         return 'safetensors'
@@ -151,30 +165,23 @@ def _check_file(path: str) -> str:
     return 'pickle'
 
 
-_CHECKED: Dict[str, Tuple[int, int]] = {}
+_CHECKED: Dict[str, Tuple[int, ...]] = {}
 
 
 def ensure_checkpoint_file(path: str) -> None:
     """Refuse, in one line naming the file, a checkpoint that is missing, damaged, or that would build
     objects outside the allowlist, without loading its tensors: the drivers call it before any work.
 
-    Zip members are checked against their CRC-32 and the pickle's globals are listed statically
-    (torch's ``get_unsafe_globals_in_checkpoint``); a legacy pickle is read once with the safe reader;
-    a safetensors header is parsed. Checked once per file version (path, size, modification time).
+    Zip members are checked against their CRC-32 and the pickle is run through the same safe unpickler
+    as the load, with the tensors memory-mapped (not read); a legacy pickle is read once; a safetensors
+    header is parsed. Checked once per file version (path, size, times, inode).
     """
-    kind = _check_file(path)
+    kind = check_container(path)
     key, version = _version(path)
     if _CHECKED.get(key) == version:
         return
     if kind == 'zip':
-        with torch.serialization.safe_globals(safe_globals()):
-            try:
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as e:
-                raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') \
-                    from None
-        if unsafe:
-            raise _refusal(path, unsafe)
+        _read_torch(path, mmap=True)  # the same unpickler as the load; tensors mapped, not read
     elif kind == 'safetensors':
         _read_safetensors(path, header_only=True)
     elif path.endswith('.pkl'):
@@ -198,7 +205,7 @@ class _DataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _PICKLE_DATA_GLOBALS:
             return super().find_class(module, name)
-        if module.startswith(('numpy.dtypes', 'numpy.core', 'numpy._core')) and name.endswith('DType'):
+        if module == 'numpy.dtypes' and '.' not in name and name.endswith('DType'):
             return super().find_class(module, name)
         raise _RefusedGlobal(f'{module}.{name}')
 
@@ -213,36 +220,52 @@ def _read_pickle(path: str) -> Any:
             return _DataUnpickler(f, encoding='latin1').load()
     except _RefusedGlobal as e:
         raise _refusal(path, [str(e)]) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, ImportError,
+            UnicodeDecodeError) as e:
         raise CheckpointError(f'{path} is not a readable pickle ({type(e).__name__}: {e})') from None
 
 
 def _unsafe_globals(path: str, message: str) -> List[str]:
     names: List[str] = []
-    if zipfile.is_zipfile(path):
+    if path and zipfile.is_zipfile(path):
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # noqa: BLE001 (only for the message; the refusal stands either way)
             names = []
-    return names or list(dict.fromkeys(re.findall(r'GLOBAL ([\w.]+)', message)))
+    found = re.findall(r'GLOBAL ([\w.]+)', message) + re.findall(r"but got <class '([\w.]+)'>", message)
+    return names or list(dict.fromkeys(found))
 
 
-def _read_torch(path: str) -> Any:
+def _read_torch(path: str, mmap: bool = False) -> Any:
     allowlist = safe_globals()
     with torch.serialization.safe_globals(allowlist):
         try:
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as e:
             message = str(e)
             if 'Weights only load failed' not in message:
                 raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({message.splitlines()[0]})') \
                     from None
             names = _unsafe_globals(path, message)
-        except (RuntimeError, EOFError, UnicodeDecodeError, ValueError, KeyError, IndexError) as e:
+        except (RuntimeError, EOFError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
+                AttributeError) as e:  # a damaged pickle, or an allowed type rebuilt from bad arguments
             first = str(e).strip().splitlines()[0] if str(e).strip() else ''
             raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first})') \
                 from None
     raise _refusal(path, names)
+
+
+def safe_load_stream(stream: Any, what: str = 'the checkpoint stream') -> Any:
+    """A checkpoint from an open binary stream (an object store's bytes), by the same allowlist."""
+    with torch.serialization.safe_globals(safe_globals()):
+        try:
+            return torch.load(stream, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:
+            names = _unsafe_globals('', str(e))
+        except (RuntimeError, EOFError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
+                AttributeError) as e:
+            raise CheckpointError(f'{what} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from None
+    raise _refusal(what, names)
 
 
 def _refusal(path: str, names: List[str]) -> CheckpointError:
@@ -272,7 +295,7 @@ def safe_load(path: str) -> Any:
     PyTorch file. Raises :class:`CheckpointError` (one line, naming the file) for a damaged file or one
     that asks to build objects outside the allowlist.
     """
-    kind = _check_file(path)
+    kind = check_container(path)
     if kind == 'safetensors':
         return _read_safetensors(path)
     if kind == 'pickle' and path.endswith('.pkl'):
@@ -282,7 +305,7 @@ def safe_load(path: str) -> Any:
 
 def load_trusted(path: str) -> Any:
     """Full unpickling, for ``tools/convert_checkpoint.py --trust`` only: runs whatever the file holds."""
-    if _check_file(path) == 'safetensors':
+    if check_container(path) == 'safetensors':
         return _read_safetensors(path)
     if path.endswith('.pkl'):
         with open(path, 'rb') as f:
@@ -319,6 +342,7 @@ def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared copy from its readers
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -6,13 +6,14 @@ timm ``pretrained=True``) is looked up in this order:
 
 1. the **weights directory**, ``$MPVIT_WEIGHTS`` (default: torch's hub cache,
    ``~/.cache/torch/hub/checkpoints``), for the file's released name
-   (``mpvit_small.pth``) or the same name as ``.safetensors``;
+   (``mpvit_small.pth``) or the same name as ``.safetensors`` (another URL's file is kept
+   under a name prefixed with a hash of the URL); a damaged copy is passed over;
 2. the Hub repository recorded for that checkpoint in ``model_zoo.json``
    (``hf_hub_id``), through the Hub's own cache (``HF_HUB_OFFLINE=1`` works);
 3. the URL and its mirrors, downloaded into the weights directory atomically
-   (a temporary name, then rename), checked against the announced size and,
-   where ``model_zoo.json`` records one, the sha256; the sha256 is printed so
-   that copies can be compared.
+   (a temporary name, then rename), checked against the announced size, for
+   being a checkpoint at all and, where ``model_zoo.json`` records one, the
+   sha256; the sha256 is printed so that copies can be compared.
 
 When none has it, one error names every place that was tried.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from mpvit import model_zoo
-from mpvit.serialization import CheckpointError
+from mpvit.serialization import CheckpointError, check_container
 
 __all__ = ['HUB_PREFIX', 'WEIGHTS_ENV', 'download', 'fetch', 'file_sha256', 'is_url', 'local_names', 'weights_dir']
 
@@ -58,14 +59,19 @@ def _basename(url: str) -> str:
 
 
 def local_names(url: str) -> List[str]:
-    """File names under which the weights directory may hold ``url``'s file: the released name, and that
-    name as ``.safetensors`` (what ``tools/convert_checkpoint.py`` writes)."""
-    name = _basename(url)
-    names = [name]
-    stem, ext = os.path.splitext(name)
-    if ext != '.safetensors':
-        names.append(stem + '.safetensors')
-    return names
+    """File names under which the weights directory may hold ``url``'s file. A released checkpoint's: its
+    released name (that of any of its URLs), and that name as ``.safetensors`` (what
+    ``tools/convert_checkpoint.py`` writes). Any other URL's: its name prefixed with a hash of the URL, as
+    two URLs may end in the same name (``model_final.pth``)."""
+    entry = model_zoo.by_url(url)
+    if entry is None:
+        return [f'{hashlib.sha256(url.encode()).hexdigest()[:8]}-{_basename(url)}']
+    names = []
+    for source in entry.sources:
+        name = _basename(source)
+        stem, ext = os.path.splitext(name)
+        names += [name] + ([stem + '.safetensors'] if ext != '.safetensors' else [])
+    return list(dict.fromkeys(names))
 
 
 _HASHED: Dict[str, Tuple[Tuple[int, int], str]] = {}
@@ -114,7 +120,7 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None, ti
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + '.lock'):
-        if dest.is_file():  # another process finished it meanwhile
+        if dest.is_file() and _usable(dest):  # another process finished it meanwhile
             return dest
         print(f'[mpvit] downloading {url} -> {dest}', file=sys.stderr, flush=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part')
@@ -139,6 +145,11 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None, ti
             if sha256 and got != sha256.lower():
                 raise CheckpointError(f'{url}: the downloaded file has sha256 {got}, but model_zoo.json records '
                                       f'{sha256}: not the released file; nothing was kept')
+            try:  # a web page or a file cut short without a Content-Length is no checkpoint
+                check_container(tmp, name=dest.name)
+            except CheckpointError as e:
+                raise CheckpointError(f'{url}: the download is no usable checkpoint '
+                                      f'({str(e).removeprefix(tmp).strip()}); nothing was kept') from None
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
         finally:
@@ -149,18 +160,37 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None, ti
     return dest
 
 
-def _hub_download(repo_id: str, filename: str) -> str:
+def _usable(path: Path) -> bool:
+    try:
+        check_container(str(path))
+        return True
+    except (CheckpointError, OSError):
+        return False
+
+
+def _hub_download(repo_id: str, filename: Optional[str], revision: Optional[str] = None) -> str:
+    """A file of a Hub repository through the Hub's cache; without a name, timm's ``model.safetensors``,
+    else ``pytorch_model.bin``."""
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(repo_id, filename)
+    if filename:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    try:
+        return hf_hub_download(repo_id, 'model.safetensors', revision=revision)
+    except Exception as first:  # noqa: BLE001 (the Hub raises many types; the fallback decides)
+        try:
+            return hf_hub_download(repo_id, 'pytorch_model.bin', revision=revision)
+        except Exception:  # noqa: BLE001
+            raise first from None
 
 
-def _split_hub(source: str) -> Tuple[str, str]:
-    """``hf-hub:org/name`` or ``hf-hub:org/name/file.safetensors`` -> (repo id, file name)."""
+def _split_hub(source: str) -> Tuple[str, Optional[str], Optional[str]]:
+    """``hf-hub:org/name[@revision][/file]`` -> (repo id, file name or None, revision or None)."""
     parts = source[len(HUB_PREFIX):].split('/', 2)
     if len(parts) < 2 or not all(parts[:2]):
-        raise CheckpointError(f'{source}: expected {HUB_PREFIX}<org>/<name>[/<file>]')
-    return '/'.join(parts[:2]), parts[2] if len(parts) == 3 else 'model.safetensors'
+        raise CheckpointError(f'{source}: expected {HUB_PREFIX}<org>/<name>[@<revision>][/<file>]')
+    name, _, revision = parts[1].partition('@')
+    return f'{parts[0]}/{name}', parts[2] if len(parts) == 3 else None, revision or None
 
 
 def _reason(err: BaseException) -> str:
@@ -177,26 +207,34 @@ def fetch(source: str) -> str:
     a released checkpoint's extra sources come from ``model_zoo.json``.
     """
     if source.startswith(HUB_PREFIX):
-        repo_id, filename = _split_hub(source)
+        repo_id, filename, revision = _split_hub(source)
         try:
-            return _hub_download(repo_id, filename)
+            return _hub_download(repo_id, filename, revision)
         except Exception as e:  # noqa: BLE001 (the Hub raises many types; each is a place that failed)
-            raise CheckpointError(f'cannot get {filename} from the Hugging Face Hub repository {repo_id} '
-                                  f'({type(e).__name__}: {_reason(e)})') from None
+            raise CheckpointError(f'cannot get {filename or "model.safetensors"} from the Hugging Face Hub '
+                                  f'repository {repo_id} ({type(e).__name__}: {_reason(e)})') from None
     if not is_url(source):
         return os.path.expanduser(source)
 
     entry = model_zoo.by_url(source)
     urls = [source] + [u for u in (entry.sources if entry else []) if u != source]
-    names = list(dict.fromkeys(name for url in urls for name in local_names(url)))
+    names = local_names(source)
     folder = weights_dir()
+    tried = []
     for name in names:
         path = folder / name
-        if path.is_file():
-            if entry and name in {_basename(url) for url in entry.sources}:  # the released file itself
-                _check_sha256(path, entry.sha256, f'the released {entry.name}')
-            return str(path)
-    tried = [f'{folder} (${WEIGHTS_ENV}) for {" or ".join(names)}: not there']
+        if not path.is_file():
+            continue
+        try:  # a damaged copy is reported and passed over, so that the other sources still serve
+            check_container(str(path))
+        except CheckpointError as e:
+            tried.append(str(e))
+            continue
+        if entry and name in {_basename(url) for url in entry.sources}:  # the released file itself
+            _check_sha256(path, entry.sha256, f'the released {entry.name}')
+        return str(path)
+    if not tried:
+        tried.append(f'{folder} (${WEIGHTS_ENV}) for {" or ".join(names)}: not there')
     if entry and entry.hf_hub_id:
         try:
             return _hub_download(entry.hf_hub_id, entry.hub_filename)
@@ -204,7 +242,8 @@ def fetch(source: str) -> str:
             tried.append(f'Hugging Face Hub {entry.hf_hub_id}/{entry.hub_filename}: {type(e).__name__}: {_reason(e)}')
     for url in urls:
         try:
-            return str(download(url, folder / _basename(url), entry.sha256 if entry else None))
+            return str(download(url, folder / names[0] if entry is None else folder / _basename(url),
+                                entry.sha256 if entry else None))
         except (OSError, urllib.error.URLError, http.client.HTTPException, CheckpointError) as e:
             # HTTP, socket and SSL errors, an unwritable folder, a short read, another sha256: the next source
             tried.append(f'{url}: {_reason(e).removeprefix(url + ": ")}')

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn as nn
 from fidelity import compare, golden, synth_input, synth_state_dict
 from helpers import REPO, load_script
 
-from mpvit import model_zoo
+from mpvit import MPViT, model_zoo
 from mpvit.checkpoint import read_checkpoint
 from mpvit.demo_data import write_shapes_coco, write_shapes_imagefolder
 from mpvit.serialization import CheckpointError, tensors_for_safetensors
@@ -69,11 +70,36 @@ def _env(**extra: str) -> Dict[str, str]:
 # ------------------------------------------------------------------------------------------ no code runs
 
 
-def test_timm_overlay_refuses_a_payload_before_building(tmp_path):
+def test_timm_overlay_refuses_a_payload_before_building(tmp_path, monkeypatch):
     path, marker = _payload_pth(tmp_path)
+    built = []
+    monkeypatch.setattr(MPViT, '__init__', lambda self, *a, **k: built.append(1) or nn.Module.__init__(self))
     with pytest.raises(CheckpointError, match=r'payload.pth asks to unpickle posix.system: refused.*'
                                               r'convert_checkpoint.py --trust'):
         timm.create_model('mpvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert not marker.exists() and not built
+
+
+def test_mmengine_schemes_all_read_without_code(tmp_path, monkeypatch):
+    """torchvision:// (and open-mmlab://, mmcls://) go through mmengine's load_url; s3:// / petrel:// through
+    its _safe_torch_load on a stream: both replaced by safe readers when mpvit.mmseg is imported."""
+    pytest.importorskip('mmengine')
+    import io
+
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    import mpvit.mmseg  # noqa: F401
+    from mpvit.weights import local_names
+
+    monkeypatch.setenv('MPVIT_WEIGHTS', str(tmp_path))
+    url = 'https://download.pytorch.org/models/resnet18-f37072fd.pth'
+    payload, marker = _payload_pth(tmp_path, name=local_names(url)[0])
+    with pytest.raises(CheckpointError, match='asks to unpickle posix.system: refused'):
+        CheckpointLoader.load_checkpoint('torchvision://resnet18')
+    import mmengine.runner.checkpoint as mmengine_checkpoint
+
+    with pytest.raises(CheckpointError, match='asks to unpickle posix.system: refused'):
+        mmengine_checkpoint._safe_torch_load(io.BytesIO(payload.read_bytes()))
     assert not marker.exists()
 
 
@@ -99,6 +125,10 @@ def test_harmless_training_metadata_loads_without_full_unpickling(tmp_path):
                          'dtype': np.dtype('float16')}}, deit)
     loaded = read_checkpoint(str(deit))
     assert loaded['args'].lr == 5e-4 and loaded['meta']['seed'] == 3 and loaded['meta']['hist'].tolist() == [0, 1, 2]
+    numpy_data = tmp_path / 'numpy_data.pth'
+    torch.save({'classes': np.array(['cat', 'dog']), 'objects': np.array([1, 'a'], dtype=object),
+                'name': np.str_('x'), 'when': np.datetime64('2022-06-01')}, numpy_data)
+    assert read_checkpoint(str(numpy_data))['classes'].tolist() == ['cat', 'dog']
     pkl = tmp_path / 'zoo.pkl'
     with open(pkl, 'wb') as f:
         pickle.dump({'model': {'w': np.ones((2, 2), np.float32)}, '__author__': 'Detectron2 Model Zoo'}, f, protocol=2)
@@ -218,12 +248,16 @@ PAYLOAD_PATHS = {
         _d2(d['coco'], t / 'o', 'MODEL.WEIGHTS', '', flags=('--resume',)),
         _plant(p, t / 'o' / 'model_0000009.pth') if (t / 'o').mkdir() or
         (t / 'o' / 'last_checkpoint').write_text('model_0000009.pth') else None),
+    'detectron2/demo.py MODEL.WEIGHTS': lambda p, k, t, d: (
+        ['detectron2/demo.py', '--config-file', 'configs/detectron2/retinanet_mpvit_tiny_1x.yaml', '--input',
+         str(next((d['coco'] / 'val').iterdir())), '--output', str(t / 'vis'), 'MODEL.WEIGHTS', str(p)], p),
     'mmseg test.py': lambda p, k, t, d: (_seg('test', d['ade'], t / 'w', str(p)), p),
     'mmseg init_cfg Pretrained': lambda p, k, t, d: (
         _seg('train', d['ade'], t / 'w') + [f'model.backbone.init_cfg.checkpoint={p}'], p),
-    'mmseg load_from': lambda p, k, t, d: (_seg('train', d['ade'], t / 'w') + [f'load_from={p}'], p),
+    'mmseg load_from': lambda p, k, t, d: (
+        _seg('train', d['ade'], t / 'w') + ['model.backbone.init_cfg.checkpoint=', f'load_from={p}'], p),
     'mmseg --resume': lambda p, k, t, d: (
-        _seg('train', d['ade'], t / 'w', '--resume'),
+        _seg('train', d['ade'], t / 'w', '--resume') + ['model.backbone.init_cfg.checkpoint='],
         _plant(p, t / 'w' / 'iter_8.pth') if (t / 'w').mkdir() or
         (t / 'w' / 'last_checkpoint').write_text(str(t / 'w' / 'iter_8.pth')) else None),
     'deformable_detr --eval --resume': lambda p, k, t, d: (_detr(d['coco'], t / 'o', '--eval', '--resume', str(p)), p),
@@ -260,29 +294,13 @@ def test_no_loading_path_runs_a_checkpoints_code(case, data, tmp_path):
     _one_line_refusal(proc, named)
 
 
-# ------------------------------------------------------------------------------------------ every writer
+# ------------------------------------------------------------------------------------------ framework writers
 
 
-def test_checkpoints_our_drivers_write_load_under_the_same_rules(tmp_path):
-    """The shapes each driver saves (their resume tests read them back through the same reader)."""
-    from mpvit.training import gather_rng_states
-
-    model = timm.create_model('mpvit_tiny', num_classes=2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2)
-    args = vars(argparse.Namespace(model='mpvit_tiny', lr=1e-3, input_size=48, output_dir=str(tmp_path)))
-    for name, state in {
-        'classification': dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                               scheduler=scheduler.state_dict(), scaler=torch.amp.GradScaler().state_dict(), epoch=0,
-                               step=1, best_acc1=50.0, rng=gather_rng_states(), args=args),
-        'deformable_detr': dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                lr_scheduler=scheduler.state_dict(), epoch=0, rng=gather_rng_states(), args=args),
-    }.items():
-        torch.save(state, tmp_path / f'{name}.pth')
-        assert read_checkpoint(str(tmp_path / f'{name}.pth'))['epoch'] == 0
-
-
-def test_detectron2_and_mmengine_checkpointers_write_what_we_read(tmp_path):
+def test_detectron2_checkpointer_and_mmengine_message_hub_load(tmp_path):
+    """What Detectron2's checkpointer writes, and mmengine's MessageHub state (HistoryBuffers) in a checkpoint.
+    The drivers' own checkpoints (and mmengine Runner's) are read back by their resume tests
+    (test_classification, test_deformable_detr, test_detectron2, test_mmseg), through the same reader."""
     pytest.importorskip('detectron2')
     pytest.importorskip('mmengine')
     from detectron2.checkpoint import DetectionCheckpointer
@@ -363,6 +381,24 @@ def test_model_state_dict_keeps_the_aliases_without_shared_memory():
         model.mhca_stages[0].mhca_blks[0].cpe.proj.weight
 
 
+def test_state_dict_round_trip_with_alias_copies_loads_what_was_changed():
+    """Changing only the parameters of a ``state_dict()`` (the alias copies left as handed out) loads the
+    change, as it did when the aliases shared memory; changed aliases and files keep the reference's
+    last-alias-wins order."""
+    model = timm.create_model('mpvit_tiny')
+    state = model.state_dict()
+    for name, param in model.named_parameters():
+        state[name] = torch.randn_like(param)
+    model.load_state_dict(state)
+    assert all(torch.equal(param, state[name]) for name, param in model.named_parameters())
+    encoder = model.mhca_stages[1].mhca_blks[0]
+    state = model.state_dict()
+    last = 'mhca_stages.1.mhca_blks.0.MHCA_layers.1.factoratt_crpe.crpe.conv_list.0.weight'
+    state[last] = state[last] + 1  # a changed alias: the last one written wins
+    model.load_state_dict(state)
+    assert torch.equal(encoder.crpe.conv_list[0].weight, state[last])
+
+
 def test_golden_case_survives_timm_safetensors_export_and_hub_load(tmp_path):
     """Synthetic weights in the released layout -> save_for_hf(safe_serialization=True) -> hf-hub: load
     (offline, from a Hub cache) -> the reference's golden logits and stage outputs."""
@@ -430,7 +466,8 @@ def _released_file(folder: Path, name: str, manifest: str, wrap: str = 'model') 
 
 
 def test_export_hub_classification_row_loads_from_a_hub_cache(tmp_path, monkeypatch):
-    weights = Path(os.environ['MPVIT_WEIGHTS'])
+    weights = tmp_path / 'weights'
+    monkeypatch.setenv('MPVIT_WEIGHTS', str(weights))
     source = _released_file(weights, 'mpvit_tiny', 'manifest_mpvit_tiny.json')
     export = load_script('tools/export_hub.py')
     out = export.main(['mpvit_tiny', '--weights', 'released', '--out', str(tmp_path / 'hub'), '--hub-id',
@@ -536,35 +573,46 @@ def _zoo_entry(monkeypatch, name: str, **fields) -> model_zoo.ZooEntry:
 
 
 def test_downloads_are_atomic_checked_hashed_and_looked_up_first_locally(tmp_path, monkeypatch, capfd):
-    monkeypatch.setenv('MPVIT_WEIGHTS', str(tmp_path / 'weights'))
+    weights = tmp_path / 'weights'
+    monkeypatch.setenv('MPVIT_WEIGHTS', str(weights))
     good = tmp_path / 'good.pth'
     torch.save({'model': {'w': torch.ones(3)}}, good)
     body = good.read_bytes()
-    server = _Server({'mpvit_tiny.pth': body, 'short.pth': body, 'mirror/mpvit_tiny.pth': body}, short=('short.pth',))
+    other = tmp_path / 'other.pth'
+    torch.save({'model': {'w': torch.zeros(3)}}, other)
+    server = _Server({'a/model_final.pth': body, 'b/model_final.pth': other.read_bytes(), 'short.pth': body,
+                      'page.pth': b'<html>Sign in to download</html>', 'mirror/mpvit_tiny.pth': body},
+                     short=('short.pth',))
     with server.running() as base:
         # An arbitrary URL: downloaded into the weights directory, its sha256 printed; then found there.
-        path = fetch(f'{base}/mpvit_tiny.pth')
-        assert path == str(tmp_path / 'weights' / 'mpvit_tiny.pth') and Path(path).read_bytes() == body
-        assert f'sha256 {file_sha256(good)}' in capfd.readouterr().err
-        assert fetch(f'{base}/mpvit_tiny.pth') == path and server.requests == ['mpvit_tiny.pth']
-        # A short read is refused; nothing is left behind, not even the temporary file.
+        # Two URLs ending in the same name are two files.
+        path = fetch(f'{base}/a/model_final.pth')
+        assert Path(path).parent == weights and Path(path).name.endswith('-model_final.pth')
+        assert Path(path).read_bytes() == body and f'sha256 {file_sha256(good)}' in capfd.readouterr().err
+        assert fetch(f'{base}/a/model_final.pth') == path and server.requests == ['a/model_final.pth']
+        assert Path(fetch(f'{base}/b/model_final.pth')).read_bytes() == other.read_bytes()
+        # A short read, or a web page in place of the file, is refused; nothing is left behind.
         with pytest.raises(CheckpointError, match=r'short.pth: the download stopped after [\d,]+ of [\d,]+ bytes'):
             fetch(f'{base}/short.pth')
-        assert sorted(p.name for p in (tmp_path / 'weights').iterdir() if not p.name.endswith('.lock')) == \
-            ['mpvit_tiny.pth']
+        with pytest.raises(CheckpointError, match=r'page.pth: the download is no usable checkpoint'):
+            fetch(f'{base}/page.pth')
+        assert len([p for p in weights.iterdir() if not p.name.endswith('.lock')]) == 2
         # A released row: the recorded sha256 is checked (a wrong copy is refused, kept nowhere); a mirror
         # serves when the authors' link is dead.
-        Path(path).unlink()
         _zoo_entry(monkeypatch, 'mpvit_tiny', url=f'{base}/dead/mpvit_tiny.pth',
                    mirrors=[f'{base}/mirror/mpvit_tiny.pth'], sha256='0' * 64)
         with pytest.raises(CheckpointError) as info:
             fetch(f'{base}/dead/mpvit_tiny.pth')
         message = str(info.value)
         assert 'HTTP Error 404' in message and f'sha256 {file_sha256(good)}' in message and '\n' not in message
-        assert not (tmp_path / 'weights' / 'mpvit_tiny.pth').exists()
+        assert not (weights / 'mpvit_tiny.pth').exists()
         _zoo_entry(monkeypatch, 'mpvit_tiny', url=f'{base}/dead/mpvit_tiny.pth',
                    mirrors=[f'{base}/mirror/mpvit_tiny.pth'], sha256=file_sha256(good))
-        assert fetch(f'{base}/dead/mpvit_tiny.pth') == str(tmp_path / 'weights' / 'mpvit_tiny.pth')
+        assert fetch(f'{base}/dead/mpvit_tiny.pth') == str(weights / 'mpvit_tiny.pth')
+        # A damaged local copy is named and passed over: the next source replaces it.
+        (weights / 'mpvit_tiny.pth').write_bytes(body[:100])
+        assert fetch(f'{base}/dead/mpvit_tiny.pth') == str(weights / 'mpvit_tiny.pth')
+        assert (weights / 'mpvit_tiny.pth').read_bytes() == body
 
 
 def test_released_is_found_in_the_weights_directory_by_its_released_name(tmp_path, monkeypatch):
@@ -621,4 +669,6 @@ def test_detectron2_downloads_a_url_once(coco, tmp_path, monkeypatch):
                          flags=('--eval-only',)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert server.requests == ['my_detector.pth'] and 'AP' in proc.stdout + proc.stderr
-    assert (Path(os.environ['MPVIT_WEIGHTS']) / 'my_detector.pth').is_file()
+    from mpvit.weights import local_names
+
+    assert (Path(os.environ['MPVIT_WEIGHTS']) / local_names(f'{base}/my_detector.pth')[0]).is_file()

@@ -99,8 +99,8 @@ def export(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    torch.set_grad_enabled(False)
-    return export(parse_args(argv))
+    with torch.no_grad():
+        return export(parse_args(argv))
 
 
 if __name__ == '__main__':

@@ -23,6 +23,8 @@ switches back to. Tracing runs whichever form the flags say.
 Paper: https://arxiv.org/abs/2112.11010
 """
 
+import os
+import weakref
 from contextlib import nullcontext
 from typing import Callable, Dict, Final, List, Optional, Sequence, Tuple, Union
 
@@ -439,22 +441,66 @@ class MHCALayer(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+# Alias copies handed out by state_dict(), by id: (a weak reference, the version counter then). A copy that
+# comes back unchanged stands for "the shared tensor", as it would have been with shared memory.
+_ALIAS_COPIES: Dict[int, Tuple['weakref.ref[torch.Tensor]', int]] = {}
+
+
+def _remember_copy(copy: torch.Tensor) -> None:
+    key = id(copy)
+    _ALIAS_COPIES[key] = (weakref.ref(copy, lambda _: _ALIAS_COPIES.pop(key, None)), copy._version)
+
+
+def _is_unchanged_copy(value: object) -> bool:
+    entry = _ALIAS_COPIES.get(id(value))
+    return entry is not None and entry[0]() is value and entry[1] == value._version
+
+
+def _alias_of(relative_key: str) -> Optional[str]:
+    """The encoder's own key for an alias key (``MHCA_layers.3.factoratt_crpe.crpe.conv_list.0.weight`` ->
+    ``crpe.conv_list.0.weight``), or None for a key that is no alias."""
+    parts = relative_key.split('.')
+    if parts[0] != 'MHCA_layers':
+        return None
+    for i, part in enumerate(parts):
+        if part in ('cpe', 'crpe'):
+            return '.'.join(parts[i:])
+    return None
+
+
 def _copy_shared_aliases(module: nn.Module, state_dict: Dict, prefix: str, local_metadata: Dict) -> None:
     """State-dict post-hook: each layer's ``cpe.*``, ``crpe.*`` and ``factoratt_crpe.crpe.*`` keys (the
     encoder's own tensors under the reference's alias names) hold copies, so that no two keys of a state
     dict share memory.
 
     The released checkpoints keep the aliases, and so do ours, key for key; safetensors (timm's
-    ``save_for_hf``, transformers' ``save_pretrained``) refuses tensors that share memory. Loading writes
-    every alias into the one shared module, in checkpoint order. With ``keep_vars=True`` the parameters
-    themselves are kept.
+    ``save_for_hf``, transformers' ``save_pretrained``) refuses tensors that share memory. With
+    ``keep_vars=True`` the parameters themselves are kept.
     """
-    layers = prefix + 'MHCA_layers.'
-    for key in [k for k in state_dict if k.startswith(layers)]:
-        parts = key[len(layers):].split('.')
+    for key in [k for k in state_dict if k.startswith(prefix)]:
         value = state_dict[key]
-        if ('cpe' in parts or 'crpe' in parts) and not isinstance(value, nn.Parameter):
-            state_dict[key] = value.clone()
+        if _alias_of(key[len(prefix):]) is not None and not isinstance(value, nn.Parameter):
+            copy = value.clone()
+            _remember_copy(copy)
+            state_dict[key] = copy
+
+
+def _resolve_alias_copies(module: nn.Module, state_dict: Dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: loading writes every key of the shared modules in module order (encoder
+    key, then each layer's alias), the last one winning, as in the reference. An alias that is an unchanged
+    copy from :func:`_copy_shared_aliases` is replaced by the value written before it, as the shared tensor
+    it stands for would be: changing only the encoder's key of a ``state_dict()`` then loads that change."""
+    written: Dict[str, torch.Tensor] = {}
+    for relative in module.state_dict(keep_vars=True):
+        key = prefix + relative
+        if key not in state_dict:
+            continue
+        value = state_dict[key]
+        own = _alias_of(relative) or relative
+        if own in written and _is_unchanged_copy(value):
+            state_dict[key] = written[own]
+        else:
+            written[own] = value
 
 
 class MHCAEncoder(nn.Module):
@@ -479,6 +525,7 @@ class MHCAEncoder(nn.Module):
         ])
         self.grad_checkpointing = False
         self.register_state_dict_post_hook(_copy_shared_aliases)
+        self.register_load_state_dict_pre_hook(_resolve_alias_copies)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` map in, ``[B, C, H, W]`` map out (a channels-last view)."""
@@ -783,10 +830,20 @@ def _pretrained_source(variant: str, kwargs: Dict) -> Dict:
     if overlay.get('state_dict') is not None:  # an in-memory state dict: timm's own loader and our filter
         return {**overlay, 'custom_load': False}
     cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
-    if cfg.file:
+    released = model_zoo.by_url(cfg.url) if cfg.url else None
+    # timm's order: a file, a local folder ('local-dir:'), a Hub id (the released one's Hub copy is one of
+    # the places fetch() looks for its URL), then the URL.
+    if cfg.file and cfg.source != 'local-dir':
         source = cfg.file
-    elif cfg.hf_hub_id and (cfg.source == 'hf-hub' or not cfg.url):
-        source = f'{HUB_PREFIX}{cfg.hf_hub_id}/{cfg.hf_hub_filename or "model.safetensors"}'
+    elif cfg.source == 'local-dir':
+        folder = cfg.file or ''
+        names = [n for n in ('model.safetensors', 'pytorch_model.bin') if os.path.isfile(os.path.join(folder, n))]
+        if not names:
+            raise CheckpointError(f'{variant}: {folder} holds no model.safetensors or pytorch_model.bin')
+        source = os.path.join(folder, names[0])
+    elif cfg.hf_hub_id and (cfg.source == 'hf-hub' or not cfg.url or not released
+                            or released.hf_hub_id != cfg.hf_hub_id):
+        source = f'{HUB_PREFIX}{cfg.hf_hub_id}' + (f'/{cfg.hf_hub_filename}' if cfg.hf_hub_filename else '')
     elif cfg.url:
         source = cfg.url
     else:

@@ -43,16 +43,15 @@ def build_config(args: argparse.Namespace) -> Config:
         raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
     ensure_writable_dir(cfg.work_dir, 'work directory')
     # Find / download and check (no code in it) every file the Runner will read, before it builds anything:
-    # the latest checkpoint when resuming, else load_from and the backbone's init_cfg.
-    latest = find_latest_checkpoint(cfg.work_dir) if cfg.resume else None
-    if latest:
-        local_checkpoint(latest)
-    else:
-        if cfg.get('load_from'):
-            cfg.load_from = local_checkpoint(cfg.load_from)
-        init_cfg = cfg.model.backbone.get('init_cfg') or {}
-        if init_cfg.get('type') == 'Pretrained' and init_cfg.get('checkpoint'):
-            local_checkpoint(init_cfg['checkpoint'])
+    # the backbone's init_cfg (mmengine initialises before it loads), load_from, and when resuming without
+    # load_from, the work dir's latest checkpoint (mmengine's choice).
+    init_cfg = cfg.model.backbone.get('init_cfg') or {}
+    if init_cfg.get('type') == 'Pretrained' and init_cfg.get('checkpoint'):
+        local_checkpoint(init_cfg['checkpoint'])
+    if cfg.get('load_from'):
+        cfg.load_from = local_checkpoint(cfg.load_from)
+    elif cfg.resume and find_latest_checkpoint(cfg.work_dir):
+        local_checkpoint(find_latest_checkpoint(cfg.work_dir))
     return cfg
 
 
