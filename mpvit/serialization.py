@@ -181,7 +181,12 @@ def ensure_checkpoint_file(path: str) -> None:
     if _CHECKED.get(key) == version:
         return
     if kind == 'zip':
-        _read_torch(path, mmap=True)  # the same unpickler as the load; tensors mapped, not read
+        try:  # the same unpickler as the load, tensors mapped rather than read
+            _read_torch(path, mmap=True)
+        except CheckpointError as e:
+            if 'asks to unpickle' in str(e):
+                raise
+            _read_torch(path)  # members compressed by a zip tool, or no mmap here: read it as the load will
     elif kind == 'safetensors':
         _read_safetensors(path, header_only=True)
     elif path.endswith('.pkl'):

@@ -59,19 +59,16 @@ def _basename(url: str) -> str:
 
 
 def local_names(url: str) -> List[str]:
-    """File names under which the weights directory may hold ``url``'s file. A released checkpoint's: its
-    released name (that of any of its URLs), and that name as ``.safetensors`` (what
+    """File names under which the weights directory may hold ``url``'s file. A released checkpoint's (from
+    any of its URLs): its released name, and that name as ``.safetensors`` (what
     ``tools/convert_checkpoint.py`` writes). Any other URL's: its name prefixed with a hash of the URL, as
     two URLs may end in the same name (``model_final.pth``)."""
     entry = model_zoo.by_url(url)
     if entry is None:
         return [f'{hashlib.sha256(url.encode()).hexdigest()[:8]}-{_basename(url)}']
-    names = []
-    for source in entry.sources:
-        name = _basename(source)
-        stem, ext = os.path.splitext(name)
-        names += [name] + ([stem + '.safetensors'] if ext != '.safetensors' else [])
-    return list(dict.fromkeys(names))
+    name = _basename(entry.url)  # mirrors serve the same file: kept under the released name
+    stem, ext = os.path.splitext(name)
+    return [name] + ([stem + '.safetensors'] if ext != '.safetensors' else [])
 
 
 _HASHED: Dict[str, Tuple[Tuple[int, int], str]] = {}
@@ -94,6 +91,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _check_sha256(path: str | os.PathLike, expected: Optional[str], origin: str) -> None:
+    """Refuse a copy whose sha256 differs from the one ``model_zoo.json`` records (nothing when none is)."""
     if expected and file_sha256(path) != expected.lower():
         raise CheckpointError(f'{path} ({origin}) has sha256 {file_sha256(path)}, but model_zoo.json records '
                               f'{expected} for it: a different or damaged copy; remove it and fetch it again')
@@ -119,8 +117,10 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None, ti
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + '.lock'):
-        if dest.is_file() and _usable(dest):  # another process finished it meanwhile
+    locks = dest.parent / '.locks'
+    locks.mkdir(exist_ok=True)
+    with FileLock(str(locks / (dest.name + '.lock'))):
+        if dest.is_file() and _usable(dest, sha256):  # another process finished it meanwhile
             return dest
         print(f'[mpvit] downloading {url} -> {dest}', file=sys.stderr, flush=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part')
@@ -160,10 +160,10 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None, ti
     return dest
 
 
-def _usable(path: Path) -> bool:
+def _usable(path: Path, sha256: Optional[str] = None) -> bool:
     try:
         check_container(str(path))
-        return True
+        return not sha256 or file_sha256(path) == sha256.lower()
     except (CheckpointError, OSError):
         return False
 
@@ -201,7 +201,7 @@ def _reason(err: BaseException) -> str:
 
 
 def fetch(source: str) -> str:
-    """The local path of a weights ``source``: a file path, a URL, or ``hf-hub:<org>/<name>[/<file>]``.
+    """The local path of a weights ``source``: a file path, a URL, or ``hf-hub:<org>/<name>[@<rev>][/<file>]``.
 
     A URL is looked up as the module docstring says (weights directory, Hub id, URL and mirrors);
     a released checkpoint's extra sources come from ``model_zoo.json``.
@@ -223,15 +223,15 @@ def fetch(source: str) -> str:
     tried = []
     for name in names:
         path = folder / name
-        if not path.is_file():
-            continue
-        try:  # a damaged copy is reported and passed over, so that the other sources still serve
+        try:  # a damaged, unreadable or different copy is reported and passed over: the other sources serve
+            if not path.is_file():
+                continue
             check_container(str(path))
-        except CheckpointError as e:
-            tried.append(str(e))
+            if entry and name == _basename(entry.url):  # the released file itself, not a conversion
+                _check_sha256(path, entry.sha256, f'the released {entry.name}')
+        except (CheckpointError, OSError) as e:
+            tried.append(f'{path}: {e}' if isinstance(e, OSError) else str(e))
             continue
-        if entry and name in {_basename(url) for url in entry.sources}:  # the released file itself
-            _check_sha256(path, entry.sha256, f'the released {entry.name}')
         return str(path)
     if not tried:
         tried.append(f'{folder} (${WEIGHTS_ENV}) for {" or ".join(names)}: not there')
@@ -242,10 +242,11 @@ def fetch(source: str) -> str:
             tried.append(f'Hugging Face Hub {entry.hf_hub_id}/{entry.hub_filename}: {type(e).__name__}: {_reason(e)}')
     for url in urls:
         try:
-            return str(download(url, folder / names[0] if entry is None else folder / _basename(url),
-                                entry.sha256 if entry else None))
-        except (OSError, urllib.error.URLError, http.client.HTTPException, CheckpointError) as e:
-            # HTTP, socket and SSL errors, an unwritable folder, a short read, another sha256: the next source
+            return str(download(url, folder / names[0], entry.sha256 if entry else None))
+        except (OSError, urllib.error.URLError, http.client.HTTPException, CheckpointError, UnicodeError,
+                ValueError) as e:
+            # HTTP, socket and SSL errors, an unwritable folder, a short read, another sha256, a URL that
+            # urllib cannot send: the next source
             tried.append(f'{url}: {_reason(e).removeprefix(url + ": ")}')
     what = entry.name if entry else _basename(source)
     raise CheckpointError(f'cannot find the weights {what}; tried ' + '; '.join(tried)

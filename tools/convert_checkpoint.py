@@ -21,7 +21,7 @@ from typing import Sequence
 
 from mpvit.checkpoint import checkpoint_tensors, local_checkpoint
 from mpvit.serialization import load_trusted, safe_load, save_safetensors
-from mpvit.training import user_errors_in_one_line
+from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 from mpvit.weights import fetch, file_sha256
 
 
@@ -43,9 +43,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     path = fetch(args.src) if args.trust else local_checkpoint(args.src)
     checkpoint = load_trusted(path) if args.trust else safe_load(path)
     tensors = checkpoint_tensors(checkpoint, args.src)
-    directory = os.path.dirname(os.path.abspath(args.dst))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f'output folder not found: {directory}')
+    ensure_writable_dir(os.path.dirname(os.path.abspath(args.dst)), 'output folder')
     save_safetensors(tensors, args.dst, metadata={'format': 'pt', 'source': os.path.basename(path),
                                                   'source_sha256': file_sha256(path)})
     print(f'{path} (sha256 {file_sha256(path)}): {len(tensors)} tensors -> {args.dst} '

@@ -34,7 +34,7 @@ from mpvit import model_zoo
 from mpvit.checkpoint import checkpoint_filter_fn, checkpoint_tensors, local_checkpoint
 from mpvit.model_zoo import HUB_TASKS
 from mpvit.serialization import load_trusted, safe_load, save_safetensors
-from mpvit.training import user_errors_in_one_line
+from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 from mpvit.weights import fetch, file_sha256
 
 
@@ -80,8 +80,7 @@ def export(args: argparse.Namespace) -> Path:
     model = timm.create_model(variant, num_classes=1000 if classifier else 0).eval()
     # The same filter every loader uses: backbone extracted from any layout, classifier required to fit.
     model.load_state_dict(checkpoint_filter_fn(checkpoint, model, head='require'))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(args.out, 'output folder')
     model_config: Dict = {}
     if classifier:
         info = timm.data.ImageNetInfo()

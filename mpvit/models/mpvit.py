@@ -441,19 +441,23 @@ class MHCALayer(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-# Alias copies handed out by state_dict(), by id: (a weak reference, the version counter then). A copy that
-# comes back unchanged stands for "the shared tensor", as it would have been with shared memory.
-_ALIAS_COPIES: Dict[int, Tuple['weakref.ref[torch.Tensor]', int]] = {}
+# Alias copies handed out by state_dict(), by id: (a weak reference, the version counter then, the values
+# then). A copy that comes back unchanged stands for "the shared tensor", as it would have with shared memory.
+# The values catch edits that bypass the version counter (.data, .numpy()); the tensors are small.
+_ALIAS_COPIES: Dict[int, Tuple['weakref.ref[torch.Tensor]', int, torch.Tensor]] = {}
 
 
 def _remember_copy(copy: torch.Tensor) -> None:
+    if copy.is_inference() or copy.device.type == 'meta':  # no version counter / no values to compare
+        return
     key = id(copy)
-    _ALIAS_COPIES[key] = (weakref.ref(copy, lambda _: _ALIAS_COPIES.pop(key, None)), copy._version)
+    _ALIAS_COPIES[key] = (weakref.ref(copy, lambda _: _ALIAS_COPIES.pop(key, None)), copy._version, copy.clone())
 
 
 def _is_unchanged_copy(value: object) -> bool:
     entry = _ALIAS_COPIES.get(id(value))
-    return entry is not None and entry[0]() is value and entry[1] == value._version
+    return (entry is not None and entry[0]() is value and entry[1] == value._version
+            and torch.equal(entry[2], value))
 
 
 def _alias_of(relative_key: str) -> Optional[str]:
@@ -491,7 +495,9 @@ def _resolve_alias_copies(module: nn.Module, state_dict: Dict, prefix: str, *arg
     copy from :func:`_copy_shared_aliases` is replaced by the value written before it, as the shared tensor
     it stands for would be: changing only the encoder's key of a ``state_dict()`` then loads that change."""
     written: Dict[str, torch.Tensor] = {}
-    for relative in module.state_dict(keep_vars=True):
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
+    for relative in names:
         key = prefix + relative
         if key not in state_dict:
             continue
