@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import io
 import json
 import logging
-import math
 import os
 import resource
 import time
 from contextlib import nullcontext
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import timm
 import torch
@@ -40,8 +41,13 @@ from torchvision.datasets import ImageFolder
 import mpvit
 from mpvit import model_zoo
 from mpvit.checkpoint import checkpoint_filter_fn, load_backbone_weights, local_checkpoint, read_checkpoint
+from mpvit.errors import InvalidInputError, MissingFileError
+from mpvit.images import check_some_readable, open_rgb, warn_unreadable
+from mpvit.serialization import atomic_file
 from mpvit.training import (
+    LossWatch,
     all_reduce_sum,
+    check_minimums,
     ensure_writable_dir,
     gather_rng_states,
     is_main_process,
@@ -122,8 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if first.config:
         yaml_defaults(parser, first.config)
     args = parser.parse_args(argv)
-    if args.accum_steps < 1:
-        parser.error(f'--accum-steps {args.accum_steps}: must be at least 1')
+    check_minimums(parser, args, dict(epochs=1, batch_size=1, accum_steps=1, input_size=32, num_workers=0,
+                                      warmup_epochs=0, log_interval=1, run_epochs=1, max_steps=1))
     if not timm.is_model(args.model):
         parser.error(f"--model {args.model}: unknown model; MPViT variants: {', '.join(timm.list_models('mpvit_*'))}")
     if args.drop_path is None:
@@ -147,12 +153,12 @@ class CheckedImageFolder(ImageFolder):
 
     def __init__(self, root: str, skip_unreadable: bool = False, **kwargs):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f'dataset folder not found: {root}')
+            raise MissingFileError(f'dataset folder not found: {root}')
         try:
-            super().__init__(root, **kwargs)
+            super().__init__(root, loader=open_rgb, **kwargs)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f'{root}: {e}') from None
-        self.skip_unreadable = skip_unreadable
+            raise MissingFileError(f'{root}: {e}') from None
+        self.skip_unreadable, self.left_out = skip_unreadable, 0
 
     def __getitem__(self, index: int):
         for offset in range(1 if self.skip_unreadable else len(self)):
@@ -160,11 +166,11 @@ class CheckedImageFolder(ImageFolder):
             try:
                 return super().__getitem__((index + offset) % len(self))
             except OSError as e:  # PIL's UnidentifiedImageError / truncated files
-                _logger.warning('%s unreadable image %s (%s)',
-                                'leaving out' if self.skip_unreadable else 'skipping', path, e)
+                self.left_out += 1
+                warn_unreadable(path, e, self.left_out)
         if self.skip_unreadable:
             return None
-        raise RuntimeError(f'no readable image in {self.root}')
+        raise InvalidInputError(f'no readable image in {self.root}')
 
 
 def collate_readable(batch: list):
@@ -179,7 +185,7 @@ def collate_readable(batch: list):
 
 def build_dataset(args, split: str) -> Dataset:
     if not args.data_path:
-        raise ValueError('--data-path is required (an ImageFolder root with train/ and val/)')
+        raise InvalidInputError('--data-path is required (an ImageFolder root with train/ and val/)')
     training = split == 'train'
     transform = create_transform(
         args.input_size,
@@ -231,13 +237,33 @@ def build_scheduler(args, optimizer: torch.optim.Optimizer):
 # ---------------------------------------------------------------------------- loops
 
 
+def read_log_csv(path: Path, up_to_epoch: int) -> List[Dict]:
+    """The rows of an existing log.csv up to ``up_to_epoch`` (checkpoints written before they carried their
+    rows): kept when the log is rewritten."""
+    if not path.is_file():
+        return []
+    with open(path, newline='') as f:
+        return [row for row in csv.DictReader(f) if int(row['epoch']) <= up_to_epoch]
+
+
+def write_log_csv(path: Path, rows: List[Dict]) -> None:
+    """Write every epoch's row so far, atomically (a file of one row per epoch: small)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_file(path) as f:
+        f.write(text.getvalue().encode())
+
+
 def autocast(args):
     return amp_autocast(args.amp, torch.device(args.device).type)
 
 
 def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, epoch, step,
-                    ema: Optional[ModelEmaV3] = None) -> Dict:
+                    ema: Optional[ModelEmaV3] = None, watch: Optional[LossWatch] = None) -> Dict:
     model.train()
+    watch = watch or LossWatch()
     steps_per_epoch = len(loader) // args.accum_steps
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
@@ -254,10 +280,9 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, ep
         no_sync = model.no_sync() if args.distributed and not sync else nullcontext()
         with no_sync, autocast(args):
             loss = criterion(model(images), targets)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} iteration {i}; stopping')
+        loss_value = watch.check(loss, f'epoch {epoch} step {i // args.accum_steps + 1}/{steps_per_epoch}')
         scaler.scale(loss / args.accum_steps).backward()
-        loss_sum += loss.item() * images.shape[0]
+        loss_sum += loss_value * images.shape[0]
         seen += images.shape[0]
         if not sync:
             continue
@@ -299,7 +324,7 @@ def evaluate(args, model, loader) -> Dict:
         count += images.shape[0]
     loss_sum, top1, top5, count, skipped = all_reduce_sum([loss_sum, top1, top5, count, skipped], args.device)
     if not count:
-        raise ValueError(f'no readable validation image ({int(skipped)} unreadable) under {args.data_path}/val')
+        raise InvalidInputError(f'no readable validation image ({int(skipped)} unreadable) under {args.data_path}/val')
     metrics = {'acc1': 100 * top1 / count, 'acc5': 100 * top5 / count, 'loss': loss_sum / count, 'images': int(count),
                'unreadable_images': int(skipped)}
     if is_main_process():
@@ -391,13 +416,14 @@ def main(args: argparse.Namespace) -> Dict:
     if dataset_train.classes != dataset_val.classes:
         only_train = sorted(set(dataset_train.classes) - set(dataset_val.classes))
         only_val = sorted(set(dataset_val.classes) - set(dataset_train.classes))
-        raise ValueError(f'train and val classes differ under {args.data_path}: only in train/ {only_train[:5]}, '
-                         f'only in val/ {only_val[:5]}' + ('' if only_train or only_val else ' (same names, '
-                                                           'other order)'))
+        raise InvalidInputError(f'train and val classes differ under {args.data_path}: only in train/ '
+                                f'{only_train[:5]}, only in val/ {only_val[:5]}'
+                                + ('' if only_train or only_val else ' (same names, other order)'))
+    check_some_readable((path for path, _ in dataset_train.samples), f'{args.data_path}/train')
     train_loader = build_train_loader(args, dataset_train)
     if len(train_loader) < args.accum_steps:
-        raise ValueError(f'{args.data_path}/train has {len(dataset_train)} images: not one full batch of '
-                         f'{args.batch_size} x {args.accum_steps} accumulation steps per process')
+        raise InvalidInputError(f'{args.data_path}/train has {len(dataset_train)} images: not one full batch of '
+                                f'{args.batch_size} x {args.accum_steps} accumulation steps per process')
     total_batch = args.batch_size * args.accum_steps * args.world_size
     if args.lr is None:
         args.lr = 5e-4 * total_batch / 512
@@ -407,7 +433,8 @@ def main(args: argparse.Namespace) -> Dict:
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         if args.batch_size % 2:
-            raise ValueError(f'mixup / cutmix pair images within a batch: --batch-size {args.batch_size} must be even')
+            raise InvalidInputError(f'mixup / cutmix pair images within a batch: --batch-size {args.batch_size} '
+                                    'must be even')
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                       switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=num_classes)
         criterion = SoftTargetCrossEntropy()
@@ -416,11 +443,12 @@ def main(args: argparse.Namespace) -> Dict:
     else:
         criterion = nn.CrossEntropyLoss()
 
-    start_epoch, step, best = 0, 0, 0.0
+    start_epoch, step, best, log_rows = 0, 0, 0.0, []
     if resume:
         state = read_checkpoint(resume)
         if not (isinstance(state, dict) and 'optimizer' in state):
-            raise ValueError(f'{resume} is not a training checkpoint of this script (use --pretrained for weights)')
+            raise InvalidInputError(f'{resume} is not a training checkpoint of this script '
+                                    '(use --pretrained for weights)')
         try:
             model.load_state_dict(checkpoint_filter_fn(state['model'], model, head='require'))
         except mpvit.CheckpointError as e:
@@ -430,6 +458,9 @@ def main(args: argparse.Namespace) -> Dict:
         scaler.load_state_dict(state['scaler'])
         start_epoch, step, best = state['epoch'] + 1, state['step'], state.get('best_acc1', 0.0)
         set_rng_state(state['rng'][min(args.rank, len(state['rng']) - 1)])
+        log_rows = list(state.get('log', [])) or read_log_csv(output_dir / 'log.csv', up_to_epoch=state['epoch'])
+        if is_main_process() and log_rows:  # rows a kill between the checkpoint and log.csv would have lost
+            write_log_csv(output_dir / 'log.csv', log_rows)
         _logger.info('resumed from %s at epoch %d', resume, start_epoch)
 
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
@@ -443,12 +474,14 @@ def main(args: argparse.Namespace) -> Dict:
 
     last_epoch = num_epochs if args.run_epochs is None else min(num_epochs, start_epoch + args.run_epochs)
     metrics: Dict = {}
+    watch = LossWatch()
     for epoch in range(start_epoch, last_epoch):
         if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(args, ddp_model, train_loader, criterion, optimizer, scaler, mixup, epoch,
-                                      step, ema)
+                                      step, ema, watch)
         step = train_stats['step']
+        watch.check_weights(model.state_dict(), f'the end of epoch {epoch}')  # every process: all stop together
         scheduler.step(epoch)  # as the authors (DeiT): the next epoch trains at the schedule's value for this one
         metrics = evaluate(args, eval_model, val_loader)
         best = max(best, metrics['acc1'])
@@ -456,22 +489,17 @@ def main(args: argparse.Namespace) -> Dict:
             _logger.info('EMA model:')
             metrics['ema_acc1'] = evaluate(args, ema.module, val_loader)['acc1']
         rngs = gather_rng_states()
+        log_rows.append(dict(epoch=epoch, step=step, **{k: v for k, v in train_stats.items() if k != 'step'},
+                             val_acc1=metrics['acc1'], val_acc5=metrics['acc5'], val_loss=metrics['loss']))
         if is_main_process():
+            # The checkpoint carries the log's rows: log.csv is rewritten from them, here and on resume.
             state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                      'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
-                     'step': step, 'best_acc1': best, 'rng': rngs, 'args': vars(args)}
+                     'step': step, 'best_acc1': best, 'rng': rngs, 'args': vars(args), 'log': log_rows}
             if ema is not None:
                 state['model_ema'] = ema.module.state_dict()
             save_atomic(state, output_dir / 'checkpoint.pth')
-            row = dict(epoch=epoch, step=step, **{k: v for k, v in train_stats.items() if k != 'step'},
-                       val_acc1=metrics['acc1'], val_acc5=metrics['acc5'], val_loss=metrics['loss'])
-            log_csv = output_dir / 'log.csv'
-            write_header = not log_csv.exists()
-            with open(log_csv, 'a', newline='') as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                if write_header:
-                    writer.writeheader()
-                writer.writerow(row)
+            write_log_csv(output_dir / 'log.csv', log_rows)
             _logger.info('epoch %d: val Acc@1 %.2f (best %.2f)', epoch, metrics['acc1'], best)
     if dist.is_initialized():
         dist.destroy_process_group()

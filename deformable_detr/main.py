@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
+import os
 import random
 import sys
 import time
@@ -27,6 +27,7 @@ from typing import Dict, List, Tuple
 import timm
 import torch
 import torch.distributed as dist
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from timm.utils import init_distributed_device
@@ -38,7 +39,7 @@ from torchvision.transforms.v2 import functional as F
 from transformers import DeformableDetrImageProcessor
 
 from mpvit import model_zoo
-from mpvit.checkpoint import local_checkpoint, read_checkpoint
+from mpvit.checkpoint import local_checkpoint, read_checkpoint, require_task_weights, unwrap_checkpoint
 from mpvit.coco_checks import check_coco_instances
 from mpvit.deformable_detr import (
     build_deformable_detr,
@@ -48,8 +49,12 @@ from mpvit.deformable_detr import (
     param_groups,
     weighted_loss,
 )
+from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError
+from mpvit.images import check_some_readable, decode_error, open_rgb, unreadable_error, warn_unreadable
 from mpvit.training import (
+    LossWatch,
     all_reduce_sum,
+    check_minimums,
     ensure_writable_dir,
     gather_rng_states,
     is_main_process,
@@ -102,6 +107,13 @@ def build_transforms(train: bool, args: argparse.Namespace) -> v2.Compose:
     return v2.Compose([*geometric, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+class _CocoImages(datasets.CocoDetection):
+    """torchvision's COCO reader, with 16-bit grey images scaled to 8 bits (PIL would clip them white)."""
+
+    def _load_image(self, id: int) -> Image.Image:
+        return open_rgb(os.path.join(self.root, self.coco.loadImgs(id)[0]['file_name']))
+
+
 class CocoDetection(Dataset):
     """COCO instances read by torchvision (``wrap_dataset_for_transforms_v2``) in the original's target form:
     crowd annotations dropped, boxes clipped to the image and empty ones dropped, category ids kept as
@@ -110,13 +122,17 @@ class CocoDetection(Dataset):
     Refuses, before any model is built, listed images missing on disk and category ids that are not
     below ``num_classes``."""
 
-    def __init__(self, image_dir: Path, annotation_file: Path, transforms: v2.Compose, num_classes: int):
+    def __init__(self, image_dir: Path, annotation_file: Path, transforms: v2.Compose, num_classes: int,
+                 train: bool = False):
         for path in (annotation_file, image_dir):
             if not path.exists():
-                raise FileNotFoundError(f'COCO data: {path} does not exist (see deformable_detr/README.md)')
-        dataset = datasets.CocoDetection(str(image_dir), str(annotation_file))
+                raise MissingFileError(f'COCO data: {path} does not exist (see deformable_detr/README.md)')
+        dataset = _CocoImages(str(image_dir), str(annotation_file))
         check_coco_instances(dataset.coco.dataset, str(annotation_file), str(image_dir), max_category_id=num_classes)
-        self.coco = dataset.coco
+        check_some_readable((image_dir / im['file_name'] for im in dataset.coco.dataset['images']),
+                            str(annotation_file))
+        self.train, self.left_out = train, 0
+        self.coco, self.ids, self.image_dir = dataset.coco, dataset.ids, image_dir
         for ann in self.coco.anns.values():  # optional in COCO files; torchvision's wrapper needs it when asked for
             ann.setdefault('iscrowd', 0)
         self.samples = wrap_dataset_for_transforms_v2(dataset, target_keys={'image_id', 'boxes', 'labels', 'iscrowd'})
@@ -126,6 +142,23 @@ class CocoDetection(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
+        """Training leaves an unreadable image out (the next readable one takes its place, with a warning
+        naming it); evaluation refuses it in one line."""
+        for offset in range(len(self) if self.train else 1):
+            try:
+                return self._sample((index + offset) % len(self))
+            except OSError:
+                path = self.image_dir / self.coco.imgs[self.ids[(index + offset) % len(self)]]['file_name']
+                error = decode_error(path)  # the image itself, or something else (which keeps its traceback)
+                if error is None:
+                    raise
+                if not self.train:
+                    raise unreadable_error(path, error) from None
+                self.left_out += 1
+                warn_unreadable(path, error, self.left_out)
+        raise InvalidInputError(f'no readable image in {self.image_dir}')
+
+    def _sample(self, index: int):
         image, target = self.samples[index]
         image, image_id = F.to_image(image), target['image_id']
         h, w = image.shape[-2:]
@@ -168,8 +201,26 @@ def autocast(args, device):
     return amp_autocast(args.amp, device.type)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args) -> Dict[str, float]:
+def stop_on_non_finite_outputs(model: torch.nn.Module, watch: LossWatch) -> None:
+    """Check the decoder's outputs (every layer's, from which the boxes and class scores come) in training:
+    non-finite boxes would otherwise fail in transformers' matcher with a message about box format, before
+    the loss could be checked."""
+    def check(module, inputs, outputs) -> None:
+        if not module.training:
+            return
+        finite = bool(torch.isfinite(outputs.intermediate_hidden_states).all()
+                      and torch.isfinite(outputs.intermediate_reference_points).all())
+        if not watch.everywhere(finite, outputs.intermediate_hidden_states.device):  # all processes stop together
+            raise DivergenceError(watch.message('the decoder outputs are not finite' if not finite else
+                                                'the decoder outputs of another process are not finite', watch.current))
+
+    model.model.register_forward_hook(check)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args,
+                    watch: LossWatch | None = None) -> Dict[str, float]:
     model.train()
+    watch = watch or LossWatch()
     totals: Dict[str, float] = {}
     start = time.time()
     steps = len(loader) if args.max_iters <= 0 else min(len(loader), args.max_iters)
@@ -177,13 +228,12 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args) 
         if step >= steps:
             break
         labels = [{k: t[k].to(device) for k in ('class_labels', 'boxes')} for t in batch['targets']]
+        watch.current = f'epoch {epoch} step {step + 1}/{steps}'
         with autocast(args, device):
             out = model(pixel_values=batch['pixel_values'].to(device), pixel_mask=batch['pixel_mask'].to(device),
                         labels=labels)
         loss = weighted_loss(out.loss_dict) * global_box_normaliser(labels, device)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch} step {step}: '
-                                     f'{ {k: v.item() for k, v in out.loss_dict.items()} }')
+        watch.check(loss, watch.current)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_max_norm > 0:
@@ -204,7 +254,15 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args) 
 
 @torch.no_grad()
 def evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
-    """COCO box AP with pycocotools; top-100 (query, class) pairs per image, as the original."""
+    """COCO box AP with pycocotools; top-100 (query, class) pairs per image, as the original.
+
+    Draws nothing from the global RNG (the val transform's draws are forked off): a run resumed from the
+    checkpoint written before this evaluation continues as the uninterrupted one, at any worker count."""
+    with torch.random.fork_rng(devices=[]):
+        return _evaluate(model, loader, coco_gt, device, args)
+
+
+def _evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
     model.eval()
     results = []
     for batch in loader:
@@ -287,12 +345,19 @@ def get_args(argv=None) -> argparse.Namespace:
     if known.config:
         yaml_defaults(parser, known.config)
     args = parser.parse_args(argv)
+    check_minimums(parser, args, dict(epochs=1, lr_drop=1, num_queries=1, num_classes=1, batch_size=1, test_size=1,
+                                      max_size=1, print_freq=1, num_workers=0, max_iters=0))
+    if args.num_feature_levels < 3:  # stages 2-4 of the backbone, plus strided convolutions for the rest
+        parser.error(f'--num-feature-levels {args.num_feature_levels}: must be at least 3 (the backbone gives 3)')
     if not timm.is_model(args.backbone):
         parser.error(f"--backbone {args.backbone}: unknown model; MPViT variants: "
                      f"{', '.join(timm.list_models('mpvit_*'))}")
     if args.auto_resume and not args.resume and (Path(args.output_dir) / 'checkpoint.pth').is_file():
         args.resume = str(Path(args.output_dir) / 'checkpoint.pth')
     args.resume = model_zoo.resolve(args.resume, known.config or None, 'deformable_detr_' + args.backbone)
+    if args.eval and not args.resume:
+        parser.error('--eval needs --resume (a Deformable DETR checkpoint, or released): without one it would score '
+                     'randomly initialised heads')
     return args
 
 
@@ -310,7 +375,7 @@ def main(argv=None) -> Dict[str, float]:
                             build_transforms(False, args), args.num_classes)
     train_set = None if args.eval else CocoDetection(
         root / args.train_set, root / 'annotations' / f'instances_{args.train_set}.json', build_transforms(True, args),
-        args.num_classes)
+        args.num_classes, train=True)
 
     model = build_deformable_detr(args.backbone, args.num_classes, args.num_queries, args.num_feature_levels,
                                   args.drop_path, sync_bn=args.sync_bn and world > 1 and device.type == 'cuda')
@@ -334,6 +399,9 @@ def main(argv=None) -> Dict[str, float]:
     start_epoch = 0
     if args.resume:
         checkpoint = read_checkpoint(args.resume)
+        if args.eval and not is_original_layout(unwrap_checkpoint(checkpoint)):
+            require_task_weights(unwrap_checkpoint(checkpoint), 'class_embed.', args.resume,
+                                 'Deformable DETR')
         load_detector_weights(model, checkpoint)
         ours = isinstance(checkpoint, dict) and 'model' in checkpoint and not is_original_layout(checkpoint['model'])
         if not args.eval and ours and 'optimizer' in checkpoint:
@@ -365,12 +433,15 @@ def main(argv=None) -> Dict[str, float]:
                               shuffle=train_sampler is None, generator=generator, collate_fn=collate,
                               num_workers=args.num_workers, drop_last=True)
     stats: Dict[str, float] = {}
+    watch = LossWatch()
+    stop_on_non_finite_outputs(model, watch)
     for epoch in range(start_epoch, args.epochs):
         generator.manual_seed(args.seed + epoch)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(ddp_model, train_loader, optimizer, scaler, device, epoch, args)
+        train_stats = train_one_epoch(ddp_model, train_loader, optimizer, scaler, device, epoch, args, watch)
         scheduler.step()
+        watch.check_weights(model.state_dict(), f'the end of epoch {epoch}')  # every process: all stop together
         rngs = gather_rng_states()
         if is_main_process():
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),

@@ -12,6 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -21,7 +22,9 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from mpvit.checkpoint import local_checkpoint
-from mpvit.d2 import MPViTCheckpointer, add_mpvit_config, register_coco_datasets
+from mpvit.d2 import MPViTCheckpointer, add_mpvit_config, merge_user_config, register_coco_datasets
+from mpvit.errors import MissingFileError
+from mpvit.images import is_high_depth, open_rgb, unreadable_error
 from mpvit.training import user_errors_in_one_line
 
 
@@ -40,14 +43,22 @@ class Predictor(DefaultPredictor):
 def setup(args: argparse.Namespace) -> CfgNode:
     cfg = get_cfg()
     add_mpvit_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_user_config(cfg, args.config_file, args.opts)
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = 'cpu'
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.freeze()
     return cfg
+
+
+def load_bgr(path: str) -> np.ndarray:
+    """The image as DefaultPredictor takes it (BGR; it converts to INPUT.FORMAT): Detectron2's reader (EXIF
+    orientation applied), but a 16-bit grey image scaled to 8 bits instead of clipped white."""
+    try:
+        return np.asarray(open_rgb(path))[:, :, ::-1] if is_high_depth(path) else read_image(path, format='BGR')
+    except OSError as e:
+        raise unreadable_error(path, e) from None
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     register_coco_datasets(args.coco_dataset)
     missing = [p for p in args.input if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f'input image(s) not found: {", ".join(missing)}')
+        raise MissingFileError(f'input image(s) not found: {", ".join(missing)}')
     if cfg.MODEL.WEIGHTS:  # found / downloaded and checked (no code in it) before the model is built
         cfg.defrost()
         cfg.MODEL.WEIGHTS = local_checkpoint(cfg.MODEL.WEIGHTS)
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     os.makedirs(args.output, exist_ok=True)
     written = []
     for path in args.input:
-        image = read_image(path, format='BGR')  # DefaultPredictor takes BGR and converts to INPUT.FORMAT
+        image = load_bgr(path)
         instances = predictor(image)['instances'].to('cpu')
         visualizer = Visualizer(image[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
         drawn = visualizer.draw_instance_predictions(instances)

@@ -21,7 +21,12 @@ import weakref
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.layers import deform_conv
@@ -32,14 +37,26 @@ from mpvit.checkpoint import is_url, local_checkpoint
 from mpvit.coco_checks import check_coco_instances
 from mpvit.d2 import (
     MPViTCheckpointer,
+    SkipUnreadable,
     add_mpvit_config,
     build_optimizer,
-    build_train_mapper,
+    build_train_loader,
+    merge_user_config,
     register_coco_datasets,
 )
-from mpvit.training import ensure_writable_dir, user_errors_in_one_line
+from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError, UnknownNameError
+from mpvit.images import check_some_readable
+from mpvit.training import LossWatch, ensure_writable_dir, user_errors_in_one_line
 
 logger = logging.getLogger('detectron2')
+
+
+def _not_divergence(record: logging.LogRecord) -> bool:
+    """Detectron2 logs a traceback for any exception ending training; a divergence is reported in one line."""
+    return not (record.exc_info and isinstance(record.exc_info[1], DivergenceError))
+
+
+logging.getLogger('detectron2.engine.train_loop').addFilter(_not_divergence)
 # The patched PyPI build of Detectron2 has no C++ ops; pycocotools' evaluator is the official one anyway.
 HAS_D2_C_OPS = deform_conv._C is not None
 
@@ -53,12 +70,35 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
+        return build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_detection_test_loader(cfg, dataset_name,
+                                           mapper=SkipUnreadable(DatasetMapper(cfg, is_train=False), is_train=False))
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, 'inference', dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=HAS_D2_C_OPS)
+
+    def run_step(self) -> None:
+        try:
+            super().run_step()
+        except FloatingPointError as e:  # Detectron2 checks the loss before the optimizer step: nothing applied
+            if 'Loss became infinite or NaN' not in str(e):
+                raise
+            raise DivergenceError(self._divergence_message(e)) from None
+
+    def _divergence_message(self, err: FloatingPointError) -> str:
+        watch = LossWatch()
+        try:
+            watch.last_finite, last_iter = self.storage.history('total_loss').values()[-1]
+            watch.last_where = f'iteration {last_iter}'
+        except KeyError:  # no step logged yet
+            pass
+        losses = str(err).partition('loss_dict = ')[2].replace('\n', ' ').strip()
+        return watch.message(f'the loss is not finite ({losses or err})', f'iteration {self.iter}')
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer just before this call; the hooks (periodic
@@ -80,31 +120,39 @@ def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
     train = [] if eval_only else list(cfg.DATASETS.TRAIN)
     for name in train + list(cfg.DATASETS.TEST):
         if name not in DatasetCatalog.list():
-            raise KeyError(f"dataset {name!r} is not registered; use --coco-dataset {name} JSON IMAGE_DIR")
+            raise UnknownNameError(f"dataset {name!r} is not registered; use --coco-dataset {name} JSON IMAGE_DIR")
         meta = MetadataCatalog.get(name)
         json_file, image_root = meta.get('json_file'), meta.get('image_root')
         for path in (json_file, image_root):
             if path and not os.path.exists(path):
                 root = os.getenv('DETECTRON2_DATASETS', 'datasets')
-                raise FileNotFoundError(f'dataset {name!r}: {path} does not exist (builtin datasets are read '
-                                        f'from $DETECTRON2_DATASETS={root}; see OBJECT_DETECTION.md)')
+                raise MissingFileError(f'dataset {name!r}: {path} does not exist (builtin datasets are read '
+                                       f'from $DETECTRON2_DATASETS={root}; see OBJECT_DETECTION.md)')
         if not (json_file and image_root):
             continue
         with open(json_file) as f:
             dataset = json.load(f)
         categories = len(dataset.get('categories', []))
         if categories > num_classes(cfg):
-            raise ValueError(f'{json_file}: {categories} categories, but the model has {num_classes(cfg)} classes '
-                             f'(set MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES)')
+            raise InvalidInputError(f'{json_file}: {categories} categories, but the model has {num_classes(cfg)} '
+                                    'classes (set MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES)')
         masks = cfg.MODEL.MASK_ON and name in train
         check_coco_instances(dataset, json_file, image_root, mask_format=cfg.INPUT.MASK_FORMAT if masks else None)
+        check_some_readable((os.path.join(image_root, im['file_name']) for im in dataset.get('images', [])),
+                            json_file, high_depth=False)  # Detectron2's reader would clip 16-bit grey white
+
+
+def check_launch(args: argparse.Namespace) -> None:
+    """Detectron2 launches one NCCL process per GPU: refuse more GPUs than this machine has, at once."""
+    if args.num_gpus > 1 and args.num_gpus > torch.cuda.device_count():
+        raise InvalidInputError(f'--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} CUDA '
+                                'devices (Detectron2 runs one process per GPU)')
 
 
 def setup(args: argparse.Namespace) -> CfgNode:
     cfg = get_cfg()
     add_mpvit_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_user_config(cfg, args.config_file, args.opts)
     cfg.MODEL.WEIGHTS = model_zoo.resolve(cfg.MODEL.WEIGHTS, args.config_file)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE == 'cuda':
         cfg.MODEL.DEVICE = 'cpu'
@@ -156,6 +204,7 @@ if __name__ == '__main__':
     args = argument_parser().parse_args()
     print('Command Line Args:', args, file=sys.stderr)
     with user_errors_in_one_line():
+        check_launch(args)
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
 

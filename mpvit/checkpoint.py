@@ -34,7 +34,7 @@ from mpvit.weights import fetch, is_url
 __all__ = ['BACKBONE_PREFIXES', 'CheckpointError', 'backbone_prefix', 'check_fit', 'checkpoint_filter_fn',
            'checkpoint_tensors',
            'ensure_checkpoint_file', 'is_url', 'load_backbone_weights', 'local_checkpoint',
-           'read_checkpoint', 'unwrap_checkpoint']
+           'read_checkpoint', 'require_task_weights', 'unwrap_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
@@ -81,6 +81,24 @@ def backbone_prefix(state_dict: Mapping[str, Any]) -> str:
         f'{", ".join(BACKBONE_PREFIXES)} ({len(state_dict)} keys, e.g. {sample})')
 
 
+_KINDS = {'': 'a classification checkpoint', 'backbone.bottom_up.backbone.': 'a Detectron2 checkpoint',
+          'backbone.0.backbone.': 'a Deformable DETR checkpoint', 'backbone.': 'a segmentation or backbone checkpoint',
+          'timm_model.': 'a transformers TimmWrapper checkpoint'}
+
+
+def require_task_weights(state_dict: Mapping[str, Any], head_prefix: str, what: str, task: str) -> None:
+    """Refuse to evaluate ``task`` from a checkpoint without its heads (no key starts with ``head_prefix``):
+    its randomly initialised heads would give a meaningless score instead of an error."""
+    if any(k.startswith(head_prefix) for k in state_dict):
+        return
+    try:
+        kind = _KINDS[backbone_prefix(state_dict)]
+    except CheckpointError:
+        kind = 'a checkpoint without MPViT weights'
+    raise CheckpointError(f'{what} is {kind}, with no {task} weights ({head_prefix}*): evaluating it would score '
+                          f'randomly initialised heads; give a {task} checkpoint (use backbone weights to train one)')
+
+
 def _listing(keys: List[str]) -> str:
     more = f', ... (+{len(keys) - _SHOW} more)' if len(keys) > _SHOW else ''
     return ', '.join(keys[:_SHOW]) + more
@@ -114,9 +132,15 @@ def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: st
                               + '. Is it a checkpoint of another variant?')
 
 
-def _classes(head: Mapping[str, torch.Tensor]) -> str:
-    weight = head.get('cls_head.cls.weight')
-    return f'{weight.shape[0]} classes' if weight is not None else 'no classifier'
+def _classes(head: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> str:
+    """A classifier's class count, and its input width where the other one's class count is the same (a
+    checkpoint of another variant: same classes, other width)."""
+    weight, theirs = head.get('cls_head.cls.weight'), other.get('cls_head.cls.weight')
+    if weight is None:
+        return 'no classifier'
+    if theirs is not None and weight.shape[0] == theirs.shape[0] and weight.shape[1:] != theirs.shape[1:]:
+        return f'{weight.shape[0]} classes from {weight.shape[1]} features'
+    return f'{weight.shape[0]} classes'
 
 
 def checkpoint_filter_fn(
@@ -146,8 +170,9 @@ def checkpoint_filter_fn(
     ckpt_head = {k: weights.pop(k) for k in [k for k in weights if k.startswith('cls_head.')]}
     head_fits = set(own_head) == set(ckpt_head) and all(v.shape == own_head[k].shape for k, v in ckpt_head.items())
     if own_head and not head_fits:
-        message = (f'the checkpoint\'s classifier ({", ".join(ckpt_head) or "cls_head.cls.*"}: {_classes(ckpt_head)}) '
-                   f'does not fit the model\'s ({_classes(own_head)})')
+        names = ", ".join(ckpt_head) or "cls_head.cls.*"
+        message = (f'the checkpoint\'s classifier ({names}: {_classes(ckpt_head, own_head)}) '
+                   f'does not fit the model\'s ({_classes(own_head, ckpt_head)})')
         if head == 'require':
             raise CheckpointError(message + '; evaluating or resuming needs the classifier it was trained with '
                                   '(fine-tune with --pretrained instead)')

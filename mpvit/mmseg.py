@@ -26,18 +26,22 @@ import mmengine.runner.checkpoint as mmengine_checkpoint
 import torch
 from mmcv.cnn import build_norm_layer
 from mmengine.config import Config
+from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.utils import apply_to
-from mmseg.registry import MODELS
+from mmseg.registry import HOOKS, MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import mpvit.mmseg_transforms  # noqa: F401  (registers CheckSegMap)
+import mpvit.mmseg_transforms  # noqa: F401  (registers CheckedLoadImage, CheckSegMap)
 from mpvit.checkpoint import load_backbone_weights, read_checkpoint
+from mpvit.errors import InvalidInputError, MissingFileError
+from mpvit.images import check_some_readable
 from mpvit.models.mpvit import MPViT as _MPViT
 from mpvit.models.mpvit import mpvit_arch
 from mpvit.serialization import safe_load_stream
+from mpvit.training import LossWatch
 
 
 def _on_device(checkpoint: Any, map_location: Any) -> Any:
@@ -82,6 +86,40 @@ def _make_mmengine_safe() -> None:
 _make_mmengine_safe()
 
 
+@HOOKS.register_module()
+class StopOnNonFiniteLoss(Hook):
+    """The drivers' divergence rule (:class:`mpvit.training.LossWatch`) for mmengine: stop at the first
+    non-finite loss (all processes together), in one line naming the iteration and the last finite loss,
+    before any checkpoint of the diverged weights is written (runs ahead of ``CheckpointHook``, and checks
+    the weights of every checkpoint). The configs' ``custom_hooks``."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self) -> None:
+        self.watch = LossWatch()
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        loss = (outputs or {}).get('loss')
+        if loss is not None:
+            self.watch.check(loss, f'iteration {runner.iter + 1}')
+
+    def before_save_checkpoint(self, runner, checkpoint: Dict) -> None:
+        # A finite loss may still have been followed by a step that made the weights non-finite.
+        where = f"iteration {checkpoint.get('meta', {}).get('iter', runner.iter)}"
+        self.watch.check_weights(checkpoint.get('state_dict', {}), where)
+
+
+@HOOKS.register_module()
+class CheckTrainingImages(Hook):
+    """Before training: refuse a training set of which no image can be read (mmengine would otherwise leave
+    out image after image, then fail without naming one). Reads one image of a usable set."""
+
+    def before_train(self, runner) -> None:
+        dataset = runner.train_dataloader.dataset
+        paths = (dataset.get_data_info(i)['img_path'] for i in range(len(dataset)))
+        check_some_readable(paths, f"training set {dataset.data_prefix.get('img_path', dataset.data_root)}")
+
+
 @MODELS.register_module(name='MPViT')
 class MMSegMPViT(_MPViT, BaseModule):
     """MPViT backbone returning the stage maps at ``out_indices`` (strides 4, 8, 16, 32).
@@ -122,7 +160,7 @@ class MMSegMPViT(_MPViT, BaseModule):
         self._is_init = False
         num_stages = len(self.mhca_stages)
         if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
-            raise ValueError(f'out_indices {tuple(out_indices)} must be stage indices in 0..{num_stages - 1}')
+            raise InvalidInputError(f'out_indices {tuple(out_indices)} must be stage indices in 0..{num_stages - 1}')
         self.out_indices = tuple(out_indices)
         self.norm_eval = norm_eval
 
@@ -155,9 +193,19 @@ def load_run_config(config: str, launcher: str = 'none', cfg_options: Optional[D
                     work_dir: Optional[str] = None) -> Config:
     """A config as mmseg's train / test tools read it: ``--cfg-options`` merged, the launcher set, and the
     work dir from ``--work-dir``, the config, or ``work_dirs/<config name>`` (in that order)."""
-    cfg = Config.fromfile(config)
+    if not osp.isfile(config):
+        raise MissingFileError(f'config file not found: {config}')
+    try:
+        cfg = Config.fromfile(config)
+    except SyntaxError as e:  # raised by mmengine for the config or a _base_ file, which it does not name
+        where = f' (line {e.lineno})' if e.lineno else ''
+        raise InvalidInputError(f'{config} (or a file it inherits) is not valid Python{where}: {e.msg or e}') from None
     cfg.launcher = launcher
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('backend')
+    if launcher != 'none' and backend == 'nccl' and not torch.cuda.is_available():
+        raise InvalidInputError(f'--launcher {launcher}: env_cfg.dist_cfg.backend is nccl, which needs CUDA GPUs, and '
+                                'this machine has none (--cfg-options env_cfg.dist_cfg.backend=gloo runs on CPU)')
     cfg.work_dir = work_dir or cfg.get('work_dir') or osp.join('work_dirs', osp.splitext(osp.basename(config))[0])
     return cfg

@@ -1,18 +1,51 @@
-"""A label-map check for mmsegmentation pipelines (``type='CheckSegMap'``), registered on import.
+"""Checked loading for mmsegmentation pipelines, registered on import.
 
-Put it right after ``LoadAnnotations``. Without it a bad label PNG fails much
-later with a message that names no file (a shape mismatch inside the loss,
-"Target 199 is out of bounds") or, in validation, silently gives a wrong mIoU.
+``CheckedLoadImage`` reads images with the drivers' one rule for unreadable files (training leaves
+one out, named in a warning; evaluation refuses it in one line) instead of an ``AssertionError``.
+``CheckSegMap`` goes right after ``LoadAnnotations``: without it a bad label PNG fails much later
+with a message that names no file (a shape mismatch inside the loss, "Target 199 is out of bounds")
+or, in validation, silently gives a wrong mIoU.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
-from mmcv.transforms import BaseTransform
+from mmcv.transforms import BaseTransform, LoadImageFromFile
 from mmseg.registry import TRANSFORMS
 
+from mpvit.errors import InvalidInputError
+from mpvit.images import decode_error, unreadable_error, warn_unreadable
+
 _SHOW = 8
+
+
+@TRANSFORMS.register_module()
+class CheckedLoadImage(LoadImageFromFile):
+    """``LoadImageFromFile`` for a file that cannot be decoded (missing, truncated, not an image):
+    ``unreadable='leave_out'`` (training) returns ``None``, on which mmengine's dataset takes another
+    image, with a warning naming the file; ``'refuse'`` (evaluation) raises one line naming it."""
+
+    def __init__(self, unreadable: str = 'refuse', **kwargs):
+        if unreadable not in ('leave_out', 'refuse'):
+            raise InvalidInputError(f"CheckedLoadImage: unreadable={unreadable!r}, expected 'leave_out' or 'refuse'")
+        super().__init__(**kwargs)
+        self.leave_out, self.left_out = unreadable == 'leave_out', 0
+
+    def transform(self, results: Dict) -> Optional[Dict]:
+        path = results['img_path']
+        try:
+            return super().transform(results)
+        except (AssertionError, OSError) as e:  # mmcv asserts on an image cv2 cannot decode
+            # Only a file that cannot be decoded is handled; anything else keeps its traceback.
+            error = decode_error(path) or (e if isinstance(e, AssertionError) and str(path) in str(e) else None)
+            if error is None:
+                raise
+        if not self.leave_out:
+            raise unreadable_error(path, error) from None
+        self.left_out += 1
+        warn_unreadable(path, error, self.left_out)
+        return None
 
 
 @TRANSFORMS.register_module()
@@ -34,12 +67,12 @@ class CheckSegMap(BaseTransform):
             return results
         label, path = results['gt_seg_map'], results.get('seg_map_path')
         if label.ndim != 2:
-            raise ValueError(f'label {path} has {label.shape[2]} channels: label maps are single-channel PNGs of '
-                             f'class indices (mode L or P), not colour images')
+            raise InvalidInputError(f'label {path} has {label.shape[2]} channels: label maps are single-channel '
+                                    'PNGs of class indices (mode L or P), not colour images')
         image_hw, label_hw = tuple(results['ori_shape'][:2]), tuple(label.shape)
         if image_hw != label_hw:
-            raise ValueError(f"label {path} is {label_hw[1]}x{label_hw[0]} but image {results.get('img_path')} is "
-                             f'{image_hw[1]}x{image_hw[0]} (width x height)')
+            raise InvalidInputError(f"label {path} is {label_hw[1]}x{label_hw[0]} but image "
+                                    f"{results.get('img_path')} is {image_hw[1]}x{image_hw[0]} (width x height)")
         values = np.unique(label)
         bad = values[(values >= self.num_classes) & (values != self.ignore_index)]
         if bad.size:
@@ -47,6 +80,6 @@ class CheckSegMap(BaseTransform):
             listing = ', '.join(str(v) for v in stored[:_SHOW]) + (', ...' if bad.size > _SHOW else '')
             valid = f'1..{self.num_classes}, 0 = ignored' if results.get('reduce_zero_label') else \
                 f'0..{self.num_classes - 1}, {self.ignore_index} = ignored'
-            raise ValueError(f'label {path} holds values {listing} outside the {self.num_classes} classes '
-                             f'(valid: {valid})')
+            raise InvalidInputError(f'label {path} holds values {listing} outside the {self.num_classes} classes '
+                                    f'(valid: {valid})')
         return results

@@ -19,6 +19,8 @@ from functools import cache
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from mpvit.errors import InvalidInputError, UnknownNameError
+
 RELEASED = 'released'
 TASKS = ('classification', 'detectron2', 'mmseg', 'deformable_detr')
 CITATION = """@inproceedings{lee2022mpvit,
@@ -124,7 +126,7 @@ def get(name: str) -> ZooEntry:
     for entry in entries():
         if entry.name == name:
             return entry
-    raise KeyError(f'{name!r} is not a released checkpoint; known: {", ".join(e.name for e in entries())}')
+    raise UnknownNameError(f'{name!r} is not a released checkpoint; known: {", ".join(e.name for e in entries())}')
 
 
 def for_config(config: str | os.PathLike) -> ZooEntry:
@@ -132,8 +134,8 @@ def for_config(config: str | os.PathLike) -> ZooEntry:
     for entry in entries():
         if _same_config(entry.config, config):
             return entry
-    raise ValueError(f'{config}: the authors released no checkpoint for this config (mpvit/model_zoo.json lists '
-                     f'the {len(entries())} that have one); pass a file or URL instead of {RELEASED!r}')
+    raise InvalidInputError(f'{config}: the authors released no checkpoint for this config (mpvit/model_zoo.json lists '
+                            f'the {len(entries())} that have one); pass a file or URL instead of {RELEASED!r}')
 
 
 def resolve(weights: str, config: str | os.PathLike | None = None, model: str | None = None) -> str:
@@ -144,7 +146,7 @@ def resolve(weights: str, config: str | os.PathLike | None = None, model: str | 
         return for_config(config).url
     if model:
         return get(model).url
-    raise ValueError(f'weights {RELEASED!r} need a config file (or model name) to look the checkpoint up')
+    raise InvalidInputError(f'weights {RELEASED!r} need a config file (or model name) to look the checkpoint up')
 
 
 def _d2_bases(config: Path):
@@ -187,9 +189,11 @@ def write_eval_metrics(path: str | os.PathLike, task: str, metrics: Dict, config
     """Write an evaluation's metrics with what ``tools/paper_tables.py --results`` needs to place them."""
     record = dict(metrics, task=task, paper_row=paper_row(task, config, model),
                   config=str(config) if config else None, model=model)
+    from mpvit.serialization import atomic_file
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + '.tmp')
     # Frameworks report numpy / torch scalars (mmseg: numpy.float32); .item() makes them plain numbers.
-    tmp.write_text(json.dumps(record, indent=2, default=lambda v: v.item() if hasattr(v, 'item') else str(v)))
-    os.replace(tmp, path)
+    text = json.dumps(record, indent=2, default=lambda v: v.item() if hasattr(v, 'item') else str(v))
+    with atomic_file(path) as f:
+        f.write(text.encode())
     return record

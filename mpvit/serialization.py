@@ -26,15 +26,18 @@ import pickle
 import re
 import tempfile
 import zipfile
-from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Tuple, Union
 
 import torch
 
-__all__ = ['CheckpointError', 'check_container', 'ensure_checkpoint_file', 'load_trusted', 'safe_load',
+from mpvit.errors import MissingFileError, UserError
+
+__all__ = ['CheckpointError', 'atomic_file', 'check_container', 'ensure_checkpoint_file', 'load_trusted', 'safe_load',
            'safe_load_stream', 'safe_globals', 'save_safetensors', 'tensors_for_safetensors', 'verify_zip']
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read, may not be read, or whose tensors do not fit the model."""
 
 
@@ -145,7 +148,7 @@ def check_container(path: str, name: str | None = None) -> str:
     if os.path.isdir(path):
         raise CheckpointError(f'{path} is a directory, not a checkpoint file')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
+        raise MissingFileError(f'checkpoint file not found: {path}')
     safetensors = _is_safetensors(path)
     if name.endswith('.safetensors'):
         if not safetensors:
@@ -335,22 +338,31 @@ def tensors_for_safetensors(state_dict: Mapping[str, Any]) -> Dict[str, torch.Te
     return out
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Write ``path`` through a new temporary file in its folder, renamed over it once complete: readers never
+    see a partial file, a failure leaves the previous one as it was and removes the temporary one. The
+    temporary file is created exclusively under a random name (never through a link planted there)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f'.{os.path.basename(path)}.',
+                               suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared copy from its readers
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``state_dict`` as a safetensors file, atomically (a temporary name, then rename)."""
+    """Write ``state_dict`` as a safetensors file, atomically (:func:`atomic_file`)."""
     from safetensors.torch import save
 
     data = save(tensors_for_safetensors(state_dict), metadata=dict(metadata or {}))
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared copy from its readers
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+    with atomic_file(path) as f:
+        f.write(data)

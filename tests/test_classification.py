@@ -16,6 +16,7 @@ from helpers import REPO, assert_scores, free_port, load_script
 
 from mpvit import CheckpointError
 from mpvit.demo_data import write_shapes_imagefolder
+from mpvit.errors import DivergenceError
 
 MAIN = REPO / 'classification' / 'main.py'
 cls_main = load_script('classification/main.py')
@@ -61,7 +62,9 @@ def test_interrupted_run_resumes_to_the_same_model(two_class, tmp_path, workers)
     interrupted = tmp_path / 'b'
     run(two_class, interrupted, *common, '--run-epochs', '1')
     assert torch.load(interrupted / 'checkpoint.pth', weights_only=False)['epoch'] == 0
+    (interrupted / 'log.csv').unlink()  # killed between the checkpoint and its log row: the row comes back
     run(two_class, interrupted, *common, '--auto-resume')
+    assert (interrupted / 'log.csv').read_text() == (uninterrupted / 'log.csv').read_text()
 
     a = torch.load(uninterrupted / 'checkpoint.pth', weights_only=False)
     b = torch.load(interrupted / 'checkpoint.pth', weights_only=False)
@@ -100,6 +103,21 @@ def test_it_learns_coloured_shapes(tmp_path):
     assert result['acc1'] >= 90.0, result
 
 
+def test_log_rows_of_a_checkpoint_without_them_are_kept(tmp_path):
+    """Checkpoints written before they carried their log rows: the rows already in log.csv are kept."""
+    cls_main.write_log_csv(tmp_path / 'log.csv', [dict(epoch=e, train_loss=1.0 / (e + 1)) for e in range(3)])
+    rows = cls_main.read_log_csv(tmp_path / 'log.csv', up_to_epoch=1)
+    assert [row['epoch'] for row in rows] == ['0', '1']
+    assert cls_main.read_log_csv(tmp_path / 'absent.csv', up_to_epoch=1) == []
+
+
+def test_divergence_stops_before_anything_is_saved(two_class, tmp_path):
+    with pytest.raises(DivergenceError, match=r'loss is (nan|inf) at epoch 0 step [2-4]/4 \(last finite loss '
+                                              r'\S+ at epoch 0 step [1-3]/4\)'):
+        run(two_class, tmp_path, '--epochs', '1', '--max-steps', '4', '--warmup-epochs', '0', '--lr', '1e30')
+    assert not (tmp_path / 'checkpoint.pth').exists()
+
+
 def test_missing_and_empty_data_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / 'nowhere' / 'val')):
         run(tmp_path / 'nowhere', tmp_path / 'out', '--epochs', '1')
@@ -125,6 +143,23 @@ def test_unreadable_val_images_are_left_out_and_counted(tmp_path, capsys):
         assert written['images'] == 6 and written['unreadable_images'] == 2
 
 
+def test_unreadable_training_set_is_refused_and_16_bit_images_are_scaled(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mpvit.errors import InvalidInputError
+
+    data = write_shapes_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=2, val_per_class=1, size=32)
+    grey = data / 'val' / 'disc' / 'grey16.png'
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(grey)
+    folder = cls_main.CheckedImageFolder(str(data / 'val'))
+    assert folder[folder.samples.index((str(grey), 0))][0].getpixel((0, 0)) == (128, 128, 128)  # not clipped white
+    for path in (data / 'train').rglob('*.*'):
+        path.write_bytes(b'')
+    with pytest.raises(InvalidInputError, match=r'data/train: none of its 4 images can be read'):
+        run(data, tmp_path / 'out', '--epochs', '1')
+
+
 def test_head_that_does_not_fit_is_refused_for_eval_and_resume(two_class, tmp_path, caplog):
     four = timm.create_model('mpvit_tiny', num_classes=4)
     torch.save({'model': four.state_dict()}, tmp_path / 'four.pth')
@@ -146,11 +181,16 @@ def test_head_that_does_not_fit_is_refused_for_eval_and_resume(two_class, tmp_pa
 def test_bad_arguments_fail_before_any_work(two_class, tmp_path, capsys):
     for extra, message in (
             (['--accum-steps', '0'], '--accum-steps 0: must be at least 1'),
+            (['--epochs', '-1'], '--epochs -1: must be at least 1'),
             (['--model', 'mpvit_huge'], '--model mpvit_huge: unknown model'),
     ):
         with pytest.raises(SystemExit) as exit_info:
             run(two_class, tmp_path / 'out', '--epochs', '1', *extra)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / 'bad.yaml').write_text('epochs: [1\n')
+    with pytest.raises(SystemExit):
+        run(two_class, tmp_path / 'out', '-c', str(tmp_path / 'bad.yaml'))
+    assert re.search(r'--config .*bad.yaml: not valid YAML \(line 2, column 1\)', capsys.readouterr().err)
     (tmp_path / 'a_file').write_text('')
     with pytest.raises(ValueError, match=f'output directory {tmp_path / "a_file" / "out"} cannot be created'):
         run(two_class, tmp_path / 'a_file' / 'out', '--epochs', '1')

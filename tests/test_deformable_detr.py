@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -235,9 +236,11 @@ def test_torchrun_ddp_two_processes(coco, tmp_path):
 
 
 @pytest.mark.slow
-def test_auto_resume_equals_an_uninterrupted_run(coco, tmp_path):
-    """Dropout, augmentation (2 worker processes) and shuffling: all continue as if never interrupted."""
-    common = ('--num-workers', '2', '--lr-drop', '1')
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_auto_resume_equals_an_uninterrupted_run(coco, tmp_path, workers):
+    """Dropout, augmentation (in this process or in workers) and shuffling: all continue as if never
+    interrupted (with 0 workers, the val transform ran in this process after the RNG state was saved)."""
+    common = ('--num-workers', workers, '--lr-drop', '1')
     _main(coco, tmp_path / 'a', '--epochs', '2', *common)
     _main(coco, tmp_path / 'b', '--epochs', '1', *common)
     log = _main(coco, tmp_path / 'b', '--epochs', '2', '--auto-resume', *common)
@@ -273,9 +276,80 @@ def test_bad_input_stops_before_the_model_is_built(coco, tmp_path, monkeypatch, 
     shutil.copytree(coco, partial)
     (partial / 'val' / '000002.jpg').unlink()
     with pytest.raises(ValueError, match=r'instances_val.json: 1 of 3 listed images are not in .*val: 000002.jpg'):
-        main.main(_args(partial, tmp_path / 'out', '--eval'))
+        main.main(_args(partial, tmp_path / 'out'))
+    annotations = json.loads((coco / 'annotations' / 'instances_val.json').read_text())
+    for edit, message in ((lambda d: d['images'][2].update(id=d['images'][0]['id']), 'ids are used more than once'),
+                          (lambda d: d['annotations'][0].update(image_id=77), 'point to 1 image ids that are not')):
+        edited = json.loads(json.dumps(annotations))
+        edit(edited)
+        (partial / 'annotations' / 'instances_val.json').write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=f'instances_val.json: .*{message}'):
+            main.main(_args(partial, tmp_path / 'out'))
+    for flag, value in (('--lr-drop', '0'), ('--epochs', '-1'), ('--num-queries', '0'), ('--num-feature-levels', '2')):
+        with pytest.raises(SystemExit):
+            main.main(_args(coco, tmp_path / 'out', flag, value))
+        assert f'{flag} {value}: must be at least' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # evaluating without detector weights would score random heads
+        main.main(_args(coco, tmp_path / 'out', '--eval'))
+    assert '--eval needs --resume' in capsys.readouterr().err
 
 
 def test_missing_resume_file_is_one_line(coco, tmp_path):
     log = _main(coco, tmp_path / 'out', '--resume', str(tmp_path / 'nothing.pth'), expect_ok=False)
     assert log.strip().splitlines() == [f'error: checkpoint file not found: {tmp_path / "nothing.pth"}']
+
+
+def test_divergence_stops_in_one_line_before_saving(coco, tmp_path):
+    """A loss that turns non-finite used to surface as transformers' error about box format."""
+    log = _main(coco, tmp_path / 'out', '--epochs', '1', '--lr', '1e30', '--lr-backbone', '1e30', expect_ok=False)
+    assert re.fullmatch(r'error: training diverged: (loss is (nan|inf)|the decoder outputs are not finite) at epoch 0 '
+                        r'step 2/2 \(last finite loss \S+ at epoch 0 step 1/2\); stopped before saving it.*',
+                        log.strip().splitlines()[-1]), log[-3000:]
+    assert 'Traceback' not in log and not (tmp_path / 'out' / 'checkpoint.pth').exists()
+
+
+def test_evaluating_a_backbone_only_checkpoint_is_refused(coco, tmp_path):
+    """Evaluating random heads used to print box AP 0.00 and exit 0."""
+    torch.save({'model': timm.create_model('mpvit_tiny').state_dict()}, tmp_path / 'classifier.pth')
+    log = _main(coco, tmp_path / 'out', '--eval', '--resume', str(tmp_path / 'classifier.pth'), expect_ok=False)
+    assert log.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'classifier.pth'} is a classification checkpoint, with no Deformable DETR weights "
+        "(class_embed.*): evaluating it would score randomly initialised heads; give a Deformable DETR checkpoint "
+        "(use backbone weights to train one)")
+    assert not (tmp_path / 'out' / 'eval_metrics.json').exists()
+
+
+def test_unreadable_and_16_bit_images(tmp_path, caplog):
+    """Training leaves an unreadable image out, named; evaluation refuses it; a set of which nothing reads is
+    refused at once; a 16-bit grey PNG is scaled to 8 bits (it used to be read all white)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from mpvit.errors import InvalidInputError
+
+    driver = load_script('deformable_detr/main.py')
+    root = write_shapes_coco(tmp_path / 'coco', train_images=3, val_images=1, size=(64, 48))
+    annotations = root / 'annotations' / 'instances_train.json'
+    coco = json.loads(annotations.read_text())
+    truncated = root / 'train' / coco['images'][1]['file_name']
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    Image.fromarray(np.full((48, 64), 32768, np.uint16)).save(root / 'train' / 'grey16.png')
+    coco['images'][2]['file_name'] = 'grey16.png'
+    annotations.write_text(json.dumps(coco))
+    to_tensor = v2.ToDtype(torch.float32, scale=True)
+
+    def dataset(train):
+        return driver.CocoDetection(root / 'train', annotations, to_tensor, 5, train=train)
+
+    with caplog.at_level('WARNING', logger='mpvit.data'):
+        samples = [dataset(True)[i] for i in range(3)]
+    assert f'leaving out unreadable image {truncated}' in caplog.text
+    assert [t['image_id'] for _, t in samples] == [coco['images'][i]['id'] for i in (0, 2, 2)]
+    assert samples[1][0].shape == (3, 48, 64) and torch.allclose(samples[1][0], torch.tensor(128 / 255))
+    with pytest.raises(InvalidInputError, match=f'unreadable image {truncated} .*evaluation needs every image'):
+        dataset(False)[1]
+    for image in coco['images']:
+        (root / 'train' / image['file_name']).write_bytes(b'')
+    with pytest.raises(InvalidInputError, match=r'instances_train.json: none of its 3 images can be read'):
+        dataset(True)

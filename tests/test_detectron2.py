@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -383,6 +385,67 @@ def test_mask_rcnn_detr_augmentation_train_eval(coco, tmp_path):
     assert Image.open(demo_out / '000001.png').size == (128, 96)
 
 
+def test_divergence_stops_in_one_line(coco, tmp_path):
+    log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', tmp_path / 'out', 'SOLVER.MAX_ITER', '4',
+                     'SOLVER.BASE_LR', '1e30', 'SOLVER.CHECKPOINT_PERIOD', '1', expect_ok=False)
+    assert re.fullmatch(r'error: training diverged: the loss is not finite \(\{.*\}\) at iteration [1-3] '
+                        r'\(last finite loss \S+ at iteration \d\); stopped before saving it.*',
+                        log.strip().splitlines()[-1]), log[-3000:]
+    assert 'Traceback' not in log
+    saved = sorted(p.name for p in (tmp_path / 'out').glob('model_*.pth'))
+    for name in saved:  # the steps before the divergence: finite weights
+        weights = torch.load(tmp_path / 'out' / name, weights_only=True)['model']
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), name
+
+
+def test_bad_config_options_and_gpus_are_named(tmp_path, train_net):
+    """Each used to end in a traceback (or, for --num-gpus, in a minute of spawning first)."""
+    from detectron2.engine import default_argument_parser
+
+    from mpvit.errors import InvalidInputError
+
+    broken = tmp_path / 'broken.yaml'
+    broken.write_text('_BASE_: "Base-RetinaNet-MPViT.yaml"\nSOLVER: [1\n')
+    config = str(CONFIGS / 'retinanet_mpvit_tiny_1x.yaml')
+    cases = [
+        ([config, 'OUTPUT_DIR', str(tmp_path), 'SOLVER.NO_SUCH_KEY', '1'],
+         r'command-line config options: Non-existent key: SOLVER.NO_SUCH_KEY'),
+        ([config, 'SOLVER.MAX_ITER'], r'command-line config options: Override list has odd length'),
+        ([config, 'SOLVER.MAX_ITER', 'many'], r'command-line config options: .*SOLVER.MAX_ITER'),
+        ([str(broken)], rf'--config-file {re.escape(str(broken))}: .*line 2'),
+    ]
+    for argv, message in cases:
+        args = default_argument_parser().parse_args(['--config-file', *argv[:1], *argv[1:]])
+        with pytest.raises(InvalidInputError, match=message):
+            train_net.setup(args)
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(InvalidInputError, match=r'--num-gpus 64: this machine has \d+ CUDA devices'):
+            train_net.check_launch(default_argument_parser().parse_args(['--num-gpus', '64']))
+
+
+def test_checkpoints_are_written_atomically_and_never_non_finite(tmp_path):
+    from mpvit.errors import DivergenceError
+    from mpvit.training import OutputError
+
+    model = build_model(_cfg('retinanet_mpvit_tiny_1x.yaml'))
+    checkpointer = MPViTCheckpointer(model, str(tmp_path))
+    checkpointer.save('model_0000009', iteration=9)
+    assert (tmp_path / 'last_checkpoint').read_text() == 'model_0000009.pth'
+    assert torch.load(tmp_path / 'model_0000009.pth', weights_only=True)['iteration'] == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last_checkpoint', 'model_0000009.pth']
+    with torch.no_grad():
+        next(model.parameters()).fill_(float('nan'))
+    with pytest.raises(DivergenceError, match=r'the weights are not finite \(backbone\.\S+\) at iteration 19'):
+        checkpointer.save('model_0000019', iteration=19)
+    assert not (tmp_path / 'model_0000019.pth').exists()
+    (tmp_path / 'model_0000029.pth').mkdir()  # the rename cannot replace a directory: one line, nothing left over
+    with torch.no_grad():
+        next(model.parameters()).fill_(0.0)
+    with pytest.raises(OutputError, match='cannot write .*model_0000029.pth'):
+        checkpointer.save('model_0000029', iteration=29)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last_checkpoint', 'model_0000009.pth', 'model_0000029.pth']
+
+
 def test_bad_dataset_path_is_named(coco, tmp_path):
     log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', tmp_path / 'x', expect_ok=False,
                      flags=['--coco-dataset', 'broken', str(tmp_path / 'nope.json'), str(coco / 'train')])
@@ -461,6 +524,12 @@ def _first_annotation(key, value):
      '5 categories, but the model has 4 classes'),
     ('unknown category id', _first_annotation('category_id', 7), (),
      r'annotation id 1 \(image id 1\) has category_id 7, which is not among'),
+    ('duplicate image id', lambda d: d['images'][1].update(id=d['images'][0]['id']), (),
+     r'1 image ids are used more than once: 1$'),
+    ('duplicate annotation id', lambda d: d['annotations'][1].update(id=1), (),
+     r'1 annotation ids are used more than once: 1$'),
+    ('dangling image id', _first_annotation('image_id', 99), (),
+     r'annotations point to 1 image ids that are not among its images: 99$'),
 ])
 def test_unusable_annotations_are_named_before_training(coco, tmp_path, train_net, case, edit, opts, message):
     name, path = _edited_coco(coco, tmp_path, edit)
@@ -468,6 +537,69 @@ def test_unusable_annotations_are_named_before_training(coco, tmp_path, train_ne
                'MODEL.ROI_HEADS.NUM_CLASSES', 4, *opts)
     with pytest.raises(ValueError, match=f'{path}: .*{message}'):
         train_net.check_datasets(cfg)
+
+
+def test_empty_boxes_are_counted_and_named(coco, tmp_path, train_net, caplog):
+    def edit(dataset):
+        dataset['annotations'][0]['bbox'][2] = 0
+        dataset['annotations'][2]['bbox'][3] = -1.5
+    name, path = _edited_coco(coco, tmp_path, edit)
+    with caplog.at_level(logging.WARNING, logger='mpvit.data'):
+        train_net.check_datasets(_cfg('retinanet_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', (name,),
+                                      'DATASETS.TEST', ('shapes_val',), 'MODEL.RETINANET.NUM_CLASSES', 4))
+    assert re.search(rf'{re.escape(str(path))}: 2 of \d+ annotations have no box of positive width and height.*'
+                     r'ids 1, 3$', caplog.text, re.M), caplog.text
+
+
+def test_unreadable_and_16_bit_images(coco, tmp_path, train_net, caplog):
+    """Training leaves an unreadable or 16-bit image out, named (a truncated JPEG used to crash without the file's
+    name; a 16-bit PNG was read all white); evaluation refuses it; a set of which nothing reads is refused."""
+    from detectron2.data import DatasetMapper
+    from PIL import Image
+
+    from mpvit.d2 import SkipUnreadable, build_train_mapper, register_coco_datasets
+    from mpvit.errors import InvalidInputError
+
+    images = tmp_path / 'images'
+    shutil.copytree(coco / 'train', images)
+    truncated = sorted(images.glob('*.jpg'))[0]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    Image.fromarray(np.full((96, 128), 40000, np.uint16)).save(images / 'grey16.png')
+    cfg = _cfg('retinanet_mpvit_tiny_1x.yaml', 'INPUT.MIN_SIZE_TRAIN', (64,), 'INPUT.MAX_SIZE_TRAIN', 96)
+    train_mapper, test_mapper = build_train_mapper(cfg), SkipUnreadable(DatasetMapper(cfg, is_train=False), False)
+    for path in (truncated, images / 'grey16.png'):
+        record = dict(file_name=str(path), height=96, width=128, image_id=1, annotations=[])
+        with caplog.at_level(logging.WARNING, logger='mpvit.data'):
+            assert train_mapper(dict(record)) is None
+        assert f'leaving out unreadable image {path}' in caplog.text
+        with pytest.raises(InvalidInputError, match=f'unreadable image {path} '):
+            test_mapper(dict(record))
+    demo = load_script('detectron2/demo.py')  # the picture tool reads 16-bit grey as it looks
+    assert (demo.load_bgr(str(images / 'grey16.png')) == 40000 >> 8).all()
+    with pytest.raises(InvalidInputError, match=f'unreadable image {truncated}'):
+        demo.load_bgr(str(truncated))
+    good = sorted(images.glob('*.jpg'))[1]
+    mapped = train_mapper(dict(file_name=str(good), height=96, width=128, image_id=2, annotations=[]))
+    assert mapped['image'].shape[0] == 3
+
+    # Detectron2's training loader, real records: the unreadable and 16-bit images are left out, every batch full.
+    dataset = json.loads((coco / 'annotations' / 'instances_train.json').read_text())
+    dataset['images'][1]['file_name'] = 'grey16.png'
+    (tmp_path / 'some_broken.json').write_text(json.dumps(dataset))
+    register_coco_datasets([['some_broken', str(tmp_path / 'some_broken.json'), str(images)]])
+    loader = train_net.Trainer.build_train_loader(_cfg(
+        'retinanet_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', ('some_broken',), 'DATALOADER.NUM_WORKERS', 0,
+        'SOLVER.IMS_PER_BATCH', 2, 'INPUT.MIN_SIZE_TRAIN', (64,), 'INPUT.MAX_SIZE_TRAIN', 96))
+    seen = [record['file_name'] for _, batch in zip(range(6), loader) for record in batch]
+    assert len(seen) == 12 and not {str(truncated), str(images / 'grey16.png')} & set(seen)
+    for image in dataset['images']:
+        image['file_name'] = truncated.name
+    path = tmp_path / 'all_broken.json'
+    path.write_text(json.dumps(dataset))
+    register_coco_datasets([['all_broken', str(path), str(images)]])
+    with pytest.raises(InvalidInputError, match=f'{path}: none of its 6 images can be read'):
+        train_net.check_datasets(_cfg('retinanet_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', ('all_broken',),
+                                      'DATASETS.TEST', ('shapes_val',), 'MODEL.RETINANET.NUM_CLASSES', 4))
 
 
 def test_rle_with_bitmask_format_and_boxes_only_models_pass(coco, tmp_path, train_net):

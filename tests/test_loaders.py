@@ -6,10 +6,11 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
-from helpers import REPO
+from helpers import REPO, load_script
 from PIL import Image
 
 from mpvit import CheckpointError, load_backbone_weights, read_checkpoint
@@ -134,6 +135,14 @@ def test_predict_prints_named_top5(tmp_path):
     best = int(logits.argmax())
     assert lines[1].endswith(f'{timm.data.ImageNetInfo().index_to_description(best)} '
                              f'({timm.data.ImageNetInfo().index_to_label_name(best)}, {best})')
+    # A 16-bit grey PNG is the mid-grey it shows, not clipped to white.
+    Image.fromarray(np.full((260, 300), 32768, np.uint16)).save(tmp_path / 'grey16.png')
+    predict = load_script('tools/predict.py')
+    grey = predict.predict(predict.parse_args([str(tmp_path / 'grey16.png'), '--model', 'mpvit_tiny', '--weights',
+                                               str(tmp_path / 'imagenet.pth'), '--top', '1']))[0][0]
+    with torch.no_grad():
+        expected = model(timm.data.create_transform(**cfg)(Image.new('RGB', (300, 260), (128,) * 3)).unsqueeze(0))
+    assert grey['probability'] == pytest.approx(float(expected.softmax(-1).max()), rel=1e-4)
     four = timm.create_model('mpvit_tiny', num_classes=4)
     torch.save({'model': four.state_dict()}, tmp_path / 'four.pth')
     run = subprocess.run(cmd[:-1] + [str(tmp_path / 'four.pth')], capture_output=True, text=True)

@@ -245,3 +245,111 @@ def test_evaluation_refuses_a_checkpoint_that_does_not_fit(tmp_path):
             'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False',
             'model.backbone.norm_cfg.type=BN', 'model.decode_head.norm_cfg.type=BN',
             'model.auxiliary_head.norm_cfg.type=BN'])
+
+
+def _test_tool_args(data_root):
+    return ['--cfg-options', f'test_dataloader.dataset.data_root={data_root}', 'test_dataloader.num_workers=0',
+            'test_dataloader.persistent_workers=False', 'model.backbone.norm_cfg.type=BN',
+            'model.decode_head.norm_cfg.type=BN', 'model.auxiliary_head.norm_cfg.type=BN']
+
+
+def test_evaluation_refuses_a_backbone_only_checkpoint(tmp_path):
+    """A backbone-only file used to be evaluated with a random decode head."""
+    import timm
+
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016', train=1, val=1)
+    torch.save({'model': timm.create_model('mpvit_small').state_dict()}, tmp_path / 'classifier.pth')
+    backbone = MODELS.build(_model_cfg('small').model).backbone
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in backbone.state_dict().items()}},
+               tmp_path / 'backbone.pth')
+    for name, kind in (('classifier.pth', 'a classification'), ('backbone.pth', 'a segmentation or backbone')):
+        with pytest.raises(CheckpointError, match=rf'{name} is {kind} checkpoint, with no segmentor weights '
+                                                  r'\(decode_head\.\*\): evaluating it would score randomly'):
+            _tool('test').main([str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), str(tmp_path / name),
+                                '--work-dir', str(tmp_path / 'test'), *_test_tool_args(data_root)])
+    assert not (tmp_path / 'test' / 'eval_metrics.json').exists()
+
+
+def test_divergence_stops_before_a_checkpoint_is_written(tmp_path):
+    """A NaN loss used to train on, save NaN checkpoints and report an mIoU."""
+    from mpvit.errors import DivergenceError
+
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016')
+    cfg = _small_run_cfg(data_root, tmp_path / 'work', max_iters=4)
+    cfg.optim_wrapper.optimizer.lr = 1e30
+    cfg.default_hooks.checkpoint.interval = 1
+    with pytest.raises(DivergenceError, match=r'loss is (nan|inf) at iteration [2-4] \(last finite loss \S+ at '
+                                              r'iteration [1-3]\); stopped before saving it'):
+        Runner.from_cfg(cfg).train()
+    for path in (tmp_path / 'work').glob('iter_*.pth'):
+        weights = torch.load(path, weights_only=False)['state_dict']
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), path
+    # A finite loss whose step made the weights non-finite: the checkpoint is refused.
+    from types import SimpleNamespace
+
+    from mpvit.mmseg import StopOnNonFiniteLoss
+
+    hook = StopOnNonFiniteLoss()
+    hook.before_save_checkpoint(SimpleNamespace(iter=3), {'state_dict': {'w': torch.ones(2)}, 'meta': {'iter': 4}})
+    with pytest.raises(DivergenceError, match=r'the weights are not finite \(w\) at iteration 4'):
+        hook.before_save_checkpoint(SimpleNamespace(iter=3), {'state_dict': {'w': torch.tensor([1.0, float('inf')])},
+                                                               'meta': {'iter': 4}})
+
+
+def test_config_syntax_error_and_nccl_without_cuda_are_named(tmp_path):
+    from mpvit.mmseg import load_run_config
+
+    bad = tmp_path / 'bad_config.py'
+    bad.write_text("_base_ = ['x.py']\nmodel = dict(\n")
+    with pytest.raises(ValueError, match=r'bad_config.py \(or a file it inherits\) is not valid Python \(line 2\): '
+                                         r'.*never closed'):
+        load_run_config(str(bad))
+    config = str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='--launcher pytorch: .*nccl, which needs CUDA GPUs'):
+            load_run_config(config, launcher='pytorch')
+    gloo = load_run_config(config, launcher='pytorch', cfg_options={'env_cfg.dist_cfg.backend': 'gloo'})
+    assert gloo.env_cfg.dist_cfg.backend == 'gloo'
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 64, reason='a machine with 64 GPUs')
+@pytest.mark.parametrize('script', ['dist_train.sh', 'dist_test.sh'])
+def test_dist_scripts_refuse_more_gpus_than_there_are(script):
+    import subprocess
+
+    args = ['CONFIG', '64'] if script == 'dist_train.sh' else ['CONFIG', 'CHECKPOINT', '64']
+    run = subprocess.run(['bash', str(REPO / 'semantic_segmentation' / 'tools' / script), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and run.stdout == ''
+    assert run.stderr.strip() == (f'error: {script}: 64 GPUs asked for, this machine has '
+                                  f'{torch.cuda.device_count()} CUDA devices')
+    args[-1] = 'eight'
+    run = subprocess.run(['bash', str(REPO / 'semantic_segmentation' / 'tools' / script), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip() == f"error: {script}: GPUS must be a positive number, got 'eight'"
+
+
+def test_unreadable_images_left_out_in_training_refused_in_evaluation(tmp_path, caplog):
+    """A truncated JPEG used to end in an AssertionError traceback; a set of which nothing reads is refused
+    before training starts."""
+    from mmseg.registry import DATASETS
+
+    from mpvit.errors import InvalidInputError
+
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016', train=3, val=1)
+    cfg = _small_run_cfg(data_root, tmp_path / 'work', max_iters=2)
+    images = sorted((data_root / 'images' / 'training').glob('*.jpg'))
+    images[0].write_bytes(images[0].read_bytes()[:100])
+    train = DATASETS.build(cfg.train_dataloader.dataset)
+    with caplog.at_level('WARNING', logger='mpvit.data'):
+        sample = train[0]
+    assert f'leaving out unreadable image {images[0]}' in caplog.text
+    assert sample['data_samples'].img_path != str(images[0])
+    test_cfg = cfg.val_dataloader.dataset.copy()
+    test_cfg.data_prefix = dict(img_path='images/training', seg_map_path='annotations/training')
+    with pytest.raises(InvalidInputError, match=f'unreadable image {images[0]} .*evaluation needs every image'):
+        DATASETS.build(test_cfg)[0]
+    for path in images[1:]:
+        path.write_bytes(b'')
+    with pytest.raises(InvalidInputError, match=r'training set .*none of its 3 images can be read'):
+        Runner.from_cfg(cfg).train()

@@ -54,10 +54,10 @@ def test_d2_ms_3x_crop_clips_boxes_like_the_authors(config):
     assert cfg.AUG.DETR and cfg.INPUT.CROP.ENABLED and tuple(cfg.INPUT.CROP.SIZE) == (384, 600)
     assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(range(480, 801, 32))
     assert (cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER) == ((210000, 250000), 270000)
-    mapper = build_train_mapper(cfg)
+    mapper = build_train_mapper(cfg).mapper  # inside SkipUnreadable
     assert mapper.recompute_boxes is False  # boxes clipped to the crop, not recomputed from masks
     cfg.AUG.RECOMPUTE_BOXES = True
-    assert build_train_mapper(cfg).recompute_boxes is bool(cfg.MODEL.MASK_ON)
+    assert build_train_mapper(cfg).mapper.recompute_boxes is bool(cfg.MODEL.MASK_ON)
 
 
 # -------------------------------------------------------------------------------------- classification

@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without an install of this checkout
 from mpvit import model_zoo, set_fast_ops  # noqa: E402
+from mpvit.errors import InvalidInputError  # noqa: E402
 from mpvit.model_zoo import ZooEntry  # noqa: E402
 
 CACHE = REPO / '.cache' / 'paper_tables' / 'flops.json'
@@ -173,7 +174,7 @@ def read_results(root: Path) -> Dict[str, Dict]:
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f'{path}: not a readable metrics file ({e})') from None
+            raise InvalidInputError(f'{path}: not a readable metrics file ({e})') from None
         row = record.get('paper_row')
         if row:
             found[row] = dict(record, source=str(path))

@@ -13,11 +13,12 @@ from typing import Dict, List, Sequence
 
 import timm
 import torch
-from PIL import Image, UnidentifiedImageError
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from mpvit import model_zoo
 from mpvit.checkpoint import load_backbone_weights
+from mpvit.errors import InvalidInputError, MissingFileError
+from mpvit.images import open_rgb
 from mpvit.training import user_errors_in_one_line
 
 
@@ -43,9 +44,11 @@ def predict(args: argparse.Namespace) -> List[List[Dict]]:
     results = []
     for path in args.images:
         try:
-            image = Image.open(path).convert('RGB')
-        except (FileNotFoundError, UnidentifiedImageError) as e:
-            raise FileNotFoundError(f'{path}: not a readable image ({e.__class__.__name__})') from None
+            image = open_rgb(path)  # 16-bit grey scaled to 8 bits, not clipped white
+        except FileNotFoundError:
+            raise MissingFileError(f'{path}: no such image file') from None
+        except OSError as e:  # not an image, truncated
+            raise InvalidInputError(f'{path}: not a readable image ({" ".join(str(e).split())})') from None
         probabilities = model(transform(image).unsqueeze(0)).softmax(dim=-1)[0]
         top = probabilities.topk(min(args.top, probabilities.numel()))
         results.append([dict(index=i, label=info.index_to_label_name(i), name=info.index_to_description(i),

@@ -21,6 +21,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
 from mpvit.d2.config import STAGE_NAMES
+from mpvit.errors import InvalidInputError
 from mpvit.models.mpvit import MPViT, mpvit_arch
 
 
@@ -33,7 +34,7 @@ def norm_factory(norm: str):
     if norm == 'GN':
         return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
     if norm not in ('BN', 'SyncBN', 'FrozenBN', 'nnSyncBN', 'naiveSyncBN'):
-        raise ValueError(f"MODEL.MPVIT.NORM {norm!r} is not one of 'BN', 'SyncBN', 'FrozenBN', 'GN'")
+        raise InvalidInputError(f"MODEL.MPVIT.NORM {norm!r} is not one of 'BN', 'SyncBN', 'FrozenBN', 'GN'")
     return lambda channels: get_norm(norm, channels)
 
 
@@ -53,11 +54,11 @@ class D2MPViT(Backbone):
         out_features = list(out_features or STAGE_NAMES)
         unknown = [f for f in out_features if f not in STAGE_NAMES]
         if unknown or not out_features:
-            raise ValueError(f'MODEL.MPVIT.OUT_FEATURES {out_features} must name some of {list(STAGE_NAMES)}')
+            raise InvalidInputError(f'MODEL.MPVIT.OUT_FEATURES {out_features} must name some of {list(STAGE_NAMES)}')
         try:
             arch = mpvit_arch(name)
         except ValueError as e:
-            raise ValueError(f'MODEL.MPVIT.NAME {e}') from None
+            raise InvalidInputError(f'MODEL.MPVIT.NAME {e}') from None
         self.backbone = MPViT(
             **arch, in_chans=in_channels, num_classes=0, global_pool='',
             drop_path_rate=drop_path_rate, norm_layer=norm_factory(norm), fast_ops=fast_ops,
@@ -89,8 +90,8 @@ def _check_fpn_features(cfg: CfgNode, bottom_up: D2MPViT) -> List[str]:
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     missing = [f for f in in_features if f not in bottom_up.output_shape()]
     if missing:
-        raise ValueError(f'MODEL.FPN.IN_FEATURES {in_features} needs {missing}, which MODEL.MPVIT.OUT_FEATURES '
-                         f'{list(cfg.MODEL.MPVIT.OUT_FEATURES)} does not produce')
+        raise InvalidInputError(f'MODEL.FPN.IN_FEATURES {in_features} needs {missing}, which MODEL.MPVIT.OUT_FEATURES '
+                                f'{list(cfg.MODEL.MPVIT.OUT_FEATURES)} does not produce')
     return in_features
 
 

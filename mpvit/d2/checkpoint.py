@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
@@ -18,6 +19,7 @@ from mpvit.checkpoint import (
     read_checkpoint,
     unwrap_checkpoint,
 )
+from mpvit.training import LossWatch, save_atomic
 
 _logger = logging.getLogger(__name__)
 D2_BACKBONE_PREFIX = 'backbone.bottom_up.backbone.'
@@ -38,6 +40,20 @@ class MPViTCheckpointer(DetectionCheckpointer):
     def __init__(self, model: nn.Module, save_dir: str = '', *, heads_must_fit: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.heads_must_fit = heads_must_fit
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """fvcore's save, but atomic (a new temporary file renamed over ``name.pth``: an interruption or a full
+        disk never leaves a truncated checkpoint, and the latter is one line) and never of non-finite weights
+        (:class:`mpvit.training.LossWatch`). Remote ``save_dir`` s (``scheme://``) go through fvcore as before."""
+        if not self.save_dir or not self.save_to_disk or '://' in self.save_dir:
+            return super().save(name, **kwargs)
+        data = {'model': self.model.state_dict(), **{k: obj.state_dict() for k, obj in self.checkpointables.items()},
+                **kwargs}
+        LossWatch().check_weights(data['model'], f"iteration {data.get('iteration', name)}")
+        path = os.path.join(self.save_dir, f'{name}.pth')
+        self.logger.info('Saving checkpoint to %s', path)
+        save_atomic(data, path)
+        self.tag_last_checkpoint(f'{name}.pth')
 
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
         # A URL is found or downloaded once, into the weights directory (mpvit.weights), not again by iopath.

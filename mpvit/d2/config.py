@@ -1,7 +1,14 @@
-"""The config keys of MPViT's Detectron2 projects (``add_mpvit_config``, before ``merge_from_file``)."""
+"""The config keys of MPViT's Detectron2 projects (``add_mpvit_config``, before ``merge_from_file``), and the
+merge of a user's config file and command-line options with one-line errors (``merge_user_config``)."""
 from __future__ import annotations
 
+import os
+from typing import Sequence
+
+import yaml
 from detectron2.config import CfgNode
+
+from mpvit.errors import InvalidInputError, MissingFileError
 
 STAGE_NAMES = ('stage2', 'stage3', 'stage4', 'stage5')
 
@@ -21,3 +28,24 @@ def add_mpvit_config(cfg: CfgNode) -> None:
     cfg.AUG.DETR = False  # DETR-style multi-scale + random-crop training augmentation
     # After a crop, boxes are clipped to it (the authors' mapper); True recomputes them from the cropped masks.
     cfg.AUG.RECOMPUTE_BOXES = False
+
+
+def _one_line(err: BaseException) -> str:
+    text = ' '.join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+    return text or type(err).__name__
+
+
+def merge_user_config(cfg: CfgNode, config_file: str, opts: Sequence[str]) -> None:
+    """``merge_from_file`` then ``merge_from_list``, with what the user got wrong in one line: a missing file,
+    a YAML syntax error, a key neither Detectron2 nor MPViT has, a value of the wrong type, an odd KEY VALUE
+    list."""
+    if not os.path.isfile(config_file):
+        raise MissingFileError(f'--config-file {config_file}: no such file')
+    try:
+        cfg.merge_from_file(config_file)
+    except (yaml.YAMLError, KeyError, ValueError) as e:
+        raise InvalidInputError(f'--config-file {config_file}: {_one_line(e)}') from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:  # yacs asserts on an odd-length list
+        raise InvalidInputError(f'command-line config options: {_one_line(e)}') from None

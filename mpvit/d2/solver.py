@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from detectron2.config import CfgNode
 
+from mpvit.errors import InvalidInputError
+
 
 def _with_full_model_clipping(optimizer_cls: Type[torch.optim.Optimizer], max_norm: float):
     """An optimizer class that clips the gradient norm over all parameters together before each step."""
@@ -48,7 +50,7 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         optimizer_cls, kwargs = torch.optim.SGD, dict(lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
                                                       nesterov=cfg.SOLVER.NESTEROV)
     else:
-        raise ValueError(f"SOLVER.OPTIMIZER {name!r} is not 'AdamW' or 'SGD'")
+        raise InvalidInputError(f"SOLVER.OPTIMIZER {name!r} is not 'AdamW' or 'SGD'")
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == 'full_model':
         return _with_full_model_clipping(optimizer_cls, clip.CLIP_VALUE)(param_groups, **kwargs)

@@ -42,6 +42,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from mpvit import model_zoo
 from mpvit.checkpoint import CheckpointError, checkpoint_filter_fn, load_backbone_weights, local_checkpoint
+from mpvit.errors import InvalidInputError
 from mpvit.weights import HUB_PREFIX
 
 __all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn', 'fold_batchnorm', 'mpvit_arch', 'set_fast_ops']
@@ -63,7 +64,7 @@ def mpvit_arch(name: str) -> Dict:
     key = name[len('mpvit_'):] if name.startswith('mpvit_') else name
     if key not in MPVIT_ARCHS:
         choices = ', '.join('mpvit_' + k for k in MPVIT_ARCHS)
-        raise ValueError(f'{name!r} is not an MPViT variant; choose from {choices}')
+        raise InvalidInputError(f'{name!r} is not an MPViT variant; choose from {choices}')
     return MPVIT_ARCHS[key]
 
 
@@ -611,7 +612,7 @@ class ClsHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, global_pool: str = 'avg', drop_rate: float = 0.):
         super().__init__()
         if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f'global_pool must be one of {GLOBAL_POOLS} (got {global_pool!r})')
+            raise InvalidInputError(f'global_pool must be one of {GLOBAL_POOLS} (got {global_pool!r})')
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.per_position = not global_pool
         self.drop = nn.Dropout(drop_rate)
@@ -869,8 +870,9 @@ def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
     if isinstance(feature_cls, str) and feature_cls.lower() in ('dict', 'list'):
         # timm's FeatureDictNet runs the top-level modules in order; MPViT's checkpoint layout keeps all
         # patch embeddings, then all stages, which run interleaved.
-        raise ValueError(f"{variant}: feature_cls={feature_cls!r} needs the stages as one sequence of top-level "
-                         "modules, which MPViT's checkpoint layout is not; use the default ('getter'), 'hook' or 'fx'")
+        raise InvalidInputError(f"{variant}: feature_cls={feature_cls!r} needs the stages as one sequence of "
+                                "top-level modules, which MPViT's checkpoint layout is not; use the default "
+                                "('getter'), 'hook' or 'fx'")
     if pretrained:
         kwargs['pretrained_cfg_overlay'] = _pretrained_source(variant, kwargs)
     return build_model_with_cfg(

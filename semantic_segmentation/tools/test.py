@@ -14,7 +14,8 @@ from mmengine.dist import is_main_process
 from mmengine.runner import Runner
 
 from mpvit import model_zoo
-from mpvit.checkpoint import check_fit, local_checkpoint, read_checkpoint, unwrap_checkpoint
+from mpvit.checkpoint import check_fit, local_checkpoint, read_checkpoint, require_task_weights, unwrap_checkpoint
+from mpvit.errors import MissingFileError
 from mpvit.mmseg import load_run_config
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 
@@ -37,6 +38,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_run_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = local_checkpoint(model_zoo.resolve(args.checkpoint, args.config))
+    state = unwrap_checkpoint(read_checkpoint(cfg.load_from))
+    require_task_weights(state, 'decode_head.', str(cfg.load_from), 'segmentor')
     # The backbone's ImageNet init is pointless before loading a whole segmentor.
     cfg.model.backbone.pop('init_cfg', None)
     if args.show_dir:
@@ -49,12 +52,12 @@ def main(argv=None) -> dict:
         cfg.visualizer.pop('name', None)
     data_root = cfg.test_dataloader.dataset.get('data_root')
     if data_root and not osp.isdir(data_root):
-        raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
+        raise MissingFileError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
     ensure_writable_dir(cfg.work_dir, 'work directory')
     runner = Runner.from_cfg(cfg)
     # mmengine loads non-strictly: a head of another class count would be left random and give a wrong mIoU.
     model = getattr(runner.model, 'module', runner.model)
-    check_fit(unwrap_checkpoint(read_checkpoint(cfg.load_from)), model, what=str(cfg.load_from))
+    check_fit(state, model, what=str(cfg.load_from))
     metrics = runner.test()
     if is_main_process():
         model_zoo.write_eval_metrics(osp.join(cfg.work_dir, 'eval_metrics.json'), 'mmseg', metrics,

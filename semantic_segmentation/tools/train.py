@@ -14,6 +14,7 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import find_latest_checkpoint
 
 from mpvit.checkpoint import local_checkpoint
+from mpvit.errors import MissingFileError
 from mpvit.mmseg import load_run_config
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 
@@ -40,7 +41,7 @@ def build_config(args: argparse.Namespace) -> Config:
     cfg.resume = args.resume
     data_root = cfg.train_dataloader.dataset.get('data_root')
     if data_root and not osp.isdir(data_root):
-        raise FileNotFoundError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
+        raise MissingFileError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
     ensure_writable_dir(cfg.work_dir, 'work directory')
     # Find / download and check (no code in it) every file the Runner will read, before it builds anything:
     # the backbone's init_cfg (mmengine initialises before it loads), load_from, and when resuming without

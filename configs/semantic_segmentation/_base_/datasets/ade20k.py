@@ -3,7 +3,8 @@ dataset_type = 'ADE20KDataset'
 data_root = 'data/ade/ADEChallengeData2016'
 crop_size = (512, 512)
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
+    # mpvit.mmseg_transforms: an unreadable image is left out of training, named in a warning.
+    dict(type='CheckedLoadImage', unreadable='leave_out'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
     # mpvit.mmseg_transforms: one line naming a label PNG of the wrong size, mode or values.
     dict(type='CheckSegMap', num_classes=150),
@@ -14,7 +15,7 @@ train_pipeline = [
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='CheckedLoadImage', unreadable='refuse'),
     dict(type='Resize', scale=(2048, 512), keep_ratio=True),
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='CheckSegMap', num_classes=150),

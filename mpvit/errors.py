@@ -1,0 +1,35 @@
+"""The exceptions that mean "what you gave is wrong", as opposed to a bug.
+
+Every check of user input (paths, data, arguments, configs, checkpoints) raises a
+:class:`UserError`; the drivers print those as one ``error: ...`` line and exit 2
+(:func:`mpvit.training.user_errors_in_one_line`). Anything else, a ``ValueError`` from
+deep inside a model included, keeps its full traceback. Each subclass also derives
+from the builtin a caller would expect (``ValueError``, ``FileNotFoundError``,
+``KeyError``), so library code can catch it as before.
+"""
+from __future__ import annotations
+
+__all__ = ['DivergenceError', 'InvalidInputError', 'MissingFileError', 'UnknownNameError', 'UserError']
+
+
+class UserError(Exception):
+    """Something the user supplied is wrong or missing; the message says what and where, in one line."""
+
+
+class InvalidInputError(UserError, ValueError):
+    """A bad argument, config value or data file."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class UnknownNameError(UserError, KeyError):
+    """A name (dataset, checkpoint, model) that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ''
+
+
+class DivergenceError(UserError, FloatingPointError):
+    """Training produced a non-finite loss (learning rate, data or precision): stopped before it is saved."""
