@@ -11,8 +11,9 @@ through :func:`safe_load`, which never unpickles arbitrary objects:
   and plain containers, nothing else.
 
 Anything else is refused in one line naming the file and the type it asked for;
-:func:`load_trusted` (``tools/convert_checkpoint.py --trust``) is the one explicit way
-to read such a file, once, and re-save its weights as safetensors.
+:func:`load_dropping_objects` (``tools/convert_checkpoint.py --drop-objects``) reads such a
+file's tensors and plain data with inert stand-ins for the other objects (still
+``weights_only=True``, nothing of the file runs) and re-saves its weights as safetensors.
 
 Zip-format PyTorch files are also checked against the CRC-32 of every member
 first, so a file corrupted on disk or in transfer is refused instead of
@@ -33,8 +34,8 @@ import torch
 
 from mpvit.errors import MissingFileError, UserError
 
-__all__ = ['CheckpointError', 'atomic_file', 'check_container', 'ensure_checkpoint_file', 'load_trusted', 'safe_load',
-           'safe_load_stream', 'safe_globals', 'save_safetensors', 'tensors_for_safetensors', 'verify_zip']
+__all__ = ['CheckpointError', 'atomic_file', 'check_container', 'ensure_checkpoint_file', 'load_dropping_objects',
+           'safe_load', 'safe_load_stream', 'safe_globals', 'save_safetensors', 'tensors_for_safetensors', 'verify_zip']
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -104,8 +105,8 @@ def safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
 
 
 def _convert_hint(path: str) -> str:
-    return (f'if you trust this file, convert it once with: python tools/convert_checkpoint.py --trust {path} '
-            f'{os.path.splitext(os.path.basename(path))[0]}.safetensors')
+    return (f'to keep its weights and leave such objects out: python tools/convert_checkpoint.py --drop-objects '
+            f'{path} {os.path.splitext(os.path.basename(path))[0]}.safetensors')
 
 
 def _is_safetensors(path: str) -> bool:
@@ -276,10 +277,10 @@ def safe_load_stream(stream: Any, what: str = 'the checkpoint stream') -> Any:
     raise _refusal(what, names)
 
 
-def _refusal(path: str, names: List[str]) -> CheckpointError:
+def _refusal(path: str, names: List[str], hint: bool = True) -> CheckpointError:
     what = ', '.join(names) if names else 'a Python object that is not a tensor or a known data type'
     return CheckpointError(f'{path} asks to unpickle {what}: refused, as loading it could run code '
-                           f'(only tensors and plain data are read); {_convert_hint(path)}')
+                           '(only tensors and plain data are read)' + (f'; {_convert_hint(path)}' if hint else ''))
 
 
 def _read_safetensors(path: str, header_only: bool = False) -> Dict[str, torch.Tensor]:
@@ -311,14 +312,98 @@ def safe_load(path: str) -> Any:
     return _read_torch(path)
 
 
-def load_trusted(path: str) -> Any:
-    """Full unpickling, for ``tools/convert_checkpoint.py --trust`` only: runs whatever the file holds."""
-    if check_container(path) == 'safetensors':
-        return _read_safetensors(path)
-    if path.endswith('.pkl'):
-        with open(path, 'rb') as f:
-            return pickle.load(f, encoding='latin1')  # noqa: S301 (the user vouched for this file)
-    return torch.load(path, map_location='cpu', weights_only=False)  # noqa: S614 (likewise)
+class _Dropped:
+    """Stands in for an object of a type the reader does not import: keeps what it was built from as
+    data, runs nothing (its methods only store their arguments)."""
+
+    global_name = ''
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Dropped:
+        obj = object.__new__(cls)
+        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items=[])
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__['state'] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__['items'].append((key, value))
+
+    def append(self, item: Any) -> None:
+        self.__dict__['items'].append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__['items'].extend(items)
+
+    def __repr__(self) -> str:
+        return f'<dropped {self.global_name}>'
+
+
+def _dropped_type(name: str) -> type:
+    return type('Dropped', (_Dropped,), {'global_name': name})
+
+
+# Never stood in for either: a checkpoint naming them is refused outright (torch's weights-only reader
+# blocks them too).
+_NEVER_READ = ('sys', 'os', 'posix', 'nt')
+
+
+class _DroppingUnpickler(_DataUnpickler):
+    """:class:`_DataUnpickler`, with any other global replaced by an inert :class:`_Dropped` type."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dropped: Dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except _RefusedGlobal:
+            if module.split('.')[0] in _NEVER_READ:
+                raise
+            return self.dropped.setdefault(f'{module}.{name}', _dropped_type(f'{module}.{name}'))
+
+
+def load_dropping_objects(path: str) -> Tuple[Any, List[str]]:
+    """Read a checkpoint that holds objects of types outside the allowlist, still without running code:
+    each such type is replaced by an inert stand-in, so the tensors and plain data come back and those
+    objects are left out. For ``tools/convert_checkpoint.py --drop-objects``. Returns the checkpoint and
+    the names of the types dropped; a file asking for ``os`` / ``sys`` functions is refused.
+
+    PyTorch files are still read by ``torch.load(weights_only=True)``: the stand-ins join the allowlist
+    under the names the file asks for.
+    """
+    kind = check_container(path)
+    if kind == 'safetensors':
+        return _read_safetensors(path), []
+    if kind == 'pickle' and path.endswith('.pkl'):
+        try:
+            with open(path, 'rb') as f:
+                unpickler = _DroppingUnpickler(f, encoding='latin1')
+                return unpickler.load(), sorted(unpickler.dropped)
+        except _RefusedGlobal as e:
+            raise _refusal(path, [str(e)], hint=False) from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                UnicodeDecodeError) as e:
+            raise CheckpointError(f'{path} is not a readable pickle ({type(e).__name__}: {e})') from None
+    dropped: Dict[str, type] = {}
+    while True:  # each round stands in for the types the last one was refused (a zip file names all at once)
+        with torch.serialization.safe_globals([*safe_globals(), *((t, n) for n, t in dropped.items())]):
+            try:
+                return torch.load(path, map_location='cpu', weights_only=True), sorted(dropped)
+            except pickle.UnpicklingError as e:
+                names = [n for n in _unsafe_globals(path, str(e)) if n not in dropped]
+                if not names or any(n.split('.')[0] in _NEVER_READ for n in names):
+                    raise _refusal(path, names or [str(e).strip().splitlines()[0]], hint=False) from None
+            except (RuntimeError, EOFError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
+                    AttributeError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+                raise CheckpointError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
+                                      f'{first})') from None
+        dropped.update((n, _dropped_type(n)) for n in names)
 
 
 def tensors_for_safetensors(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -75,7 +76,7 @@ def test_timm_overlay_refuses_a_payload_before_building(tmp_path, monkeypatch):
     built = []
     monkeypatch.setattr(MPViT, '__init__', lambda self, *a, **k: built.append(1) or nn.Module.__init__(self))
     with pytest.raises(CheckpointError, match=r'payload.pth asks to unpickle posix.system: refused.*'
-                                              r'convert_checkpoint.py --trust'):
+                                              r'convert_checkpoint.py --drop-objects'):
         timm.create_model('mpvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert not marker.exists() and not built
 
@@ -277,8 +278,12 @@ PAYLOAD_PATHS = {
         _detr(d['coco'], t / 'o', '--auto-resume'), _plant(p, t / 'o' / 'checkpoint.pth')),
     'convert_deformable_detr.py': lambda p, k, t, d: (['tools/convert_deformable_detr.py', str(p), str(t / 'c.pth')],
                                                       p),
-    'convert_checkpoint.py (no --trust)': lambda p, k, t, d: (
+    'convert_checkpoint.py': lambda p, k, t, d: (
         ['tools/convert_checkpoint.py', str(p), str(t / 'c.safetensors')], p),
+    'convert_checkpoint.py --drop-objects': lambda p, k, t, d: (
+        ['tools/convert_checkpoint.py', '--drop-objects', str(p), str(t / 'c.safetensors')], p),
+    'convert_checkpoint.py --drop-objects .pkl': lambda p, k, t, d: (
+        ['tools/convert_checkpoint.py', '--drop-objects', str(k), str(t / 'c.safetensors')], k),
     'export_hub.py': lambda p, k, t, d: (['tools/export_hub.py', 'mpvit_tiny', '--weights', str(p), '--out',
                                           str(t / 'hub')], p),
 }
@@ -334,14 +339,35 @@ def test_detectron2_checkpointer_and_mmengine_message_hub_load(tmp_path):
 # ------------------------------------------------------------------------------------------ converter
 
 
-def test_converter_needs_trust_for_other_objects_and_keeps_the_weights(tmp_path):
+class SubprocessPayload:
+    """A payload outside the modules torch always blocks: unpickling it calls ``subprocess.call``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return subprocess.call, (['touch', self.marker],)
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.pkl'])
+def test_converter_drops_other_objects_without_running_them_and_keeps_the_weights(tmp_path, suffix):
     model = timm.create_model('mpvit_tiny').eval()
-    path = tmp_path / 'run.pth'
-    torch.save({'model': model.state_dict(), 'meta': {'when': datetime.date(2022, 6, 1)}}, path)
+    path, marker = tmp_path / f'run{suffix}', tmp_path / 'payload.ran'
+    checkpoint = {'model': model.state_dict(), 'meta': {'when': datetime.date(2022, 6, 1)},
+                  'hook': SubprocessPayload(marker)}
+    if suffix == '.pth':
+        torch.save(checkpoint, path)
+    else:  # a Detectron2-style pickle of numpy arrays
+        with open(path, 'wb') as f:
+            pickle.dump({**checkpoint, 'model': {k: v.numpy() for k, v in checkpoint['model'].items()}}, f)
     refused = _run('tools/convert_checkpoint.py', str(path), str(tmp_path / 'run.safetensors'))
     _one_line_refusal(refused, path, 'datetime.date')
-    converted = _run('tools/convert_checkpoint.py', '--trust', str(path), str(tmp_path / 'run.safetensors'))
+    converted = _run('tools/convert_checkpoint.py', '--drop-objects', str(path), str(tmp_path / 'run.safetensors'))
     assert converted.returncode == 0, converted.stderr[-2000:]
+    assert not marker.exists(), 'the payload ran'
+    # The call is named as the file spells it (pickle protocol 2 writes subprocess.call as commands.call).
+    assert re.search(r'left out objects of 2 types: .*datetime\.date', converted.stdout)
+    assert re.search(r'left out objects of 2 types: .*(subprocess|commands)\.call', converted.stdout)
     assert f'sha256 {file_sha256(path)}' in converted.stdout
     again = timm.create_model('mpvit_tiny', pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'run.safetensors'))).eval()

@@ -1,13 +1,14 @@
 """Re-save a checkpoint's weights as safetensors: the format every loader here reads without any risk.
 
     python tools/convert_checkpoint.py mpvit_small.pth mpvit_small.safetensors
-    python tools/convert_checkpoint.py --trust old_training_run.pth weights.safetensors
+    python tools/convert_checkpoint.py --drop-objects old_training_run.pth weights.safetensors
 
 Every loader of this repository refuses a pickle that asks to build objects outside
-a small allowlist of data types, because unpickling them could run code. For a file
-you trust (you made it, or you know where it comes from), ``--trust`` unpickles it
-fully, once, here, and writes its weights (the ``model`` / ``state_dict`` entry, or the
-whole dict) as safetensors, keeping their keys: the result loads wherever the
+a small allowlist of data types, because unpickling them could run code. For such a
+file, ``--drop-objects`` reads it still without running anything of it: each object of
+another type is replaced by an inert stand-in (and named), the tensors come back. The
+weights (the ``model`` / ``state_dict`` entry, or the whole dict) are written as
+safetensors, keeping their keys: the result loads wherever the
 original did (``MODEL.WEIGHTS``, ``--resume`` for evaluation, ``init_cfg``, timm's
 ``pretrained_cfg_overlay``), and into the weights directory under the released name
 (``mpvit_small.safetensors``) it serves ``released`` too. Optimizer and other
@@ -20,7 +21,7 @@ import os
 from typing import Sequence
 
 from mpvit.checkpoint import checkpoint_tensors, local_checkpoint
-from mpvit.serialization import load_trusted, safe_load, save_safetensors
+from mpvit.serialization import check_container, load_dropping_objects, safe_load, save_safetensors
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 from mpvit.weights import fetch, file_sha256
 
@@ -29,8 +30,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('src', help='checkpoint: file, URL or released name on the Hub (hf-hub:org/name/file)')
     parser.add_argument('dst', help='output .safetensors file')
-    parser.add_argument('--trust', action='store_true',
-                        help='unpickle SRC fully (it can run code): only for a file you trust')
+    parser.add_argument('--drop-objects', action='store_true',
+                        help='read SRC with inert stand-ins for objects of types outside the allowlist (nothing of '
+                             'the file runs); their data is left out')
     args = parser.parse_args(argv)
     if not args.dst.endswith('.safetensors'):
         parser.error(f'{args.dst}: the output name must end in .safetensors (loaders choose the format by the name)')
@@ -39,9 +41,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
-    # --trust: the file is still checked for damage, not for what it holds.
-    path = fetch(args.src) if args.trust else local_checkpoint(args.src)
-    checkpoint = load_trusted(path) if args.trust else safe_load(path)
+    if args.drop_objects:
+        path = fetch(args.src)
+        check_container(path)  # missing, truncated or damaged (CRC) files are refused first
+        checkpoint, dropped = load_dropping_objects(path)
+        if dropped:
+            print(f'{path}: left out objects of {len(dropped)} types: {", ".join(dropped)}')
+    else:
+        path = local_checkpoint(args.src)
+        checkpoint = safe_load(path)
     tensors = checkpoint_tensors(checkpoint, args.src)
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.dst)), 'output folder')
     save_safetensors(tensors, args.dst, metadata={'format': 'pt', 'source': os.path.basename(path),

@@ -16,7 +16,7 @@ The folder holds what timm and the Hub expect, written by timm's own ``save_for_
 
 Upload it with ``huggingface-cli upload <id> <folder>`` (or timm's ``push_to_hf_hub``), then set the
 row's ``hf_hub_id`` in ``mpvit/model_zoo.json``. The source file is read without running code from
-it (``--trust`` for a file you vouch for that carries other Python objects).
+it (``--drop-objects`` for one that carries other Python objects: they are left out).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import mpvit  # noqa: F401  (registers the models)
 from mpvit import model_zoo
 from mpvit.checkpoint import checkpoint_filter_fn, checkpoint_tensors, local_checkpoint
 from mpvit.model_zoo import HUB_TASKS
-from mpvit.serialization import load_trusted, safe_load, save_safetensors
+from mpvit.serialization import check_container, load_dropping_objects, safe_load, save_safetensors
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 from mpvit.weights import fetch, file_sha256
 
@@ -46,7 +46,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="its file, URL, or 'released' (the weights directory, the Hub, then the authors' URL)")
     parser.add_argument('--out', required=True, help='output folder (created)')
     parser.add_argument('--hub-id', help='the Hub repository it will be uploaded to, for the model card')
-    parser.add_argument('--trust', action='store_true', help='unpickle the file fully (it can run code)')
+    parser.add_argument('--drop-objects', action='store_true',
+                        help='read the file with inert stand-ins for objects outside the allowlist (left out)')
     args = parser.parse_args(argv)
     try:
         args.entry = model_zoo.get(args.name)
@@ -74,8 +75,13 @@ def export(args: argparse.Namespace) -> Path:
     entry = args.entry
     variant = re.search(r'mpvit_(tiny|xsmall|small|base)', entry.name).group(0)
     source = model_zoo.resolve(args.weights, model=entry.name)
-    path = Path(fetch(source) if args.trust else local_checkpoint(source))
-    checkpoint = load_trusted(str(path)) if args.trust else safe_load(str(path))
+    if args.drop_objects:
+        path = Path(fetch(source))
+        check_container(str(path))
+        checkpoint, _ = load_dropping_objects(str(path))
+    else:
+        path = Path(local_checkpoint(source))
+        checkpoint = safe_load(str(path))
     classifier = entry.task == 'classification'
     model = timm.create_model(variant, num_classes=1000 if classifier else 0).eval()
     # The same filter every loader uses: backbone extracted from any layout, classifier required to fit.

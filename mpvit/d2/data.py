@@ -56,7 +56,7 @@ class SkipUnreadable:
     def __call__(self, dataset_dict: Dict) -> Any:
         path = dataset_dict['file_name']
         error = OSError('a 16-bit grey image, which Detectron2 would read clipped to white: convert it to 8 bits') \
-            if is_high_depth_or_unreadable(path) else None
+            if _is_high_depth_file(path) else None
         if error is None:
             try:
                 return self.mapper(dataset_dict)
@@ -71,11 +71,12 @@ class SkipUnreadable:
         return None
 
 
-def is_high_depth_or_unreadable(path: str) -> bool:
+def _is_high_depth_file(path: str) -> bool:
+    """16-bit grey; ``False`` for a file that cannot be opened (the mapper's read reports it)."""
     try:
         return is_high_depth(path)
     except OSError:
-        return False  # the mapper's read reports it
+        return False
 
 
 class LeaveOutUnreadable(Dataset):
