@@ -4,6 +4,8 @@ Single process:     python classification/main.py -c configs/classification/mpvi
 Several GPUs:       torchrun --nproc_per_node 8 classification/main.py -c ... --data-path ...
 Evaluate weights:   python classification/main.py --model mpvit_small --eval --resume <file or URL> --data-path ...
                     (--resume released: the authors' ImageNet checkpoint of --model)
+Fine-tune:          python classification/main.py -c configs/classification/finetune.yaml --data-path /data/mine
+                    (your classes from the folders; lr as given, warm-up in steps, layer-wise lr decay)
 Throughput:         python classification/main.py --model mpvit_small --throughput --batch-size 128
 
 Every epoch writes ``<output-dir>/checkpoint.pth`` atomically; ``--auto-resume``
@@ -29,11 +31,11 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.data import Mixup, create_transform
+from timm.data import ImageNetInfo, Mixup, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import CosineLRScheduler, create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, init_distributed_device
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
 from torchvision.datasets import ImageFolder
@@ -93,9 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--smoothing', type=float, default=0.1)
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=300)
-    g.add_argument('--lr', type=float, default=None, help='default: 5e-4 x total batch / 512')
+    g.add_argument('--lr', type=float, default=None,
+                   help='the lr of the classifier, used as given; default: 5e-4 x total batch / 512 (DeiT)')
+    g.add_argument('--layer-decay', type=float, default=None,
+                   help="timm's layer-wise lr decay (fine-tuning): the stages before the head train at lr x "
+                        'decay^depth (e.g. 0.65)')
     g.add_argument('--weight-decay', type=float, default=0.05)
     g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-steps', type=int, default=None,
+                   help='warm up over this many optimizer steps and change the lr after every step (cosine over '
+                        'all steps) instead of once per epoch (fine-tuning on small data)')
     g.add_argument('--warmup-lr', type=float, default=1e-6)
     g.add_argument('--min-lr', type=float, default=1e-5)
     g.add_argument('--clip-grad', type=float, default=None)
@@ -129,7 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         yaml_defaults(parser, first.config)
     args = parser.parse_args(argv)
     check_minimums(parser, args, dict(epochs=1, batch_size=1, accum_steps=1, input_size=32, num_workers=0,
-                                      warmup_epochs=0, log_interval=1, run_epochs=1, max_steps=1))
+                                      warmup_epochs=0, log_interval=1, run_epochs=1, max_steps=1, warmup_steps=0))
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        parser.error(f'--layer-decay {args.layer_decay}: must be in (0, 1]')
     if not timm.is_model(args.model):
         parser.error(f"--model {args.model}: unknown model; MPViT variants: {', '.join(timm.list_models('mpvit_*'))}")
     if args.drop_path is None:
@@ -225,13 +236,90 @@ def build_val_loader(args, dataset) -> DataLoader:
                       pin_memory=args.device.startswith('cuda'), collate_fn=collate_readable)
 
 
+def dataset_record(args, dataset: CheckedImageFolder, images: int) -> Dict:
+    """The evaluated set for ``eval_metrics.json``: ``imagenet-1k`` when its classes are ImageNet-1k's
+    synsets, else the folder's name; the fingerprint covers every file name and label."""
+    root = Path(args.data_path)
+    imagenet = dataset.classes == list(ImageNetInfo().label_names())
+    names = [f'{Path(path).relative_to(dataset.root)} {label}' for path, label in dataset.samples]
+    return model_zoo.dataset_record('imagenet-1k' if imagenet else root.resolve().name, Path(dataset.root).name,
+                                    images, fingerprint=model_zoo.fingerprint_names(names), classes=dataset.classes)
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def build_scheduler(args, optimizer: torch.optim.Optimizer):
-    """The authors' schedule: timm's cosine with linear warm-up, stepped once per epoch with the epoch index."""
-    return create_scheduler_v2(optimizer, 'cosine', num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                               warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=True)
+# What the restored optimizer groups and scheduler state were built from: another value on resume would fail
+# to load (other parameter groups) or be silently replaced by the saved schedule.
+SCHEDULE_ARGS = ('epochs', 'layer_decay', 'warmup_steps', 'warmup_epochs', 'max_steps')
+
+
+def check_same_schedule(state: Dict, args, what: str) -> None:
+    saved = state.get('args') or {}
+    changed = [f'--{k.replace("_", "-")} {saved[k]} (now {getattr(args, k)})' for k in SCHEDULE_ARGS
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        raise InvalidInputError(f'{what} was trained with {", ".join(changed)}: resume with the same values '
+                                '(the optimizer groups and schedule are restored from it), or start a new run '
+                                'from its weights with --pretrained')
+
+
+def label_names(checkpoint) -> Optional[List[str]]:
+    """The class names a checkpoint of this script stores (``pretrained_cfg``), if any."""
+    cfg = checkpoint.get('pretrained_cfg') if isinstance(checkpoint, dict) else None
+    names = cfg.get('label_names') if isinstance(cfg, dict) else None
+    return list(names) if names is not None else None
+
+
+def check_class_names(checkpoint, classes: List[str], what: str) -> None:
+    """Refuse a checkpoint of this script trained on other classes than the data's (names or order): its
+    classifier would fit and score the wrong classes. Checkpoints without names are not checked."""
+    names = label_names(checkpoint)
+    if names is None or names == list(classes):
+        return
+    differ = [f'{i}: {a!r} vs {b!r}' for i, (a, b) in enumerate(zip(names, classes)) if a != b]
+    raise mpvit.CheckpointError(f'{what} was trained on {len(names)} classes that are not the data\'s {len(classes)} '
+                                f'(checkpoint vs data, {", ".join(differ[:3]) or "counts differ"}); '
+                                'fine-tune it with --pretrained instead')
+
+
+def build_scheduler(args, optimizer: torch.optim.Optimizer, steps_per_epoch: int = 0):
+    """The authors' schedule: timm's cosine with linear warm-up, stepped once per epoch with the epoch index.
+
+    With ``--warmup-steps`` the same cosine runs over optimizer steps (``step_update`` after each): a
+    fine-tuning run of a few epochs on small data then warms up in steps, not in whole epochs at ~1e-6.
+    Returns the scheduler and the number of epochs.
+    """
+    if getattr(args, 'warmup_steps', None) is None:
+        return create_scheduler_v2(optimizer, 'cosine', num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                                   warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=True)
+    if steps_per_epoch < 1:
+        raise ValueError('a per-step schedule (--warmup-steps) needs steps_per_epoch')
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=args.min_lr,
+                                  warmup_t=args.warmup_steps, warmup_lr_init=args.warmup_lr, t_in_epochs=False)
+    return scheduler, args.epochs
+
+
+def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW without weight decay on norms and biases (timm); ``--layer-decay`` gives each stage its own lr
+    scale through the model's ``group_matcher`` (timm's scheduler multiplies each group's lr by it)."""
+    return create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay,
+                               layer_decay=args.layer_decay)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest lr of the groups: the classifier's under layer-wise decay."""
+    return max(group['lr'] for group in optimizer.param_groups)
+
+
+def pretrained_cfg(args, class_names: List[str]) -> Dict:
+    """What a checkpoint needs to be used on its own, in timm's ``pretrained_cfg`` form: the classes (in
+    label order), the input size and the evaluation transform the model was trained and evaluated with."""
+    cfg = resolve_data_config({'input_size': (3, args.input_size, args.input_size), 'crop_pct': args.crop_pct,
+                               'interpolation': args.interpolation}, model=None)
+    return dict(architecture=args.model, num_classes=len(class_names), label_names=list(class_names),
+                input_size=list(cfg['input_size']), mean=list(cfg['mean']), std=list(cfg['std']),
+                crop_pct=cfg['crop_pct'], interpolation=cfg['interpolation'])
 
 
 # ---------------------------------------------------------------------------- loops
@@ -261,13 +349,14 @@ def autocast(args):
 
 
 def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, epoch, step,
-                    ema: Optional[ModelEmaV3] = None, watch: Optional[LossWatch] = None) -> Dict:
+                    ema: Optional[ModelEmaV3] = None, watch: Optional[LossWatch] = None, scheduler=None) -> Dict:
     model.train()
     watch = watch or LossWatch()
     steps_per_epoch = len(loader) // args.accum_steps
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
     loss_sum, seen, start = 0.0, 0, time.time()
+    last_log = start
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(loader):
         if i // args.accum_steps >= steps_per_epoch:
@@ -293,16 +382,21 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, ep
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if scheduler is not None:
+            scheduler.step_update(step)  # a no-op for the per-epoch schedule
         if ema is not None:
             ema.update(getattr(model, 'module', model), step=step)
         done = (i + 1) // args.accum_steps
-        if is_main_process() and (done % args.log_interval == 0 or done == steps_per_epoch):
+        # Every --log-interval steps, and at least every 30 s (a CPU or a first compiled step is slow).
+        if is_main_process() and (done % args.log_interval == 0 or done == steps_per_epoch
+                                  or time.time() - last_log > 30):
+            last_log = time.time()
             elapsed = time.time() - start
             eta = datetime.timedelta(seconds=int(elapsed / done * (steps_per_epoch - done)))
             _logger.info('Epoch %d [%d/%d] eta %s loss %.4f lr %.3e %.1f img/s', epoch, done, steps_per_epoch,
-                         eta, loss_sum / seen, optimizer.param_groups[0]['lr'], seen * args.world_size / elapsed)
+                         eta, loss_sum / seen, current_lr(optimizer), seen * args.world_size / elapsed)
     loss_avg = all_reduce_sum([loss_sum, seen], args.device)
-    return {'train_loss': loss_avg[0] / max(loss_avg[1], 1), 'lr': optimizer.param_groups[0]['lr'], 'step': step}
+    return {'train_loss': loss_avg[0] / max(loss_avg[1], 1), 'lr': current_lr(optimizer), 'step': step}
 
 
 @torch.no_grad()
@@ -387,6 +481,11 @@ def main(args: argparse.Namespace) -> Dict:
     model = timm.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
     if args.pretrained:
         load_backbone_weights(model, args.pretrained)
+        names = label_names(read_checkpoint(args.pretrained))
+        if names is not None and not args.throughput and names != dataset_val.classes:
+            _logger.warning('%s was trained on other classes (%s): new classifier for the data\'s %d classes',
+                            args.pretrained, ', '.join(list(names)[:5]), num_classes)
+            model.reset_classifier(num_classes)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     model.to(args.device)
@@ -394,7 +493,10 @@ def main(args: argparse.Namespace) -> Dict:
                  sum(p.numel() for p in model.parameters()) / 1e6, num_classes)
 
     def compiled(module: nn.Module) -> nn.Module:
-        return torch.compile(module, backend=args.compile) if args.compile else module
+        if not args.compile:
+            return module
+        _logger.info('torch.compile (%s): the first steps compile the model and take a while', args.compile)
+        return torch.compile(module, backend=args.compile)
 
     if args.throughput:
         result = measure_throughput(args, compiled(model))
@@ -405,11 +507,13 @@ def main(args: argparse.Namespace) -> Dict:
     val_loader = build_val_loader(args, dataset_val)
     if args.eval:
         if args.resume:
+            check_class_names(read_checkpoint(args.resume), dataset_val.classes, args.resume)
             load_backbone_weights(model, args.resume, head='require')
         metrics = evaluate(args, compiled(model), val_loader)
         if is_main_process():
             model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'classification', metrics,
-                                         config=args.config, model=args.model)
+                                         config=args.config, model=args.model,
+                                         dataset=dataset_record(args, dataset_val, metrics['images']))
         return metrics
 
     dataset_train = build_dataset(args, 'train')
@@ -427,8 +531,13 @@ def main(args: argparse.Namespace) -> Dict:
     total_batch = args.batch_size * args.accum_steps * args.world_size
     if args.lr is None:
         args.lr = 5e-4 * total_batch / 512
-    optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay)
-    scheduler, num_epochs = build_scheduler(args, optimizer)
+    optimizer = build_optimizer(args, model)
+    steps_per_epoch = len(train_loader) // args.accum_steps
+    scheduler, num_epochs = build_scheduler(args, optimizer, min(steps_per_epoch, args.max_steps or steps_per_epoch))
+    _logger.info('lr %.3g (total batch %d)%s; %s', args.lr, total_batch,
+                 f', layer decay {args.layer_decay}' if args.layer_decay else '',
+                 f'{args.warmup_steps} warm-up steps' if args.warmup_steps is not None
+                 else f'{args.warmup_epochs} warm-up epochs')
     scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -449,10 +558,12 @@ def main(args: argparse.Namespace) -> Dict:
         if not (isinstance(state, dict) and 'optimizer' in state):
             raise InvalidInputError(f'{resume} is not a training checkpoint of this script '
                                     '(use --pretrained for weights)')
+        check_class_names(state, dataset_train.classes, resume)
         try:
             model.load_state_dict(checkpoint_filter_fn(state['model'], model, head='require'))
         except mpvit.CheckpointError as e:
             raise mpvit.CheckpointError(f'{resume}: {e}') from None
+        check_same_schedule(state, args, resume)
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         scaler.load_state_dict(state['scaler'])
@@ -479,7 +590,7 @@ def main(args: argparse.Namespace) -> Dict:
         if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(args, ddp_model, train_loader, criterion, optimizer, scaler, mixup, epoch,
-                                      step, ema, watch)
+                                      step, ema, watch, scheduler)
         step = train_stats['step']
         watch.check_weights(model.state_dict(), f'the end of epoch {epoch}')  # every process: all stop together
         scheduler.step(epoch)  # as the authors (DeiT): the next epoch trains at the schedule's value for this one
@@ -495,7 +606,8 @@ def main(args: argparse.Namespace) -> Dict:
             # The checkpoint carries the log's rows: log.csv is rewritten from them, here and on resume.
             state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                      'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
-                     'step': step, 'best_acc1': best, 'rng': rngs, 'args': vars(args), 'log': log_rows}
+                     'step': step, 'best_acc1': best, 'rng': rngs, 'args': vars(args), 'log': log_rows,
+                     'pretrained_cfg': pretrained_cfg(args, dataset_train.classes)}
             if ema is not None:
                 state['model_ema'] = ema.module.state_dict()
             save_atomic(state, output_dir / 'checkpoint.pth')

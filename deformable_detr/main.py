@@ -6,11 +6,15 @@ Resume:          the same command with --resume output/deformable_detr/mpvit_sma
 Evaluate:        python deformable_detr/main.py -c configs/deformable_detr/mpvit_small.yaml --coco-path datasets/coco \\
                      --eval --resume <released checkpoint, original layout, file or URL>
                  (--resume released: the authors' checkpoint of the config)
+Your own data:   the same commands with --coco-path pointing at it; the class count follows its categories
+                 (--pretrained released fine-tunes the authors' COCO detector, with a new class head)
+Draw:            python deformable_detr/demo.py IMAGE... --weights OUTPUT_DIR/checkpoint.pth -c CONFIG
 
 Data layout (the original's): COCO_PATH/{train2017,val2017}/*.jpg and
 COCO_PATH/annotations/instances_{train2017,val2017}.json (``--train-set`` / ``--val-set`` rename the splits).
 Every epoch writes OUTPUT_DIR/checkpoint.pth atomically; --resume FILE or --auto-resume continues from it
 with the optimizer, scheduler, scaler, sampler and RNG state, so the run equals an uninterrupted one.
+The checkpoint also names the classes (``dataset_meta``) and the evaluation input (``preprocess``).
 """
 from __future__ import annotations
 
@@ -39,11 +43,18 @@ from torchvision.transforms.v2 import functional as F
 from transformers import DeformableDetrImageProcessor
 
 from mpvit import model_zoo
-from mpvit.checkpoint import local_checkpoint, read_checkpoint, require_task_weights, unwrap_checkpoint
-from mpvit.coco_checks import check_coco_instances
+from mpvit.checkpoint import (
+    CheckpointError,
+    local_checkpoint,
+    read_checkpoint,
+    require_task_weights,
+    unwrap_checkpoint,
+)
+from mpvit.coco_checks import check_coco_instances, coco_categories, coco_label_space, is_coco_2017
 from mpvit.deformable_detr import (
     build_deformable_detr,
     global_box_normaliser,
+    head_classes,
     is_original_layout,
     load_detector_weights,
     param_groups,
@@ -120,14 +131,21 @@ class CocoDetection(Dataset):
     labels, boxes normalised ``cxcywh`` after the transforms.
 
     Refuses, before any model is built, listed images missing on disk and category ids that are not
-    below ``num_classes``."""
+    below ``num_classes`` (``None``: any id among the file's categories; ``label_space`` is what it needs)."""
 
-    def __init__(self, image_dir: Path, annotation_file: Path, transforms: v2.Compose, num_classes: int,
+    def __init__(self, image_dir: Path, annotation_file: Path, transforms: v2.Compose, num_classes: int | None,
                  train: bool = False):
         for path in (annotation_file, image_dir):
             if not path.exists():
                 raise MissingFileError(f'COCO data: {path} does not exist (see deformable_detr/README.md)')
         dataset = _CocoImages(str(image_dir), str(annotation_file))
+        self.annotation_file = annotation_file
+        self.label_space = coco_label_space(dataset.coco.dataset, str(annotation_file))
+        self.meta = coco_categories(dataset.coco.dataset)
+        if num_classes is not None and self.label_space > num_classes:
+            raise InvalidInputError(f'--num-classes {num_classes} does not fit the data: {annotation_file} has '
+                                    f'category ids up to {self.label_space - 1}, so needs {self.label_space} '
+                                    '(leave --num-classes out to follow the data)')
         check_coco_instances(dataset.coco.dataset, str(annotation_file), str(image_dir), max_category_id=num_classes)
         check_some_readable((image_dir / im['file_name'] for im in dataset.coco.dataset['images']),
                             str(annotation_file))
@@ -201,6 +219,12 @@ def autocast(args, device):
     return amp_autocast(args.amp, device.type)
 
 
+def due(step: int, steps: int, every: int, last: float) -> bool:
+    """Whether to log a loop's progress: every ``every`` steps, the last one, and at least every 30 s (a CPU
+    run, or a large set at a long ``--print-freq``, is not silent for minutes)."""
+    return step % every == 0 or step == steps - 1 or time.time() - last > 30
+
+
 def stop_on_non_finite_outputs(model: torch.nn.Module, watch: LossWatch) -> None:
     """Check the decoder's outputs (every layer's, from which the boxes and class scores come) in training:
     non-finite boxes would otherwise fail in transformers' matcher with a message about box format, before
@@ -222,7 +246,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args,
     model.train()
     watch = watch or LossWatch()
     totals: Dict[str, float] = {}
-    start = time.time()
+    start = last = time.time()
     steps = len(loader) if args.max_iters <= 0 else min(len(loader), args.max_iters)
     for step, batch in enumerate(loader):
         if step >= steps:
@@ -244,7 +268,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args,
         values = {'loss': loss.item(), **{k: out.loss_dict[k].item() for k in ('loss_ce', 'loss_bbox', 'loss_giou')}}
         for k, v in values.items():
             totals[k] = totals.get(k, 0.) + v
-        if step % args.print_freq == 0 or step == steps - 1:
+        if due(step, steps, args.print_freq, last):
+            last = time.time()
             parts = ' '.join(f'{k} {v:.4f}' for k, v in values.items())
             log(f'epoch {epoch} [{step + 1}/{steps}] {parts} lr {optimizer.param_groups[0]["lr"]:.2e} '
                 f'({(time.time() - start) / (step + 1):.2f} s/it)')
@@ -262,20 +287,31 @@ def evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
         return _evaluate(model, loader, coco_gt, device, args)
 
 
+@torch.no_grad()
+def detect(model, batch: Dict, device, args) -> List[Dict[str, torch.Tensor]]:
+    """Detections of a ``collate``d batch as evaluation scores them (and the demo draws them): per image the
+    top 100 (query, class) pairs, ``scores``, ``labels`` (category ids) and ``boxes`` (x0, y0, x1, y1 in the
+    pixels of the image before the transform, whose size is the target's ``orig_size``)."""
+    with autocast(args, device):
+        out = model(pixel_values=batch['pixel_values'].to(device), pixel_mask=batch['pixel_mask'].to(device))
+    out.logits, out.pred_boxes = out.logits.float(), out.pred_boxes.float()
+    sizes = torch.tensor([t['orig_size'] for t in batch['targets']], device=device)
+    return PROCESSOR.post_process_object_detection(out, threshold=0.0, target_sizes=sizes, top_k=100)
+
+
 def _evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
     model.eval()
     results = []
-    for batch in loader:
-        with autocast(args, device):
-            out = model(pixel_values=batch['pixel_values'].to(device), pixel_mask=batch['pixel_mask'].to(device))
-        out.logits, out.pred_boxes = out.logits.float(), out.pred_boxes.float()
-        sizes = torch.tensor([t['orig_size'] for t in batch['targets']], device=device)
-        for target, det in zip(batch['targets'], PROCESSOR.post_process_object_detection(
-                out, threshold=0.0, target_sizes=sizes, top_k=100)):
+    start = last = time.time()
+    for step, batch in enumerate(loader):
+        for target, det in zip(batch['targets'], detect(model, batch, device, args)):
             for score, label, (x0, y0, x1, y1) in zip(det['scores'].tolist(), det['labels'].tolist(),
                                                       det['boxes'].tolist()):
                 results.append(dict(image_id=target['image_id'], category_id=label, bbox=[x0, y0, x1 - x0, y1 - y0],
                                     score=score))
+        if due(step, len(loader), args.print_freq, last):
+            last = time.time()
+            log(f'eval [{step + 1}/{len(loader)}] ({(last - start) / (step + 1):.2f} s/it)')
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, results)
@@ -292,6 +328,7 @@ def _evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
     if not results:
         log('no detections; AP is 0')
         return {'AP': 0.0, **counts}
+    log(f'scoring {len(results)} detections with pycocotools (a few minutes on COCO val2017)')
     coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), 'bbox')
     coco_eval.evaluate()
     coco_eval.accumulate()
@@ -310,8 +347,12 @@ def get_args(argv=None) -> argparse.Namespace:
     add = parser.add_argument
     add('--backbone', default='mpvit_small')
     add('--drop-path', type=float, default=0.0, help='backbone stochastic depth (the original: 0 for every variant)')
-    add('--pretrained', default='', help='backbone weights: classification (or any MPViT) checkpoint, file or URL')
-    add('--num-classes', type=int, default=91, help='largest category id + 1 (91 for COCO)')
+    add('--pretrained', default='', help='initial weights, file or URL: a classification (or any MPViT) checkpoint '
+        "fills the backbone; a Deformable DETR one everything but a class head of another size ('released': the "
+        "authors' COCO detector of the config)")
+    add('--num-classes', type=int, default=91,
+        help='largest category id + 1 (91 for COCO). Only given on the command line does it count: otherwise '
+             "it follows the training annotation file's categories (evaluation: the checkpoint's head)")
     add('--num-queries', type=int, default=300)
     add('--num-feature-levels', type=int, default=4)
     add('--lr', type=float, default=2e-4)
@@ -345,6 +386,11 @@ def get_args(argv=None) -> argparse.Namespace:
     if known.config:
         yaml_defaults(parser, known.config)
     args = parser.parse_args(argv)
+    # The configs' num_classes is COCO's (tools build the model from it without data); only the user's own
+    # --num-classes overrides the data.
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument('--num-classes', type=int)
+    args.num_classes_set = probe.parse_known_args(argv)[0].num_classes is not None
     check_minimums(parser, args, dict(epochs=1, lr_drop=1, num_queries=1, num_classes=1, batch_size=1, test_size=1,
                                       max_size=1, print_freq=1, num_workers=0, max_iters=0))
     if args.num_feature_levels < 3:  # stages 2-4 of the backbone, plus strided convolutions for the rest
@@ -355,10 +401,85 @@ def get_args(argv=None) -> argparse.Namespace:
     if args.auto_resume and not args.resume and (Path(args.output_dir) / 'checkpoint.pth').is_file():
         args.resume = str(Path(args.output_dir) / 'checkpoint.pth')
     args.resume = model_zoo.resolve(args.resume, known.config or None, 'deformable_detr_' + args.backbone)
+    # --pretrained released: the authors' COCO detector of the config, to fine-tune (a new class head if needed)
+    args.pretrained = model_zoo.resolve(args.pretrained, known.config or None, 'deformable_detr_' + args.backbone)
     if args.eval and not args.resume:
         parser.error('--eval needs --resume (a Deformable DETR checkpoint, or released): without one it would score '
                      'randomly initialised heads')
     return args
+
+
+def _names(meta: Dict) -> Dict[int, str]:
+    return dict(zip(meta['category_ids'], meta['classes']))
+
+
+def check_same_classes(known: Dict, data: Dict, known_what: str, data_what: str, error=InvalidInputError) -> None:
+    """Refuse data whose categories (id -> name) are not among ``known``'s (a checkpoint's ``dataset_meta`` or
+    the training file's): the labels would score, or name, the wrong classes."""
+    ours, theirs = _names(known), _names(data)
+    wrong = [f'{i}: {theirs[i]!r}' + (f' (not {ours[i]!r})' if i in ours else ' (unknown)')
+             for i in sorted(theirs) if ours.get(i) != theirs[i]]
+    if wrong:
+        raise error(f'{data_what} has categories that {known_what} does not: {", ".join(wrong[:3])}'
+                    + (f', ... ({len(wrong)} in all)' if len(wrong) > 3 else ''))
+
+
+def class_count(args, train_set: CocoDetection | None, val_set: CocoDetection, checkpoint) -> int:
+    """The outputs of the class head (labels are category ids, so the largest id + 1, as the reference code:
+    91 for COCO): the user's ``--num-classes``; else the evaluated checkpoint's head; else the training
+    file's. Every pair that must agree is checked here, before any model is built, naming both numbers."""
+    head = head_classes(checkpoint) if checkpoint is not None else None
+    data = train_set or val_set
+    if args.num_classes_set:
+        count, source = args.num_classes, f'--num-classes {args.num_classes}'
+    elif args.eval and head is not None:  # the head decides; the data must need exactly as many
+        count = source = head
+        if head != val_set.label_space:
+            raise CheckpointError(
+                f'{args.resume} has a class head of {head} outputs, but {val_set.annotation_file} needs '
+                f'{val_set.label_space} (largest category id {val_set.label_space - 1}): was it trained on other '
+                f'classes? (--num-classes {head} evaluates it on data with fewer classes)')
+    else:
+        count = data.label_space
+        source = f'{data.annotation_file} (largest category id {count - 1})'
+    for part in (train_set, val_set):
+        if part is not None and part.label_space > count:
+            needs = f'{part.annotation_file} has category ids up to {part.label_space - 1}, so needs {part.label_space}'
+            if args.num_classes_set:
+                raise InvalidInputError(f'--num-classes {count} does not fit the data: {needs} '
+                                        '(leave --num-classes out to follow the data)')
+            raise InvalidInputError(f'{source} gives {count} classes but {needs}: give both files the same categories')
+    if train_set is not None:
+        check_same_classes(train_set.meta, val_set.meta, train_set.annotation_file, val_set.annotation_file)
+    if head is not None and head != count:
+        hint = '' if args.num_classes_set else (
+            f'; a run of this data trained with --num-classes {head} continues with --num-classes {head}; to start '
+            'from it on other classes, fine-tune it with --pretrained')
+        raise CheckpointError(f'{args.resume} has a class head of {head} outputs, but {source} '
+                              f'{"asks for" if args.num_classes_set else "needs"} {count}{hint}')
+    meta = checkpoint.get('dataset_meta') if isinstance(checkpoint, dict) else None
+    if isinstance(meta, dict) and 'category_ids' in meta and 'classes' in meta:
+        for part in (train_set, val_set):
+            if part is not None:
+                check_same_classes(meta, part.meta, f'{args.resume} (trained on {len(meta["classes"])} classes)',
+                                   part.annotation_file, CheckpointError)
+    if not args.num_classes_set and not args.eval:
+        log(f'{count} class outputs (largest category id + 1) from the categories of {data.annotation_file}')
+    return count
+
+
+def preprocess(args) -> Dict:
+    """What the model's evaluation input was (stored in the checkpoint for the demo and other users of it)."""
+    return dict(test_size=args.test_size, max_size=args.max_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+
+
+def dataset_record(args, val_set: CocoDetection) -> Dict:
+    """The evaluated data for ``eval_metrics.json``: ``coco`` when its categories are COCO's 80 (ids and
+    names), else the data folder's name; the split is the image folder's name."""
+    name = 'coco' if is_coco_2017(val_set.coco.dataset) else (Path(args.coco_path).resolve().name
+                                                               or val_set.annotation_file.stem)
+    return model_zoo.dataset_record(name, Path(args.val_set).name, len(val_set), annotations=val_set.annotation_file,
+                                    classes=val_set.meta['classes'])
 
 
 def main(argv=None) -> Dict[str, float]:
@@ -371,17 +492,32 @@ def main(argv=None) -> Dict[str, float]:
     seed_everything(args.seed + rank)
 
     root = Path(args.coco_path)
+    user_classes = args.num_classes if args.num_classes_set else None
+    log(f'reading {root / "annotations" / f"instances_{args.val_set}.json"}')
     val_set = CocoDetection(root / args.val_set, root / 'annotations' / f'instances_{args.val_set}.json',
-                            build_transforms(False, args), args.num_classes)
+                            build_transforms(False, args), user_classes)
+    if not args.eval:
+        log(f'reading {root / "annotations" / f"instances_{args.train_set}.json"}')
     train_set = None if args.eval else CocoDetection(
         root / args.train_set, root / 'annotations' / f'instances_{args.train_set}.json', build_transforms(True, args),
-        args.num_classes, train=True)
+        user_classes, train=True)
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None and args.eval and not is_original_layout(unwrap_checkpoint(checkpoint)):
+        require_task_weights(unwrap_checkpoint(checkpoint), 'class_embed.', args.resume, 'Deformable DETR')
+    args.num_classes = class_count(args, train_set, val_set, checkpoint)
+    pretrained = read_checkpoint(args.pretrained) if args.pretrained and not args.resume else None
 
+    log(f'building Deformable DETR + {args.backbone} ({args.num_classes} class outputs)')
     model = build_deformable_detr(args.backbone, args.num_classes, args.num_queries, args.num_feature_levels,
                                   args.drop_path, sync_bn=args.sync_bn and world > 1 and device.type == 'cuda')
-    if args.pretrained and not args.resume:  # a resumed / evaluated checkpoint holds the backbone anyway
-        load_detector_weights(model, read_checkpoint(args.pretrained))
-        log(f'backbone initialised from {args.pretrained}')
+    if pretrained is not None:  # a resumed / evaluated checkpoint holds the backbone anyway
+        head = head_classes(pretrained)
+        load_detector_weights(model, pretrained, new_head=True)
+        if head is None:
+            log(f'backbone initialised from {args.pretrained}')
+        else:
+            log(f'detector initialised from {args.pretrained}' + ('' if head == args.num_classes else
+                f', except its class head ({head} outputs; the data needs {args.num_classes}): a new one'))
     if args.sync_bn and world > 1 and device.type != 'cuda':
         log('--sync-bn: SyncBatchNorm needs CUDA; using per-process BatchNorm on CPU')
     model.to(device)
@@ -397,11 +533,7 @@ def main(argv=None) -> Dict[str, float]:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     start_epoch = 0
-    if args.resume:
-        checkpoint = read_checkpoint(args.resume)
-        if args.eval and not is_original_layout(unwrap_checkpoint(checkpoint)):
-            require_task_weights(unwrap_checkpoint(checkpoint), 'class_embed.', args.resume,
-                                 'Deformable DETR')
+    if checkpoint is not None:
         load_detector_weights(model, checkpoint)
         ours = isinstance(checkpoint, dict) and 'model' in checkpoint and not is_original_layout(checkpoint['model'])
         if not args.eval and ours and 'optimizer' in checkpoint:
@@ -412,6 +544,7 @@ def main(argv=None) -> Dict[str, float]:
             if 'rng' in checkpoint:
                 set_rng_state(checkpoint['rng'][min(rank, len(checkpoint['rng']) - 1)])
         log(f'resumed from {args.resume}' + (f' at epoch {start_epoch}' if start_epoch else ''))
+    checkpoint = pretrained = None  # their memory (optimizer state, a whole detector) is not needed any more
 
     ddp_model = model
     if world > 1:
@@ -421,7 +554,8 @@ def main(argv=None) -> Dict[str, float]:
         stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
         if is_main_process():
             model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
-                                         config=args.config or None, model=args.backbone)
+                                         config=args.config or None, model=args.backbone,
+                                         dataset=dataset_record(args, val_set))
             log(f'* box AP {stats.get("AP", 0):.2f}')
         return stats
 
@@ -446,7 +580,8 @@ def main(argv=None) -> Dict[str, float]:
         if is_main_process():
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                              lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                             rng=rngs, args=vars(args)), output_dir / 'checkpoint.pth')
+                             rng=rngs, args=vars(args), dataset_meta=train_set.meta, preprocess=preprocess(args)),
+                        output_dir / 'checkpoint.pth')
         stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
         if is_main_process():
             with open(output_dir / 'log.txt', 'a') as f:
@@ -455,7 +590,8 @@ def main(argv=None) -> Dict[str, float]:
             log(f'epoch {epoch}: box AP {stats.get("AP", 0):.2f}')
     if is_main_process() and stats:
         model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
-                                     config=args.config or None, model=args.backbone)
+                                     config=args.config or None, model=args.backbone,
+                                     dataset=dataset_record(args, val_set))
     return stats
 
 

@@ -6,14 +6,14 @@ Resume after a stop: add --resume (continues from OUTPUT_DIR/last_checkpoint)
 Evaluate weights:   python detectron2/train_net.py --config-file ... --eval-only MODEL.WEIGHTS <file or URL>
 The authors' model: python detectron2/train_net.py --config-file ... --eval-only MODEL.WEIGHTS released
 Own COCO-format data: --coco-dataset NAME ANNOTATIONS.json IMAGE_DIR (repeatable), then
-                      DATASETS.TRAIN "('NAME',)" DATASETS.TEST "('NAME',)"
+                      DATASETS.TRAIN "('NAME',)" DATASETS.TEST "('NAME',)"; the heads' class count follows
+                      the data's categories unless NUM_CLASSES is set (then they must agree)
 
 COCO itself is read from ``$DETECTRON2_DATASETS/coco`` (default ``./datasets/coco``), Detectron2's layout.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -27,7 +27,7 @@ from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
 )
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, default_writers, hooks, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.layers import deform_conv
 from detectron2.utils import comm
@@ -43,6 +43,13 @@ from mpvit.d2 import (
     build_train_loader,
     merge_user_config,
     register_coco_datasets,
+)
+from mpvit.d2.classes import (
+    dataset_meta,
+    dataset_record,
+    follow_dataset_classes,
+    mark_num_classes_unset,
+    read_coco_json,
 )
 from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError, UnknownNameError
 from mpvit.images import check_some_readable
@@ -102,21 +109,41 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer just before this call; the hooks (periodic
-        # checkpointing) and resume_or_load must use ours, which reads every released format.
+        # checkpointing) and resume_or_load must use ours, which reads every released format and saves the
+        # training set's class names with the weights.
         self.checkpointer = MPViTCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        return super().build_hooks()
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            dataset_meta=dataset_meta(self.cfg.DATASETS.TRAIN[0]) if self.cfg.DATASETS.TRAIN else None)
+        hooks_ = super().build_hooks()
+        if comm.is_main_process():  # after the evaluation hook, as DefaultTrainer places its own writer
+            hooks_.append(hooks.PeriodicWriter(default_writers(self.cfg.OUTPUT_DIR, self.max_iter),
+                                               period=log_period(self.max_iter)))
+        return hooks_
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        # Resuming continues the saved heads: heads for other classes (the data changed since) are refused in
+        # one line, where fine-tuning from MODEL.WEIGHTS replaces them.
+        self.checkpointer.heads_must_fit = resume and self.checkpointer.has_checkpoint()
+        try:
+            super().resume_or_load(resume=resume)
+        finally:
+            self.checkpointer.heads_must_fit = False
+
+    def build_writers(self):
+        # DefaultTrainer's writer hook logs every 20 iterations: silent for minutes in a short run on a CPU.
+        # It gets no writers; the hook added in build_hooks logs at log_period.
+        return []
 
 
-def num_classes(cfg: CfgNode) -> int:
-    return cfg.MODEL.RETINANET.NUM_CLASSES if 'RetinaNet' in cfg.MODEL.META_ARCHITECTURE else \
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES
+def log_period(max_iter: int) -> int:
+    """Detectron2's 20 iterations, or fewer for a short run, so that it logs about 10 times at least."""
+    return max(1, min(20, max_iter // 10))
 
 
 def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
     """Fail before any model is built, naming the file, when a COCO-format dataset is missing, lists images
-    that are not on disk, has more categories than the model's classes, or (training masks) has
-    annotations Detectron2 cannot turn into masks. Evaluation needs no training set."""
+    that are not on disk, or (training masks) has annotations Detectron2 cannot turn into masks. Evaluation
+    needs no training set. (The class count is checked against the data by ``follow_dataset_classes``.)"""
     train = [] if eval_only else list(cfg.DATASETS.TRAIN)
     for name in train + list(cfg.DATASETS.TEST):
         if name not in DatasetCatalog.list():
@@ -130,12 +157,7 @@ def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
                                        f'from $DETECTRON2_DATASETS={root}; see OBJECT_DETECTION.md)')
         if not (json_file and image_root):
             continue
-        with open(json_file) as f:
-            dataset = json.load(f)
-        categories = len(dataset.get('categories', []))
-        if categories > num_classes(cfg):
-            raise InvalidInputError(f'{json_file}: {categories} categories, but the model has {num_classes(cfg)} '
-                                    'classes (set MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES)')
+        dataset = read_coco_json(json_file)
         masks = cfg.MODEL.MASK_ON and name in train
         check_coco_instances(dataset, json_file, image_root, mask_format=cfg.INPUT.MASK_FORMAT if masks else None)
         check_some_readable((os.path.join(image_root, im['file_name']) for im in dataset.get('images', [])),
@@ -152,20 +174,24 @@ def check_launch(args: argparse.Namespace) -> None:
 def setup(args: argparse.Namespace) -> CfgNode:
     cfg = get_cfg()
     add_mpvit_config(cfg)
+    mark_num_classes_unset(cfg)
     merge_user_config(cfg, args.config_file, args.opts)
     cfg.MODEL.WEIGHTS = model_zoo.resolve(cfg.MODEL.WEIGHTS, args.config_file)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE == 'cuda':
         cfg.MODEL.DEVICE = 'cpu'
+    register_coco_datasets(args.coco_dataset)
+    check_datasets(cfg, eval_only=args.eval_only)
+    classes = follow_dataset_classes(
+        cfg, cfg.DATASETS.TEST if args.eval_only else [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
     cfg.freeze()
     ensure_writable_dir(cfg.OUTPUT_DIR, 'OUTPUT_DIR')
     default_setup(cfg, args)
+    (logger.warning if 'default' in classes else logger.info)(classes)
     return cfg
 
 
 def main(args: argparse.Namespace):
     cfg = setup(args)
-    register_coco_datasets(args.coco_dataset)
-    check_datasets(cfg, eval_only=args.eval_only)
     # Find / download and check (no code in it) the file to load now, before any model is built: the one
     # named in OUTPUT_DIR/last_checkpoint when resuming, else MODEL.WEIGHTS (the checkpointer then reads the
     # same local copy: a URL is downloaded once).
@@ -177,7 +203,8 @@ def main(args: argparse.Namespace):
         local_checkpoint(cfg.MODEL.WEIGHTS)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = MPViTCheckpointer(model, save_dir=cfg.OUTPUT_DIR, heads_must_fit=True)
+        tested = dataset_meta(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None  # the names must agree too
+        checkpointer = MPViTCheckpointer(model, save_dir=cfg.OUTPUT_DIR, heads_must_fit=True, dataset_meta=tested)
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
@@ -188,8 +215,11 @@ def main(args: argparse.Namespace):
         trainer.train()
         results = getattr(trainer, '_last_eval_results', None)  # what the final EvalHook measured
     if comm.is_main_process() and results:
+        tested = list(cfg.DATASETS.TEST)
+        record = dataset_record(tested[0], len(DatasetCatalog.get(tested[0]))) if len(tested) == 1 else None
         model_zoo.write_eval_metrics(os.path.join(cfg.OUTPUT_DIR, 'eval_metrics.json'), 'detectron2',
-                                     dict(results), config=args.config_file, model=cfg.MODEL.MPVIT.NAME)
+                                     dict(results), config=args.config_file, model=cfg.MODEL.MPVIT.NAME,
+                                     dataset=record)
     return results
 
 

@@ -87,3 +87,39 @@ def check_coco_instances(dataset: Mapping[str, Any], json_file: str, image_root:
         if isinstance(segmentation, list) and not any(len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
             raise InvalidInputError(f'{where} has no polygon of 3 or more points: {str(segmentation)[:60]}')
     return len(degenerate)
+
+
+def coco_categories(dataset: Mapping[str, Any]) -> dict:
+    """The categories of a COCO instances dict, in id order: ``{'classes': [names], 'category_ids': [ids]}``
+    (what a checkpoint stores to name its detector's labels)."""
+    categories = sorted(dataset.get('categories', []), key=lambda c: c['id'])
+    return {'classes': [str(c.get('name', c['id'])) for c in categories],
+            'category_ids': [int(c['id']) for c in categories]}
+
+
+def coco_label_space(dataset: Mapping[str, Any], json_file: str) -> int:
+    """Outputs a detector needs whose labels are the category ids themselves (the reference DETR code's
+    convention, 91 for COCO): the largest id among the file's categories and annotations, plus one."""
+    ids = [c.get('id') for c in dataset.get('categories', [])] + \
+        [a.get('category_id') for a in dataset.get('annotations', [])]
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    if not ids:
+        raise InvalidInputError(f'{json_file}: lists no categories, so the number of classes cannot follow the data')
+    if min(ids) < 0:
+        raise InvalidInputError(f'{json_file}: category id {min(ids)} is negative; ids are the class indices')
+    return max(ids) + 1
+
+
+def coco_2017_names() -> dict:
+    """COCO 2017's 80 categories as ``{id: name}`` (ids 1..90 with gaps), from torchvision's metadata (no
+    download): the names of the released checkpoints, which store none."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    names = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta['categories']
+    return {i: n for i, n in enumerate(names) if n not in ('__background__', 'N/A')}
+
+
+def is_coco_2017(dataset: Mapping[str, Any]) -> bool:
+    """Whether a COCO instances dict has exactly COCO 2017's 80 categories (by id and name)."""
+    meta = coco_categories(dataset)
+    return dict(zip(meta['category_ids'], meta['classes'])) == coco_2017_names()

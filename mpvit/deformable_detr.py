@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,7 @@ from mpvit.models.mpvit import MPViT, mpvit_arch
 
 __all__ = [
     'DeformableDetrMPViTBackbone', 'build_deformable_detr', 'convert_original_state_dict', 'load_detector_weights',
-    'weighted_loss', 'global_box_normaliser', 'param_groups', 'LOSS_WEIGHTS',
+    'weighted_loss', 'global_box_normaliser', 'param_groups', 'LOSS_WEIGHTS', 'head_classes',
 ]
 
 # The original recipe: loss weights (also used for the auxiliary decoder layers) and matcher costs.
@@ -236,9 +236,23 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     return out
 
 
-def load_detector_weights(model: nn.Module, checkpoint: Mapping, strict: bool = True) -> List[str]:
+def head_classes(checkpoint: Mapping) -> Optional[int]:
+    """The outputs of a detector checkpoint's class head (our or the original layout; ``None`` without one):
+    the class count it was trained with, known before any model is built."""
+    state = unwrap_checkpoint(checkpoint)
+    for key in ('class_embed.0.bias', 'class_embed.bias'):
+        if key in state and hasattr(state[key], 'shape'):
+            return int(state[key].shape[0])
+    return None
+
+
+def load_detector_weights(model: nn.Module, checkpoint: Mapping, strict: bool = True,
+                          new_head: bool = False) -> List[str]:
     """Load a detector checkpoint in our or the original layout; a backbone-only one (classification or
-    another task's) fills the backbone. Returns the keys left at their initial values."""
+    another task's) fills the backbone. Returns the keys left at their initial values.
+
+    ``new_head`` (fine-tuning on other classes): a class head of another size than the model's is not
+    loaded, so the model keeps its freshly initialised one; everything else must still fit."""
     state = unwrap_checkpoint(checkpoint)
     own = model.state_dict()
     if is_original_layout(state):
@@ -251,9 +265,9 @@ def load_detector_weights(model: nn.Module, checkpoint: Mapping, strict: bool = 
         check_fit(weights, backbone, what='backbone weights')
         backbone.load_state_dict(weights)
         return [k for k in own if not k.startswith(BACKBONE_KEY)]
-    if strict:
-        check_fit(state, model)  # names missing, unexpected and mis-shaped keys
-    missing = [k for k in own if k not in state]
+    if strict:  # names missing, unexpected and mis-shaped keys
+        check_fit(state, model, shape_may_differ=lambda k: new_head and k.startswith('class_embed.'))
+    missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
     return missing
 

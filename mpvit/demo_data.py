@@ -15,6 +15,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image, ImageDraw
 
@@ -83,13 +84,18 @@ def write_shapes_coco(
         size: tuple = (160, 128),
         max_objects: int = 3,
         seed: int = 0,
+        shapes: Sequence[str] = SHAPES,
 ) -> Path:
     """Write ``root/{train,val}/*.jpg`` and ``root/annotations/instances_{train,val}.json`` (COCO instances,
-    polygon segmentations, category ids 1..4) and return ``root``. ``size`` is (width, height)."""
+    polygon segmentations, category ids 1..len(shapes)) and return ``root``. ``size`` is (width, height);
+    ``shapes``: the categories, a subset of :data:`SHAPES`."""
     root = Path(root)
     rng = random.Random(seed)
     width, height = size
-    categories = [dict(id=i + 1, name=name, supercategory='shape') for i, name in enumerate(SHAPES)]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        raise ValueError(f'unknown shapes {unknown}; known: {SHAPES}')
+    categories = [dict(id=i + 1, name=name, supercategory='shape') for i, name in enumerate(shapes)]
     (root / 'annotations').mkdir(parents=True, exist_ok=True)
     for split, count in (('train', train_images), ('val', val_images)):
         (root / split).mkdir(parents=True, exist_ok=True)
@@ -98,10 +104,10 @@ def write_shapes_coco(
             img = Image.new('RGB', (width, height), tuple(rng.randint(0, 90) for _ in range(3)))
             draw = ImageDraw.Draw(img)
             for _ in range(rng.randint(1, max_objects)):
-                category = rng.randrange(len(SHAPES))
+                category = rng.randrange(len(shapes))
                 r = rng.uniform(0.12, 0.25) * min(width, height)
                 cx, cy = rng.uniform(r + 1, width - r - 1), rng.uniform(r + 1, height - r - 1)
-                points = _polygon(SHAPES[category], cx, cy, r)
+                points = _polygon(shapes[category], cx, cy, r)
                 draw.polygon(points, fill=tuple(rng.randint(120, 255) for _ in range(3)))
                 xs, ys = [p[0] for p in points], [p[1] for p in points]
                 area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(points))))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mmengine
 import mmengine.runner.checkpoint as mmengine_checkpoint
@@ -31,7 +31,8 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.utils import apply_to
-from mmseg.registry import HOOKS, MODELS
+from mmseg.evaluation.metrics import IoUMetric
+from mmseg.registry import DATASETS, HOOKS, METRICS, MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mpvit.mmseg_transforms  # noqa: F401  (registers CheckedLoadImage, CheckSegMap)
@@ -107,6 +108,27 @@ class StopOnNonFiniteLoss(Hook):
         # A finite loss may still have been followed by a step that made the weights non-finite.
         where = f"iteration {checkpoint.get('meta', {}).get('iter', runner.iter)}"
         self.watch.check_weights(checkpoint.get('state_dict', {}), where)
+
+
+@METRICS.register_module()
+class CheckedIoUMetric(IoUMetric):
+    """mmseg's ``IoUMetric``, plus a warning when most of the classes have no labelled pixel in the evaluated
+    set: the sign of labels of another dataset than the config's classes (3-class labels under the 150 ADE20K
+    classes gave mIoU 0 with 148 NaN rows, and no word). Adds ``classes_without_labels`` to the metrics."""
+
+    def compute_metrics(self, results: list) -> Dict[str, float]:
+        metrics = super().compute_metrics(results)
+        if self.format_only or not results:
+            return metrics
+        labelled = sum(result[3] for result in results)  # pixels of each class in the labels
+        absent = [name for name, count in zip(self.dataset_meta['classes'], labelled.tolist()) if count == 0]
+        metrics['classes_without_labels'] = len(absent)
+        if len(absent) * 2 > len(labelled):
+            print_log(f'{len(absent)} of {len(labelled)} classes have no labelled pixel in the {len(results)} '
+                      f'evaluated images (e.g. {", ".join(map(str, absent[:5]))}): are these labels of the '
+                      "dataset the config's classes describe? mIoU averages the classes present only "
+                      '(see semantic_segmentation/README.md, "Your own data")', logger='current', level=30)
+        return metrics
 
 
 @HOOKS.register_module()
@@ -191,8 +213,10 @@ class MMSegMPViT(_MPViT, BaseModule):
 
 def load_run_config(config: str, launcher: str = 'none', cfg_options: Optional[Dict] = None,
                     work_dir: Optional[str] = None) -> Config:
-    """A config as mmseg's train / test tools read it: ``--cfg-options`` merged, the launcher set, and the
-    work dir from ``--work-dir``, the config, or ``work_dirs/<config name>`` (in that order)."""
+    """A config as mmseg's train / test tools read it: ``--cfg-options`` merged (the data's top-level keys
+    applied everywhere, :func:`apply_data_options`), checked against its data (:func:`fit_to_data`), the
+    launcher set, and the work dir from ``--work-dir``, the config, or ``work_dirs/<config name>`` (in that
+    order)."""
     if not osp.isfile(config):
         raise MissingFileError(f'config file not found: {config}')
     try:
@@ -203,9 +227,176 @@ def load_run_config(config: str, launcher: str = 'none', cfg_options: Optional[D
     cfg.launcher = launcher
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+        apply_data_options(cfg, cfg_options)
+    fit_to_data(cfg)
     backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('backend')
     if launcher != 'none' and backend == 'nccl' and not torch.cuda.is_available():
         raise InvalidInputError(f'--launcher {launcher}: env_cfg.dist_cfg.backend is nccl, which needs CUDA GPUs, and '
                                 'this machine has none (--cfg-options env_cfg.dist_cfg.backend=gloo runs on CPU)')
     cfg.work_dir = work_dir or cfg.get('work_dir') or osp.join('work_dirs', osp.splitext(osp.basename(config))[0])
     return cfg
+
+
+# The data's own keys (top level of configs/semantic_segmentation/_base_/datasets/*.py): on the command line
+# they mean every dataloader, as in the file, where a dataset copy per dataloader is taken at parse time.
+DATA_OPTIONS = ('data_root', 'classes', 'palette', 'reduce_zero_label', 'ignore_index')
+_LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+_HEADS = ('decode_head', 'auxiliary_head')
+
+
+def _datasets(dataset: Any) -> Iterator[Dict]:
+    """The datasets (with pipelines) of a dataloader's ``dataset`` config, through wrappers
+    (``RepeatDataset``'s ``dataset``, ``ConcatDataset``'s ``datasets``)."""
+    if not isinstance(dataset, dict):
+        return
+    if isinstance(dataset.get('dataset'), dict):
+        yield from _datasets(dataset['dataset'])
+    elif isinstance(dataset.get('datasets'), (list, tuple)):
+        for inner in dataset['datasets']:
+            yield from _datasets(inner)
+    else:
+        yield dataset
+
+
+def _loader_datasets(cfg: Config) -> Iterator[Tuple[str, Dict]]:
+    for loader in _LOADERS:
+        for dataset in _datasets((cfg.get(loader) or {}).get('dataset')):
+            yield loader, dataset
+
+
+def _heads(cfg: Config) -> Iterator[Tuple[str, Dict]]:
+    """``(config key, head config)`` of the decode and auxiliary heads (the latter may be a list)."""
+    for name in _HEADS:
+        head = cfg.model.get(name)
+        heads = head if isinstance(head, (list, tuple)) else [head]
+        for i, one in enumerate(heads):
+            if isinstance(one, dict):
+                yield (f'model.{name}' if len(heads) == 1 else f'model.{name}.{i}'), one
+
+
+def _pipeline_steps(dataset: Dict, name: str) -> List[Dict]:
+    def type_name(step):
+        kind = step.get('type') if isinstance(step, dict) else None
+        return kind if isinstance(kind, str) else getattr(kind, '__name__', None)
+    return [step for step in dataset.get('pipeline') or [] if type_name(step) == name]
+
+
+def apply_data_options(cfg: Config, options: Dict) -> None:
+    """``--cfg-options`` of the data's top-level keys (``data_root``, ``classes``, ``palette``,
+    ``reduce_zero_label``, ``ignore_index``) set every dataloader's dataset; ``classes`` and
+    ``ignore_index`` also the heads (class count, ignored label), crop padding and metric."""
+    given = {k: options[k] for k in DATA_OPTIONS if k in options}
+    if 'classes' in given:
+        classes = given['classes']
+        given['classes'] = (classes,) if isinstance(classes, str) else tuple(classes)
+        if not given['classes']:
+            raise InvalidInputError('--cfg-options classes= names no class')
+        cfg.classes = given['classes']
+        cfg.num_classes = len(given['classes'])
+    for _, dataset in _loader_datasets(cfg):
+        for key in ('data_root', 'reduce_zero_label', 'ignore_index'):
+            if key in given:
+                dataset[key] = given[key]
+        for key in ('classes', 'palette'):
+            if key in given:
+                dataset['metainfo'] = dict(dataset.get('metainfo') or {}, **{key: given[key]})
+    for key, head in _heads(cfg):
+        if 'classes' in given and f'{key}.num_classes' not in options:  # a head set explicitly is checked
+            head['num_classes'] = len(given['classes'])
+        if 'ignore_index' in given:
+            head['ignore_index'] = given['ignore_index']
+    if 'ignore_index' in given:
+        cfg.model.setdefault('data_preprocessor', {})['seg_pad_val'] = given['ignore_index']
+        for evaluator in (cfg.get('val_evaluator'), cfg.get('test_evaluator')):
+            if isinstance(evaluator, dict):
+                evaluator['ignore_index'] = given['ignore_index']
+
+
+def dataset_classes(dataset: Dict) -> Tuple[Optional[Tuple[str, ...]], str]:
+    """The classes a dataset config declares (``metainfo.classes``, else its type's ``METAINFO``) and
+    where they come from, for messages; ``None`` when it declares none."""
+    classes = (dataset.get('metainfo') or {}).get('classes')
+    if classes is not None:
+        return ((classes,) if isinstance(classes, str) else tuple(classes)), 'dataset.metainfo.classes'
+    kind = dataset.get('type')
+    cls = DATASETS.get(kind) if isinstance(kind, str) else kind
+    classes = getattr(cls, 'METAINFO', {}).get('classes') if cls is not None else None
+    name = kind if isinstance(kind, str) else getattr(kind, '__name__', str(kind))
+    return (tuple(classes) if classes else None), f'{name} (its METAINFO)'
+
+
+def fit_to_data(cfg: Config) -> Optional[Tuple[str, ...]]:
+    """Check a run config against its data before anything is built, and return the dataset's classes.
+
+    Every dataloader must declare the same classes, and each head's ``num_classes`` must be their number:
+    a 150-class head trained or scored on 3-class data otherwise gives mIoU 0 and NaN rows, silently.
+    A mismatch is one line naming both numbers and the keys to set. ``CheckSegMap`` is set to the dataset's
+    class count and ignore index, ``RandomCrop`` to its ignore index and ``LoadAnnotations`` to its
+    ``reduce_zero_label``: the label checks follow the data, whatever the pipeline says.
+    """
+    found = []  # (where, classes)
+    for loader, dataset in _loader_datasets(cfg):
+        classes, source = dataset_classes(dataset)
+        where = f'{loader}.{source}' if source.startswith('dataset.') else f'{loader}: {source}'
+        if classes is None:
+            kind = dataset.get('type')
+            if kind is None or (isinstance(kind, str) and DATASETS.get(kind) is None):
+                continue  # no or an unknown dataset type: mmengine names it when it builds the dataset
+            raise InvalidInputError(f'{loader}.dataset ({dataset["type"]}) names no classes: set '
+                                    f'metainfo=dict(classes=(...)) or --cfg-options "classes=[a,b,c]" (see "Your own '
+                                    f'data" in semantic_segmentation/README.md)')
+        found.append((where, classes))
+        metainfo = dataset.get('metainfo') or {}
+        if 'palette' in metainfo and not metainfo['palette']:  # None / []: mmseg picks the colours
+            dataset['metainfo'] = {k: v for k, v in metainfo.items() if k != 'palette'}
+        elif metainfo.get('palette') and metainfo.get('classes') is not None \
+                and len(metainfo['palette']) != len(classes):
+            raise InvalidInputError(f'{loader}.dataset.metainfo.palette has {len(metainfo["palette"])} colours for '
+                                    f'{len(classes)} classes: give one [R, G, B] per class, or none (palette=None)')
+        for step in _pipeline_steps(dataset, 'CheckSegMap'):
+            step['num_classes'], step['ignore_index'] = len(classes), dataset.get('ignore_index', 255)
+        for step in _pipeline_steps(dataset, 'RandomCrop'):  # cat_max_ratio leaves the ignored label out
+            step['ignore_index'] = dataset.get('ignore_index', 255)
+        reduce = dataset.get('reduce_zero_label')
+        for step in _pipeline_steps(dataset, 'LoadAnnotations'):
+            if reduce is not None and step.get('reduce_zero_label') not in (None, reduce):
+                step['reduce_zero_label'] = reduce
+    if not found:
+        return None
+    where, classes = found[0]
+    for other, theirs in found[1:]:
+        if theirs != classes:
+            raise InvalidInputError(f'{where} has {len(classes)} classes but {other} has {len(theirs)}'
+                                    f'{"" if len(theirs) != len(classes) else " (other names)"}: every dataloader '
+                                    'needs the same classes (--cfg-options "classes=[a,b,c]" sets them all)')
+    wrong = [(key, head.get('num_classes')) for key, head in _heads(cfg) if head.get('num_classes') != len(classes)]
+    if wrong:
+        heads = ', '.join(f'{key}.num_classes is {n}' for key, n in wrong)
+        fix = ' '.join(f'{key}.num_classes={len(classes)}' for key, _ in _heads(cfg))
+        raise InvalidInputError(f'the data has {len(classes)} classes ({where}) but {heads}: set --cfg-options {fix} '
+                                '(the configs of configs/semantic_segmentation/custom/ take it from the data)')
+    return classes
+
+
+def eval_dataset_record(dataset: Any) -> Dict:
+    """``eval_metrics.json``'s ``dataset`` (:func:`mpvit.model_zoo.dataset_record`) for an mmseg dataset:
+    ``ade20k`` for ADE20KDataset, else the dataset's class name (the data root's folder name for
+    BaseSegDataset, which names nothing); the split is the image folder's name (ADE20K's ``validation``);
+    the fingerprint is that of the sorted label file names."""
+    from mpvit import model_zoo
+
+    kind = type(dataset).__name__
+    if kind == 'ADE20KDataset':
+        name = 'ade20k'
+    elif kind == 'BaseSegDataset':
+        name = osp.basename(osp.normpath(dataset.data_root or '')) or 'custom'
+    else:
+        name = kind.removesuffix('Dataset') or kind
+    img_dir = dataset.data_prefix.get('img_path') or dataset.data_root or ''
+    ann_dir = dataset.data_prefix.get('seg_map_path') or ''
+    infos = [dataset.get_data_info(i) for i in range(len(dataset))]
+    labels = sorted(osp.relpath(info['seg_map_path'], ann_dir) if ann_dir else osp.basename(info['seg_map_path'])
+                    for info in infos if info.get('seg_map_path'))
+    return model_zoo.dataset_record(name, osp.basename(osp.normpath(img_dir)), len(dataset),
+                                    fingerprint=model_zoo.fingerprint_names(labels),
+                                    classes=list(dataset.metainfo.get('classes') or ()))

@@ -56,6 +56,9 @@ class CheckSegMap(BaseTransform):
     Args:
         num_classes: classes of the dataset (150 for ADE20K).
         ignore_index: the label value the loss and metric ignore.
+
+    The train / test tools set both from the pipeline's dataset (``mpvit.mmseg.fit_to_data``), so the check
+    follows the data's own classes whatever the config wrote here.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255):

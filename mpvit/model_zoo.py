@@ -184,11 +184,63 @@ def paper_row(task: str, config: str | os.PathLike | None = None, model: str | N
     return None
 
 
+# The dataset each table of the paper was measured on: (name, split, number of images). A result goes on a
+# paper row only when its ``dataset`` record says it was measured on exactly this (names as the drivers write
+# them: ``dataset_record``).
+PAPER_DATASETS = {
+    'classification': ('imagenet-1k', 'val', 50000),
+    'detectron2': ('coco', 'val2017', 5000),
+    'deformable_detr': ('coco', 'val2017', 5000),
+    'mmseg': ('ade20k', 'validation', 2000),
+}
+
+
+def fingerprint_file(path: str | os.PathLike) -> str:
+    """sha256 of a file (an annotation file), in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_names(names) -> str:
+    """sha256 of a list of names (the files and labels of a folder dataset without an annotation file)."""
+    import hashlib
+
+    return hashlib.sha256('\n'.join(map(str, names)).encode()).hexdigest()
+
+
+def dataset_record(name: str, split: str, images: int, annotations: str | os.PathLike | None = None,
+                   fingerprint: str | None = None, classes: Optional[List[str]] = None) -> Dict:
+    """What ``eval_metrics.json`` says about the evaluated data: ``name`` (lower case: ``imagenet-1k``,
+    ``coco``, ``ade20k``, or the user's own), ``split``, the number of ``images`` evaluated, the annotation
+    file and a fingerprint (sha256 of that file when there is one), and the number of classes."""
+    if fingerprint is None and annotations and os.path.isfile(annotations):
+        fingerprint = fingerprint_file(annotations)
+    record = dict(name=str(name).lower(), split=str(split), images=int(images),
+                  annotations=str(annotations) if annotations else None, sha256=fingerprint)
+    if classes is not None:
+        record['num_classes'] = len(classes)
+    return record
+
+
+def on_paper_dataset(task: str, dataset: Optional[Dict]) -> bool:
+    """Whether a ``dataset_record`` is the dataset and split of ``task``'s paper table (all its images)."""
+    if not dataset or task not in PAPER_DATASETS:
+        return False
+    name, split, images = PAPER_DATASETS[task]
+    return (dataset.get('name'), dataset.get('split'), dataset.get('images')) == (name, split, images)
+
+
 def write_eval_metrics(path: str | os.PathLike, task: str, metrics: Dict, config: str | os.PathLike | None = None,
-                       model: str | None = None) -> Dict:
-    """Write an evaluation's metrics with what ``tools/paper_tables.py --results`` needs to place them."""
+                       model: str | None = None, dataset: Optional[Dict] = None) -> Dict:
+    """Write an evaluation's metrics with what ``tools/paper_tables.py --results`` needs to place them:
+    the paper row the config reproduces, and the ``dataset`` evaluated (``dataset_record``)."""
     record = dict(metrics, task=task, paper_row=paper_row(task, config, model),
-                  config=str(config) if config else None, model=model)
+                  config=str(config) if config else None, model=model, dataset=dataset)
     from mpvit.serialization import atomic_file
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)

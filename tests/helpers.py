@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
@@ -16,6 +17,7 @@ def load_script(relative_path: str) -> ModuleType:
     name = '_script_' + relative_path.replace('/', '_').removesuffix('.py')
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import does (dataclasses look their module up)
     spec.loader.exec_module(module)
     return module
 

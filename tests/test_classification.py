@@ -16,7 +16,7 @@ from helpers import REPO, assert_scores, free_port, load_script
 
 from mpvit import CheckpointError
 from mpvit.demo_data import write_shapes_imagefolder
-from mpvit.errors import DivergenceError
+from mpvit.errors import DivergenceError, InvalidInputError
 
 MAIN = REPO / 'classification' / 'main.py'
 cls_main = load_script('classification/main.py')
@@ -245,7 +245,8 @@ def test_compiled_training_saves_plain_checkpoints(two_class, tmp_path):
 
 
 def test_model_ema_is_evaluated_saved_and_resumed(two_class, tmp_path):
-    result = run(two_class, tmp_path, '--epochs', '1', '--max-steps', '2', '--model-ema', '--model-ema-decay', '0.5')
+    result = run(two_class, tmp_path, '--epochs', '2', '--run-epochs', '1', '--max-steps', '2', '--model-ema',
+                 '--model-ema-decay', '0.5')
     assert 0 <= result['ema_acc1'] <= 100
     state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
     assert state['model_ema'].keys() == state['model'].keys()
@@ -253,3 +254,132 @@ def test_model_ema_is_evaluated_saved_and_resumed(two_class, tmp_path):
     assert not torch.equal(state['model_ema'][key], state['model'][key])
     resumed = run(two_class, tmp_path, '--epochs', '2', '--max-steps', '2', '--model-ema', '--auto-resume')
     assert 'ema_acc1' in resumed
+
+
+COLOURS = {'apple': (200, 30, 30), 'leaf': (30, 170, 40), 'sky': (40, 80, 220)}
+
+
+def write_colour_classes(root, train_per_class: int, val_per_class: int, size: int = 64):
+    """A user's own ImageFolder: three classes named by the colour of a disc on a dark background."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    for split, count in (('train', train_per_class), ('val', val_per_class)):
+        for name, rgb in COLOURS.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                image = Image.new('RGB', (size, size), tuple(rng.randint(0, 90) for _ in range(3)))
+                r = rng.randint(size // 5, size // 3)
+                cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+                colour = tuple(max(0, min(255, v + rng.randint(-30, 30))) for v in rgb)
+                ImageDraw.Draw(image).ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+                image.save(root / split / name / f'{i}.jpg')
+    return root
+
+
+def stand_in_imagenet_checkpoint(path):
+    """A 1000-class checkpoint in the released format whose features depend on the input, as pretrained ones
+    do: random weights with batch-norm statistics measured on images (at initialisation they are 0 / 1, and
+    the evaluated network's pooled features are the same for every image)."""
+    torch.manual_seed(0)
+    model = timm.create_model('mpvit_tiny')
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the batches
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.rand(16, 3, 64, 64))
+    torch.save({'model': model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_finetune_route_learns_your_classes_and_predict_names_them(tmp_path, capsys):
+    """The documented route: finetune.yaml from ImageNet weights on a 3-class folder, at small batch and few
+    epochs, rises above chance (the ImageNet recipe ran its first epochs at ~1e-6 and stayed at chance); the
+    checkpoint carries the classes and transform, so predict.py and --eval use them."""
+    data = write_colour_classes(tmp_path / 'fruit', train_per_class=24, val_per_class=8)
+    weights = stand_in_imagenet_checkpoint(tmp_path / 'imagenet.pth')
+    args = cls_main.parse_args(['-c', str(REPO / 'configs/classification/finetune.yaml'), '--pretrained', str(weights),
+                                '--data-path', str(data), '--output-dir', str(tmp_path / 'out'), '--input-size', '64',
+                                '--batch-size', '16', '--epochs', '5', '--warmup-steps', '3', '--num-workers', '0',
+                                '--amp', 'none'])
+    assert args.lr == 2e-4 and args.layer_decay == 0.75  # the config's, used as given (not x batch / 512)
+    result = cls_main.main(args)
+    assert result['best_acc1'] > 50.0, result  # chance: 33.3
+    state = torch.load(tmp_path / 'out' / 'checkpoint.pth', weights_only=True)
+    cfg = state['pretrained_cfg']
+    assert cfg['label_names'] == ['apple', 'leaf', 'sky'] and cfg['num_classes'] == 3
+    assert cfg['architecture'] == 'mpvit_tiny' and cfg['input_size'] == [3, 64, 64] and cfg['crop_pct'] == 0.875
+
+    predict = load_script('tools/predict.py')
+    image = data / 'val' / 'sky' / '0.jpg'
+    top = predict.main([str(image), '--weights', str(tmp_path / 'out' / 'checkpoint.pth'), '--top', '3'])[0]
+    assert sorted(entry['name'] for entry in top) == ['apple', 'leaf', 'sky']
+    out = capsys.readouterr().out
+    assert f"{top[0]['name']} ({top[0]['index']})" in out
+    model = timm.create_model('mpvit_tiny', num_classes=3).eval()
+    model.load_state_dict(state['model'])
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg))
+    from PIL import Image
+    with torch.no_grad():  # predict used the checkpoint's 64-pixel transform, not ImageNet's 224
+        expected = model(transform(Image.open(image).convert('RGB')).unsqueeze(0)).softmax(-1)[0]
+    assert top[0]['probability'] == pytest.approx(float(expected.max()), rel=1e-4)
+
+    evaluated = run(data, tmp_path / 'eval', '--input-size', '64', '--eval', '--resume',
+                    str(tmp_path / 'out' / 'checkpoint.pth'))
+    record = json.loads((tmp_path / 'eval' / 'eval_metrics.json').read_text())
+    assert record['acc1'] == evaluated['acc1'] and record['paper_row'] == 'mpvit_tiny'
+    assert record['dataset']['name'] == 'fruit' and record['dataset']['split'] == 'val'
+    assert record['dataset']['images'] == 24 and record['dataset']['num_classes'] == 3
+
+
+def test_warm_up_in_steps_and_layer_decay(two_class, tmp_path):
+    """--warmup-steps: the lr reaches its peak after that many optimizer steps, inside the first epoch (the
+    per-epoch schedule would still be at --warmup-lr); --layer-decay: the classifier at lr, the stem lowest."""
+    args = cls_main.parse_args([*SMALL, '--data-path', str(two_class), '--lr', '1e-3', '--warmup-steps', '2',
+                                '--layer-decay', '0.5', '--epochs', '10'])
+    model = timm.create_model('mpvit_tiny', num_classes=2)
+    optimizer = cls_main.build_optimizer(args, model)
+    scheduler, epochs = cls_main.build_scheduler(args, optimizer, steps_per_epoch=4)
+    scales = sorted({group['lr_scale'] for group in optimizer.param_groups})
+    assert scales[-1] == 1.0 and scales[0] == pytest.approx(0.5 ** 5)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    assert all(group['lr_scale'] == 1.0 for group in optimizer.param_groups if head & {id(p) for p in group['params']})
+    lrs = []
+    for step in range(1, 41):
+        scheduler.step_update(step)
+        lrs.append(cls_main.current_lr(optimizer))
+    assert lrs[0] < lrs[1] and lrs[1] == pytest.approx(1e-3, rel=1e-2)  # warm-up over, within epoch 0
+    assert lrs[-1] == pytest.approx(args.min_lr, rel=1e-2) and epochs == 10
+
+
+def test_evaluating_on_other_classes_is_refused(two_class, tmp_path, caplog):
+    """A checkpoint of this script names its classes: the same count under other names is refused for --eval
+    (its classifier would fit and score the wrong classes), and fine-tuning makes a new classifier."""
+    run(two_class, tmp_path / 'a', '--epochs', '1', '--max-steps', '1')
+    state = torch.load(tmp_path / 'a' / 'checkpoint.pth', weights_only=True)
+    assert state['pretrained_cfg']['label_names'] == ['disc', 'square']
+    state['pretrained_cfg']['label_names'] = ['cat', 'dog']
+    torch.save(state, tmp_path / 'pets.pth')
+    with pytest.raises(CheckpointError, match=r"pets\.pth was trained on 2 classes .*0: 'cat' vs 'disc'"):
+        run(two_class, tmp_path / 'eval', '--eval', '--resume', str(tmp_path / 'pets.pth'))
+    with caplog.at_level(logging.WARNING):
+        run(two_class, tmp_path / 'finetune', '--epochs', '1', '--max-steps', '1', '--pretrained',
+            str(tmp_path / 'pets.pth'))
+    assert any('cat, dog' in r.getMessage() and 'new classifier' in r.getMessage() for r in caplog.records)
+
+
+def test_resume_with_another_schedule_is_one_line(two_class, tmp_path):
+    """The optimizer groups and schedule come back from the checkpoint: another --layer-decay failed inside
+    torch with a traceback, another --warmup-steps / --epochs was silently replaced by the saved schedule."""
+    run(two_class, tmp_path, '--epochs', '2', '--run-epochs', '1', '--max-steps', '1', '--warmup-steps', '1')
+    for flag, value, message in (('--layer-decay', '0.7', r'--layer-decay None \(now 0\.7\)'),
+                                 ('--warmup-steps', '3', r'--warmup-steps 1 \(now 3\)')):
+        extra = ['--warmup-steps', '1'] if flag != '--warmup-steps' else []
+        with pytest.raises(InvalidInputError, match=rf'checkpoint\.pth was trained with {message}: resume'):
+            run(two_class, tmp_path, '--epochs', '2', '--max-steps', '1', '--auto-resume', flag, value, *extra)
+    result = run(two_class, tmp_path, '--epochs', '2', '--max-steps', '1', '--warmup-steps', '1', '--auto-resume')
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['epoch'] == 1 and 'acc1' in result

@@ -261,8 +261,8 @@ def _args(coco, out, *extra):
 def test_bad_input_stops_before_the_model_is_built(coco, tmp_path, monkeypatch, capsys):
     main = load_script('deformable_detr/main.py')
     monkeypatch.setattr(main, 'build_deformable_detr', lambda *a, **k: pytest.fail('model built before the check'))
-    with pytest.raises(ValueError, match=r'instances_val.json: annotation id \d+ \(image id \d+\) has '
-                                         r'category_id 4, outside 0..3 \(--num-classes 4'):
+    with pytest.raises(ValueError, match=r'--num-classes 4 does not fit the data: .*instances_val.json has category '
+                                         r'ids up to 4, so needs 5 \(leave --num-classes out to follow the data\)'):
         main.main(_args(coco, tmp_path / 'out', '--num-classes', '4'))
     (tmp_path / 'file').write_text('')
     with pytest.raises(ValueError, match='output directory .*file/out cannot be created'):
@@ -353,3 +353,163 @@ def test_unreadable_and_16_bit_images(tmp_path, caplog):
         (root / 'train' / image['file_name']).write_bytes(b'')
     with pytest.raises(InvalidInputError, match=r'instances_train.json: none of its 3 images can be read'):
         dataset(True)
+
+
+# ------------------------------------------------------------------------ your own data, end to end
+
+FRUIT = ('apple', 'pear')
+
+
+def _write_fruit_coco(root: Path) -> Path:
+    """A custom COCO-format set of 2 categories with names of its own (ids 1, 2), 2 train and 2 val images."""
+    write_shapes_coco(root, train_images=2, val_images=2, size=(64, 48))
+    for split in ('train', 'val'):
+        path = root / 'annotations' / f'instances_{split}.json'
+        data = json.loads(path.read_text())
+        data['categories'] = [dict(id=i + 1, name=name) for i, name in enumerate(FRUIT)]
+        for ann in data['annotations']:
+            ann['category_id'] = 1 + (ann['category_id'] - 1) % 2
+        path.write_text(json.dumps(data))
+    return root
+
+
+def _fruit_args(root, out, *extra):
+    """Flags for a short run on the fruit set; no --num-classes: the head follows the data."""
+    return ['-c', str(REPO / 'configs' / 'deformable_detr' / 'mpvit_tiny.yaml'), '--pretrained', '',
+            '--coco-path', str(root), '--train-set', 'train', '--val-set', 'val', '--num-queries', '30',
+            '--num-workers', '0', '--print-freq', '1', '--train-sizes', '48', '--crop-resize', '48',
+            '--crop-range', '32', '48', '--max-size', '64', '--test-size', '48', '--output-dir', str(out),
+            '--device', 'cpu', *extra]
+
+
+@pytest.fixture(scope='module')
+def fruit(tmp_path_factory):
+    return _write_fruit_coco(tmp_path_factory.mktemp('fruit') / 'fruit')
+
+
+@pytest.fixture(scope='module')
+def fruit_run(fruit, tmp_path_factory):
+    """One epoch on the fruit set through the command line, shared by the tests below."""
+    out = tmp_path_factory.mktemp('fruit_run')
+    run = subprocess.run([sys.executable, str(REPO / 'deformable_detr' / 'main.py'), *_fruit_args(fruit, out),
+                          '--epochs', '1'], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return out, run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_own_data_head_follows_the_categories(fruit_run):
+    out, log = fruit_run
+    assert '3 class outputs (largest category id + 1) from the categories of' in log
+    saved = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert saved['model']['class_embed.0.bias'].shape == (3,)
+    assert saved['dataset_meta'] == {'classes': list(FRUIT), 'category_ids': [1, 2]}
+    assert saved['preprocess'] == dict(test_size=48, max_size=64, mean=[0.485, 0.456, 0.406],
+                                       std=[0.229, 0.224, 0.225])
+    dataset = json.loads((out / 'eval_metrics.json').read_text())['dataset']
+    assert dataset['name'] == 'fruit' and dataset['split'] == 'val' and dataset['images'] == 2
+
+
+@pytest.mark.slow
+def test_own_data_evaluate_and_draw(fruit, fruit_run, tmp_path, capsys):
+    from PIL import Image
+
+    from mpvit.model_zoo import fingerprint_file, on_paper_dataset
+
+    out, _ = fruit_run
+    driver = load_script('deformable_detr/main.py')
+    stats = driver.main(_fruit_args(fruit, tmp_path / 'eval', '--eval', '--resume', str(out / 'checkpoint.pth')))
+    assert_scores(stats, 'AP', 'AP50')
+    metrics = json.loads((tmp_path / 'eval' / 'eval_metrics.json').read_text())
+    annotations = fruit / 'annotations' / 'instances_val.json'
+    assert metrics['dataset'] == dict(name='fruit', split='val', images=2, annotations=str(annotations),
+                                      sha256=fingerprint_file(annotations), num_classes=2)
+    assert not on_paper_dataset('deformable_detr', metrics['dataset'])
+
+    demo = load_script('deformable_detr/demo.py')
+    image = fruit / 'val' / '000001.jpg'
+    capsys.readouterr()
+    written = demo.main([str(image), '--weights', str(out / 'checkpoint.pth'), '-c',
+                         str(REPO / 'configs' / 'deformable_detr' / 'mpvit_tiny.yaml'), '--threshold', '0',
+                         '--output', str(tmp_path / 'demo'), '--device', 'cpu'])
+    printed = capsys.readouterr().out
+    png = tmp_path / 'demo' / '000001.png'
+    assert written == [png] and f'wrote {png}' in printed
+    assert re.search(r'^  (apple|pear) 0\.\d\d  \[', printed, re.M), printed[:2000]
+    assert not re.search(r'^  class \d', printed, re.M)  # every label named
+    with Image.open(png) as drawn:
+        assert drawn.size == Image.open(image).size
+
+
+def test_own_data_errors_are_one_line(fruit, coco, tmp_path, capsys):
+    from mpvit.errors import InvalidInputError
+    from mpvit.training import user_errors_in_one_line
+
+    driver = load_script('deformable_detr/main.py')
+    # A user-set class count below what the data's ids need: both numbers, before any model is built.
+    with pytest.raises(InvalidInputError, match=r'--num-classes 2 does not fit the data: .*instances_val.json has '
+                                                r'category ids up to 2, so needs 3'):
+        driver.main(_fruit_args(fruit, tmp_path / 'out', '--num-classes', '2'))
+    # A checkpoint's head that does not fit the evaluated data.
+    head = {'model': {'class_embed.0.bias': torch.zeros(3), 'class_embed.0.weight': torch.zeros(3, 256)}}
+    torch.save(head, tmp_path / 'three.pth')
+    with pytest.raises(CheckpointError, match=r'three.pth has a class head of 3 outputs, but .*instances_val.json '
+                                              r'needs 5 \(largest category id 4\)'):
+        driver.main(_fruit_args(coco, tmp_path / 'out', '--eval', '--resume', str(tmp_path / 'three.pth')))
+    # The demo: a missing image, a threshold outside [0, 1], an unreadable image, a missing weights file.
+    demo = load_script('deformable_detr/demo.py')
+    config = str(REPO / 'configs' / 'deformable_detr' / 'mpvit_tiny.yaml')
+    (tmp_path / 'broken.jpg').write_bytes(b'not a picture')
+    image = str(fruit / 'val' / '000001.jpg')
+    for argv, line in (
+            ([str(tmp_path / 'nothing.jpg')], f'error: image(s) not found: {tmp_path / "nothing.jpg"}'),
+            ([image, '--threshold', '1.5'], 'error: --threshold 1.5: must be in [0, 1] (a score)'),
+            ([str(tmp_path / 'broken.jpg')], f'error: unreadable image {tmp_path / "broken.jpg"} ('),
+            ([image, '--weights', str(tmp_path / 'none.pth')], f'error: checkpoint file not found: '
+                                                                f'{tmp_path / "none.pth"}')):
+        argv = [*argv, '-c', config, '--output', str(tmp_path / 'demo')]
+        with pytest.raises(SystemExit), user_errors_in_one_line():
+            demo.main(argv if '--weights' in argv else [*argv, '--weights', str(tmp_path / 'three.pth')])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(line), err
+
+
+def test_fine_tuning_keeps_a_new_class_head_and_names_fall_back_to_coco():
+    torch.manual_seed(0)
+    coco_like = build_deformable_detr('mpvit_tiny', num_labels=91, num_queries=10)
+    ours = build_deformable_detr('mpvit_tiny', num_labels=3, num_queries=10)
+    fresh = ours.class_embed[0].bias.clone()
+    with pytest.raises(CheckpointError, match=r'class_embed.0.bias \(checkpoint \(91,\), model \(3,\)\)'):
+        load_detector_weights(ours, {'model': coco_like.state_dict()})
+    left = load_detector_weights(ours, {'model': coco_like.state_dict()}, new_head=True)
+    assert left and all(k.startswith('class_embed.') for k in left)
+    assert torch.equal(ours.class_embed[0].bias, fresh)
+    assert torch.equal(ours.model.query_position_embeddings.weight, coco_like.model.query_position_embeddings.weight)
+
+    demo = load_script('deformable_detr/demo.py')
+    coco_names = demo.class_names({'model': {}}, 91)
+    assert len(coco_names) == 80 and coco_names[1] == 'person' and coco_names[90] == 'toothbrush'
+    assert demo.class_names({'dataset_meta': {'classes': ['a', 'b'], 'category_ids': [3, 7]}}, 8) == {3: 'a', 7: 'b'}
+    assert demo.class_names({}, 5) == {}
+
+
+def test_dataset_record_names_coco_by_its_categories(coco, tmp_path):
+    from torchvision.transforms import v2
+
+    from mpvit.coco_checks import coco_2017_names
+
+    driver = load_script('deformable_detr/main.py')
+    root = tmp_path / 'mine'
+    shutil.copytree(coco, root)
+    path = root / 'annotations' / 'instances_val.json'
+    data = json.loads(path.read_text())
+    data['categories'] = [dict(id=i, name=n) for i, n in coco_2017_names().items()]
+    path.write_text(json.dumps(data))
+    args = driver.get_args(['--coco-path', str(root), '--val-set', 'val'])
+    val_set = driver.CocoDetection(root / 'val', path, v2.Identity(), None)
+    assert val_set.label_space == 91
+    assert driver.dataset_record(args, val_set)['name'] == 'coco'
+    data['categories'][0]['name'] = 'human'  # COCO's ids, not its names: the user's own data
+    path.write_text(json.dumps(data))
+    record = driver.dataset_record(args, driver.CocoDetection(root / 'val', path, v2.Identity(), None))
+    assert record['name'] == 'mine' and record['split'] == 'val' and record['images'] == 3

@@ -325,7 +325,7 @@ def _train_net(coco, config, out, *opts, flags=(), expect_ok=True):
         'DATASETS.TRAIN', "('shapes_train',)", 'DATASETS.TEST', "('shapes_val',)", 'DATALOADER.NUM_WORKERS', '0',
         'SOLVER.IMS_PER_BATCH', '2', 'SOLVER.WARMUP_ITERS', '1', 'SOLVER.CHECKPOINT_PERIOD', '2',
         'INPUT.MIN_SIZE_TRAIN', '(96,)', 'INPUT.MAX_SIZE_TRAIN', '160', 'INPUT.MIN_SIZE_TEST', '96',
-        'INPUT.MAX_SIZE_TEST', '160', 'MODEL.RETINANET.NUM_CLASSES', '4', 'MODEL.ROI_HEADS.NUM_CLASSES', '4',
+        'INPUT.MAX_SIZE_TEST', '160',  # no NUM_CLASSES: the heads follow the data's 4 categories
         'MODEL.RETINANET.SCORE_THRESH_TEST', '0.0', 'MODEL.ROI_HEADS.SCORE_THRESH_TEST', '0.0',
         'SEED', '0',  # Detectron2 draws a seed per run otherwise: a 2-iteration model could predict nothing
         *opts,
@@ -376,13 +376,20 @@ def test_mask_rcnn_detr_augmentation_train_eval(coco, tmp_path):
         [sys.executable, str(REPO / 'detectron2' / 'demo.py'),
          '--config-file', str(CONFIGS / 'mask_rcnn_mpvit_tiny_ms_3x.yaml'),
          '--input', str(coco / 'val' / '000001.jpg'), '--output', str(demo_out), '--confidence-threshold', '0',
-         '--coco-dataset', 'shapes_val', str(coco / 'annotations' / 'instances_val.json'), str(coco / 'val'),
-         'MODEL.WEIGHTS', str(out / 'model_final.pth'), 'MODEL.ROI_HEADS.NUM_CLASSES', '4',
-         'DATASETS.TEST', "('shapes_val',)",
-         'INPUT.MIN_SIZE_TEST', '96', 'INPUT.MAX_SIZE_TEST', '160'],
+         'MODEL.WEIGHTS', str(out / 'model_final.pth'), 'INPUT.MIN_SIZE_TEST', '96', 'INPUT.MAX_SIZE_TEST', '160'],
         capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     assert Image.open(demo_out / '000001.png').size == (128, 96)
+    # No dataset registered, no NUM_CLASSES: the checkpoint's 4 classes, named as the training set's.
+    assert torch.load(out / 'model_final.pth', weights_only=True)['dataset_meta']['thing_classes'] == \
+        ['disc', 'square', 'triangle', 'cross']
+    detections = re.findall(r'^  (\w+) +\d\.\d{3}  box', run.stdout, re.M)
+    assert detections and set(detections) <= {'disc', 'square', 'triangle', 'cross'}, run.stdout
+    assert f'wrote {demo_out.resolve() / "000001.png"}' in run.stdout
+    # The dataset evaluated is recorded: a custom set, so it goes on no paper row (paper_tables).
+    assert metrics['dataset'] == {'name': 'shapes_val', 'split': 'val', 'images': 3, 'num_classes': 4,
+                                  'annotations': str(coco / 'annotations' / 'instances_val.json'),
+                                  'sha256': metrics['dataset']['sha256']}
 
 
 def test_divergence_stops_in_one_line(coco, tmp_path):
@@ -520,8 +527,6 @@ def _first_annotation(key, value):
      'annotation id 1 .* RLE segmentation, which polygon masks cannot hold: set INPUT.MASK_FORMAT bitmask'),
     ('image not on disk', lambda d: d['images'][1].update(file_name='gone.jpg'), (),
      r'1 of 6 listed images are not in .*train: gone.jpg'),
-    ('more categories than classes', lambda d: d['categories'].append(dict(id=9, name='extra')), (),
-     '5 categories, but the model has 4 classes'),
     ('unknown category id', _first_annotation('category_id', 7), (),
      r'annotation id 1 \(image id 1\) has category_id 7, which is not among'),
     ('duplicate image id', lambda d: d['images'][1].update(id=d['images'][0]['id']), (),
@@ -626,7 +631,8 @@ def test_evaluation_refuses_heads_that_do_not_fit(tmp_path):
     torch.save({'model': trained.state_dict()}, tmp_path / 'four.pth')
     model = build_model(_cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.RETINANET.NUM_CLASSES', 3))
     MPViTCheckpointer(model).load(str(tmp_path / 'four.pth'))  # fine-tuning: the head is reset, as Detectron2 does
-    with pytest.raises(CheckpointError, match=r'keys of the wrong shape: head.cls_score.weight \(checkpoint \(36,'):
+    # The class counts, not 'another variant' (a general key mismatch).
+    with pytest.raises(CheckpointError, match=r'four\.pth: the checkpoint has heads for 4 classes, the model 3: '):
         MPViTCheckpointer(model, heads_must_fit=True).load(str(tmp_path / 'four.pth'))
     classifier = timm.create_model('mpvit_tiny')
     torch.save({'model': classifier.state_dict()}, tmp_path / 'classifier.pth')
@@ -645,3 +651,104 @@ def test_second_install_run_is_a_quiet_no_op():
     assert lines == ['[install] pinned requirements (requirements.txt)', '[install] done'], lines
     check = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+def test_class_count_follows_the_data_unless_set(coco, tmp_path, train_net):
+    """No NUM_CLASSES: the heads take the data's category count (a 2-category set gave an 80-class head in
+    silence); a NUM_CLASSES that contradicts the data, or train and test sets that disagree, is one line."""
+    from mpvit.demo_data import write_shapes_coco
+    from mpvit.errors import InvalidInputError
+
+    fruit = write_shapes_coco(tmp_path / 'two', train_images=2, val_images=1, shapes=('disc', 'cross'))
+    common = ['--coco-dataset', 'two_train', str(fruit / 'annotations' / 'instances_train.json'), str(fruit / 'train'),
+              '--coco-dataset', 'two_val', str(fruit / 'annotations' / 'instances_val.json'), str(fruit / 'val'),
+              'MODEL.DEVICE', 'cpu', 'MODEL.WEIGHTS', '', 'DATASETS.TRAIN', "('two_train',)",
+              'DATASETS.TEST', "('two_val',)", 'OUTPUT_DIR', str(tmp_path / 'out'), 'MODEL.MPVIT.NORM', 'BN']
+
+    def setup(config, *opts, eval_only=False):
+        flags = ['--eval-only'] if eval_only else []
+        return train_net.setup(train_net.argument_parser().parse_args(
+            ['--config-file', str(CONFIGS / config), *flags, *common, *opts]))
+
+    for config in ('mask_rcnn_mpvit_tiny_1x.yaml', 'retinanet_mpvit_tiny_1x.yaml'):
+        cfg = setup(config)
+        assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == cfg.MODEL.RETINANET.NUM_CLASSES == 2
+    assert build_model(cfg).num_classes == 2
+    assert setup('mask_rcnn_mpvit_tiny_1x.yaml', eval_only=True).MODEL.ROI_HEADS.NUM_CLASSES == 2
+    assert setup('mask_rcnn_mpvit_tiny_1x.yaml', 'MODEL.ROI_HEADS.NUM_CLASSES', '2').MODEL.ROI_HEADS.NUM_CLASSES == 2
+    with pytest.raises(InvalidInputError, match=r'instances_train\.json: 2 categories, but '
+                                                r'MODEL\.ROI_HEADS\.NUM_CLASSES is 80; leave'):
+        setup('mask_rcnn_mpvit_tiny_1x.yaml', 'MODEL.ROI_HEADS.NUM_CLASSES', '80')
+    with pytest.raises(InvalidInputError, match=r'instances_train\.json has 2 categories and .*instances_val\.json 4, '
+                                                r"not the same \(by contiguous index: 1: 'cross' vs 'square'\)"):
+        setup('mask_rcnn_mpvit_tiny_1x.yaml', 'DATASETS.TEST', "('shapes_val',)")
+
+
+def test_demo_errors_are_one_line(coco, tmp_path):
+    """A missing image, a threshold outside [0, 1], a missing weights file, and a config without a released
+    checkpoint for 'released': user errors, raised before any model is built."""
+    from mpvit.errors import InvalidInputError, MissingFileError
+
+    demo = load_script('detectron2/demo.py')
+    image = str(coco / 'val' / '000001.jpg')
+    config = str(CONFIGS / 'mask_rcnn_mpvit_tiny_1x.yaml')
+    base = ['--input', image, '--config-file', config, '--output', str(tmp_path)]
+    with pytest.raises(MissingFileError, match=r'input image\(s\) not found: .*nothere\.jpg$'):
+        demo.main(['--input', image, str(tmp_path / 'nothere.jpg'), *base[2:]])
+    with pytest.raises(InvalidInputError, match=r'--confidence-threshold 2\.0: must be in \[0, 1\]'):
+        demo.main([*base, '--confidence-threshold', '2'])
+    with pytest.raises(MissingFileError, match=r'gone\.pth'):
+        demo.main([*base, 'MODEL.WEIGHTS', str(tmp_path / 'gone.pth')])
+    with pytest.raises(InvalidInputError, match='released no checkpoint for this config'):
+        demo.main(['--input', image, '--config-file', str(CONFIGS / 'demo' / 'mask_rcnn_mpvit_tiny_shapes.yaml'),
+                   '--output', str(tmp_path), 'MODEL.WEIGHTS', 'released'])
+    assert not list(tmp_path.glob('*.png'))
+
+
+def test_dataset_record_names_coco_by_its_categories(coco, tmp_path):
+    """COCO val2017 registered under any name is 'coco' (the paper's rows); the shapes set keeps its name."""
+    from mpvit.coco_checks import coco_2017_names
+    from mpvit.d2 import register_coco_datasets
+    from mpvit.d2.classes import dataset_record
+
+    (tmp_path / 'val2017').mkdir()
+    categories = [dict(id=i, name=name) for i, name in coco_2017_names().items()]
+    (tmp_path / 'instances_val2017.json').write_text(json.dumps(dict(images=[], annotations=[],
+                                                                     categories=categories)))
+    register_coco_datasets([['my_coco_val', str(tmp_path / 'instances_val2017.json'), str(tmp_path / 'val2017')],
+                            ['shapes_val', str(coco / 'annotations' / 'instances_val.json'), str(coco / 'val')]])
+    record = dataset_record('my_coco_val', 5000)
+    assert (record['name'], record['split'], record['images'], record['num_classes']) == ('coco', 'val2017', 5000, 80)
+    assert dataset_record('shapes_val', 3)['name'] == 'shapes_val'
+
+
+def test_categories_with_other_names_are_refused(coco, tmp_path, train_net):
+    """Same count, other names or order: train and test sets, or a checkpoint's names and the test set's, are
+    refused (label i would be scored as another class)."""
+    from mpvit.d2.classes import check_same_classes, follow_dataset_classes, mark_num_classes_unset
+    from mpvit.errors import InvalidInputError
+
+    def reverse_names(dataset):
+        names = [c['name'] for c in dataset['categories']]
+        for category, other in zip(dataset['categories'], reversed(names)):
+            category['name'] = other
+
+    name, path = _edited_coco(coco, tmp_path, reverse_names)
+    cfg = _cfg('mask_rcnn_mpvit_tiny_1x.yaml')
+    mark_num_classes_unset(cfg)
+    with pytest.raises(InvalidInputError, match=r"4 categories and .* 4, not the same \(by contiguous index: "
+                                                r"0: 'disc' vs 'cross'"):
+        follow_dataset_classes(cfg, ['shapes_train', name])
+    assert 'from the data' in follow_dataset_classes(cfg, ['shapes_train', 'shapes_val'])
+    with pytest.raises(CheckpointError, match=r"the checkpoint \(its dataset_meta\) has 2 categories"):
+        check_same_classes(['a', 'b'], ['a', 'b', 'c'], 'the checkpoint (its dataset_meta)', 'the data',
+                           CheckpointError)
+    torch.manual_seed(0)
+    model = build_model(_cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.RETINANET.NUM_CLASSES', 4,
+                             'MODEL.MPVIT.NORM', 'BN'))
+    torch.save({'model': model.state_dict(), 'dataset_meta': {'thing_classes': ['cross', 'triangle', 'square',
+                                                                                 'disc']}}, tmp_path / 'w.pth')
+    meta = {'dataset': 'shapes_val', 'thing_classes': ['disc', 'square', 'triangle', 'cross']}
+    with pytest.raises(CheckpointError, match=r"w\.pth: the checkpoint \(its dataset_meta\) .*0: 'cross' vs 'disc'"):
+        MPViTCheckpointer(model, heads_must_fit=True, dataset_meta=meta).load(str(tmp_path / 'w.pth'))
+    MPViTCheckpointer(model, heads_must_fit=False, dataset_meta=meta).load(str(tmp_path / 'w.pth'))  # fine-tuning

@@ -134,7 +134,7 @@ def test_predict_prints_named_top5(tmp_path):
         logits = model(timm.data.create_transform(**cfg)(Image.open(tmp_path / 'red.jpg')).unsqueeze(0))
     best = int(logits.argmax())
     assert lines[1].endswith(f'{timm.data.ImageNetInfo().index_to_description(best)} '
-                             f'({timm.data.ImageNetInfo().index_to_label_name(best)}, {best})')
+                             f'({timm.data.ImageNetInfo().index_to_label_name(best)}) ({best})')
     # A 16-bit grey PNG is the mid-grey it shows, not clipped to white.
     Image.fromarray(np.full((260, 300), 32768, np.uint16)).save(tmp_path / 'grey16.png')
     predict = load_script('tools/predict.py')
@@ -143,8 +143,13 @@ def test_predict_prints_named_top5(tmp_path):
     with torch.no_grad():
         expected = model(timm.data.create_transform(**cfg)(Image.new('RGB', (300, 260), (128,) * 3)).unsqueeze(0))
     assert grey['probability'] == pytest.approx(float(expected.softmax(-1).max()), rel=1e-4)
+    # Any classifier: one of 4 classes without names is read with its own class count, named 'class <i>'.
     four = timm.create_model('mpvit_tiny', num_classes=4)
     torch.save({'model': four.state_dict()}, tmp_path / 'four.pth')
     run = subprocess.run(cmd[:-1] + [str(tmp_path / 'four.pth')], capture_output=True, text=True)
+    assert run.returncode == 0 and len(run.stdout.splitlines()) == 5 and 'class ' in run.stdout, run.stderr[-2000:]
+    # A backbone-only checkpoint cannot classify: one line.
+    torch.save({'model': timm.create_model('mpvit_tiny', num_classes=0).state_dict()}, tmp_path / 'backbone.pth')
+    run = subprocess.run(cmd[:-1] + [str(tmp_path / 'backbone.pth')], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith('error: ')
-    assert '4 classes' in run.stderr and '1000 classes' in run.stderr
+    assert 'has no classifier (cls_head.cls.weight)' in run.stderr

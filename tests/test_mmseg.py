@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +354,209 @@ def test_unreadable_images_left_out_in_training_refused_in_evaluation(tmp_path, 
         path.write_bytes(b'')
     with pytest.raises(InvalidInputError, match=r'training set .*none of its 3 images can be read'):
         Runner.from_cfg(cfg).train()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Your own data (issue #22): the custom configs, T / XS, classes following the data, the demo.
+
+CUSTOM_CLASSES = ('sky', 'road', 'car')
+
+
+def _write_custom(root: Path, train: int = 4, val: int = 2, size=(96, 80)) -> Path:
+    """The layout of configs/semantic_segmentation/_base_/datasets/custom.py: img_dir/{train,val}/*.jpg and
+    one-channel label PNGs ann_dir/{train,val}/*.png of values 0..2 (a band of 255, not labelled)."""
+    rng = np.random.default_rng(0)
+    for split, count in (('train', train), ('val', val)):
+        (root / 'img_dir' / split).mkdir(parents=True)
+        (root / 'ann_dir' / split).mkdir(parents=True)
+        for i in range(count):
+            label = np.zeros(size[::-1], np.uint8)  # top: sky (0)
+            label[size[1] // 3:] = 1  # middle: road
+            label[2 * size[1] // 3:, (i * 16) % size[0]:] = 2  # bottom right: car
+            label[:, :4] = 255
+            image = (np.array([[200, 220, 255], [90, 90, 90], [220, 30, 30]], np.uint8)[np.minimum(label, 2)]
+                     + rng.integers(0, 20, (*size[::-1], 3), dtype=np.uint8))
+            Image.fromarray(image).save(root / 'img_dir' / split / f'{split}_{i:03d}.jpg')
+            Image.fromarray(label).save(root / 'ann_dir' / split / f'{split}_{i:03d}.png')
+    return root
+
+
+def _custom_options(data_root: Path, classes=CUSTOM_CLASSES) -> list:
+    """What a user on a CPU types: the data and its classes, then only size, norm and length made small."""
+    options = [f'data_root={data_root}', f'classes=[{",".join(classes)}]', 'model.backbone.init_cfg=None',
+               'model.data_preprocessor.size=(64,64)', 'train_dataloader.dataset.pipeline.3.scale=(128,64)',
+               'train_dataloader.dataset.pipeline.4.crop_size=(64,64)', 'train_cfg.max_iters=2',
+               'train_cfg.val_begin=3', 'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
+               'param_scheduler.0.end=1', 'env_cfg.cudnn_benchmark=False']
+    options += [f'{loader}.dataset.pipeline.1.scale=(128,64)' for loader in ('val_dataloader', 'test_dataloader')]
+    options += [f'model.{part}.norm_cfg.type=BN' for part in ('backbone', 'decode_head', 'auxiliary_head')]
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        options += [f'{loader}.num_workers=0', f'{loader}.persistent_workers=False']
+    return options
+
+
+@pytest.mark.slow  # about 50 s on 2 CPU cores
+def test_your_own_data_train_test_demo(tmp_path, capsys):
+    """The README's route on 3 classes of the user's own: train.py with the T custom config, test.py
+    (a finite mIoU, the 3 names as the table's rows, the dataset record), and the demo with the trained
+    checkpoint (its class names, where it wrote)."""
+    import re
+
+    data_root = _write_custom(tmp_path / 'street')
+    config = str(CONFIGS / 'custom' / 'upernet_mpvit_tiny_custom.py')
+    work_dir = tmp_path / 'work'
+    runner = _tool('train').main([config, '--work-dir', str(work_dir), '--cfg-options', *_custom_options(data_root)])
+    assert runner.model.decode_head.num_classes == runner.model.auxiliary_head.num_classes == 3
+    checkpoint = work_dir / 'iter_2.pth'
+    from mpvit.checkpoint import read_checkpoint
+
+    assert read_checkpoint(str(checkpoint))['meta']['dataset_meta']['classes'] == CUSTOM_CLASSES
+
+    metrics = _tool('test').main([config, str(checkpoint), '--work-dir', str(tmp_path / 'test'),
+                                  '--cfg-options', *_custom_options(data_root)])
+    assert np.isfinite(metrics['mIoU']) and 0.0 <= metrics['mIoU'] <= 100.0
+    written = json.loads((tmp_path / 'test' / 'eval_metrics.json').read_text())
+    assert written['paper_row'] is None
+    labels = sorted(p.name for p in (data_root / 'ann_dir' / 'val').glob('*.png'))
+    from mpvit import model_zoo
+
+    assert written['dataset'] == dict(name='street', split='val', images=2, annotations=None,
+                                      sha256=model_zoo.fingerprint_names(labels), num_classes=3)
+    assert not model_zoo.on_paper_dataset('mmseg', written['dataset'])
+    log = ''.join(p.read_text() for p in (tmp_path / 'test').rglob('*.log'))
+    rows = dict(re.findall(r'^\|\s*(\w+)\s*\|\s*([\d.]+|nan)\s*\|', log, re.MULTILINE))
+    assert {name: rows.get(name) for name in CUSTOM_CLASSES} == {name: rows[name] for name in CUSTOM_CLASSES}
+    assert 'nan' not in [rows[name] for name in CUSTOM_CLASSES] and set(rows) - {'Class'} == set(CUSTOM_CLASSES)
+
+    capsys.readouterr()
+    image = data_root / 'img_dir' / 'val' / 'val_000.jpg'
+    out = tmp_path / 'demo' / 'overlay.png'
+    out.parent.mkdir()
+    # The config's own data names 2 classes: the demo takes the checkpoint's 3.
+    demo = load_script('semantic_segmentation/demo.py')
+    demo.main([str(image), config, str(checkpoint), '--out', str(out)])
+    printed = capsys.readouterr().out
+    assert Image.open(out).size == (96, 80)
+    found = re.findall(r'^  (\w+)\s+([\d.]+)%$', printed, re.MULTILINE)
+    assert found and {name for name, _ in found} <= set(CUSTOM_CLASSES)
+    assert abs(sum(float(share) for _, share in found) - 100.0) < 0.5
+    assert printed.rstrip().endswith(f'wrote the overlay to {out}')
+
+
+def test_150_class_heads_on_3_class_data_stop_in_one_line(tmp_path):
+    """The issue's run: a 150-class segmentor trained / scored on 3-class data gave mIoU 0 and NaN rows."""
+    import os
+    import subprocess
+    import sys
+
+    from mpvit.errors import InvalidInputError
+    from mpvit.mmseg import load_run_config
+
+    data_root = _write_custom(tmp_path / 'street', train=1, val=1)
+    config = str(CONFIGS / 'custom' / 'upernet_mpvit_tiny_custom.py')
+    options = [f'data_root={data_root}', 'classes=[sky,road,car]', 'model.decode_head.num_classes=150',
+               'model.auxiliary_head.num_classes=150']
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])}
+    run = subprocess.run([sys.executable, str(REPO / 'semantic_segmentation' / 'tools' / 'train.py'), config,
+                          '--work-dir', str(tmp_path / 'work'), '--cfg-options', *options],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        'error: the data has 3 classes (train_dataloader.dataset.metainfo.classes) but model.decode_head.num_classes '
+        'is 150, model.auxiliary_head.num_classes is 150: set --cfg-options model.decode_head.num_classes=3 '
+        'model.auxiliary_head.num_classes=3 (the configs of configs/semantic_segmentation/custom/ take it from the '
+        'data)')
+    assert not list((tmp_path / 'work').rglob('*.pth'))
+    # The ADE20K config's heads on data declared with 3 classes: the same line.
+    ade = str(CONFIGS / 'upernet_mpvit_tiny_160k_ade20k.py')
+    own = {f'{loader}.dataset.{key}': value for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
+           for key, value in (('type', 'BaseSegDataset'), ('metainfo', dict(classes=CUSTOM_CLASSES)))}
+    with pytest.raises(InvalidInputError, match=r'^the data has 3 classes .* model.decode_head.num_classes is 150'):
+        load_run_config(ade, cfg_options=own)
+    # Dataloaders that disagree, and a dataset that names no classes, are one line too.
+    with pytest.raises(InvalidInputError, match=r'train_dataloader.* has 3 classes but val_dataloader.* has 2'):
+        load_run_config(config, cfg_options={'train_dataloader.dataset.metainfo.classes': CUSTOM_CLASSES})
+    with pytest.raises(InvalidInputError, match=r'train_dataloader.dataset \(BaseSegDataset\) names no classes'):
+        load_run_config(config, cfg_options={f'{loader}.dataset.metainfo': None for loader in
+                                             ('train_dataloader', 'val_dataloader', 'test_dataloader')})
+
+
+def test_label_check_follows_the_data_classes_and_ignore_index(tmp_path):
+    """CheckSegMap takes the dataset's class count and ignore index, whatever the pipeline says: value 3 of
+    3 classes is refused, the ignore index (here 200) passes."""
+    from mmseg.registry import DATASETS
+
+    from mpvit.mmseg import load_run_config
+
+    data_root = _write_custom(tmp_path / 'street', train=1, val=1)
+    label_path = data_root / 'ann_dir' / 'train' / 'train_000.png'
+    label = np.array(Image.open(label_path))
+    label[label == 255] = 200
+    Image.fromarray(label).save(label_path)
+    config = str(CONFIGS / 'custom' / 'upernet_mpvit_tiny_custom.py')
+    cfg = load_run_config(config, cfg_options={'data_root': str(data_root), 'classes': list(CUSTOM_CLASSES),
+                                               'ignore_index': 200})
+    checks = [step for step in cfg.train_dataloader.dataset.pipeline if step['type'] == 'CheckSegMap']
+    assert checks == [dict(type='CheckSegMap', num_classes=3, ignore_index=200)]
+    assert cfg.model.decode_head.ignore_index == cfg.model.data_preprocessor.seg_pad_val == 200
+    assert cfg.test_evaluator.ignore_index == 200
+    assert DATASETS.build(cfg.train_dataloader.dataset)[0] is not None  # 200 = not labelled: valid
+    label[:4, 10:14] = 3
+    Image.fromarray(label).save(label_path)
+    with pytest.raises(ValueError, match=r'train_000.png holds values 3 outside the 3 classes \(valid: 0..2, '
+                                         r'200 = ignored\)'):
+        DATASETS.build(cfg.train_dataloader.dataset)[0]
+
+
+@pytest.mark.parametrize('variant', ['tiny', 'xsmall', 'small', 'base'])
+def test_every_variant_has_ade20k_and_custom_configs_whose_heads_fit_the_backbone(variant):
+    """T / XS are configured like S / B (no released weights, so no paper row); each custom config has the
+    same model as the ADE20K one, heads sized by the data."""
+    from mpvit import model_zoo
+
+    ade = Config.fromfile(str(CONFIGS / f'upernet_mpvit_{variant}_160k_ade20k.py'))
+    custom = Config.fromfile(str(CONFIGS / 'custom' / f'upernet_mpvit_{variant}_custom.py'))
+    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+        mine, theirs = ({k: v for k, v in c.model[part].items() if k not in ('num_classes', 'ignore_index')}
+                        for c in (custom, ade))
+        assert mine == theirs, part
+    assert custom.model.decode_head.num_classes == len(custom.classes) == 2
+    drop = {'tiny': 0.1, 'xsmall': 0.1, 'small': 0.2, 'base': 0.4}[variant]
+    assert ade.model.backbone.arch == variant and ade.model.backbone.drop_path_rate == drop
+    assert ade.model.backbone.init_cfg.checkpoint == model_zoo.get(f'mpvit_{variant}').url
+    assert (model_zoo.paper_row('mmseg', str(CONFIGS / f'upernet_mpvit_{variant}_160k_ade20k.py')) is None) == (
+        variant in ('tiny', 'xsmall'))
+    if variant in ('small', 'base'):
+        return  # built in test_released_layout_and_parameter_count
+    cfg = _model_cfg(variant)
+    model = MODELS.build(cfg.model).eval()
+    channels = {'tiny': [96, 176, 216, 216], 'xsmall': [128, 192, 256, 256]}[variant]
+    assert model.backbone.out_channels == channels == list(cfg.model.decode_head.in_channels)
+    assert cfg.model.auxiliary_head.in_channels == channels[cfg.model.auxiliary_head.in_index]
+    with torch.no_grad():
+        features = model.backbone(torch.zeros(1, 3, 64, 64))
+        assert [f.shape[1] for f in features] == channels
+        assert model.decode_head(features).shape == (1, 150, 16, 16)
+        assert model.auxiliary_head(features).shape == (1, 150, 4, 4)
+
+
+def test_evaluation_warns_when_most_classes_have_no_labels(capsys):
+    """3-class labels under the 150 ADE20K classes: mIoU over the few classes present, and a warning naming how
+    many have no labelled pixel (it used to be mIoU 0 and 148 NaN rows without a word)."""
+    import torch
+    from mmengine.logging import MMLogger
+
+    from mpvit.mmseg import CheckedIoUMetric
+
+    MMLogger.get_instance('test_classes_without_labels')  # the current logger, writing to this test's stdout
+    metric = CheckedIoUMetric(iou_metrics=['mIoU'])
+    metric.dataset_meta = {'classes': [f'c{i}' for i in range(150)]}
+    area = torch.zeros(150, dtype=torch.float64)
+    present = area.clone()
+    present[:2] = 100.0
+    metrics = metric.compute_metrics([(present / 2, present, present, present), (area, area, area, area)])
+    assert metrics['classes_without_labels'] == 148 and metrics['mIoU'] == 50.0
+    assert re.search(r'148 of 150 classes have no labelled pixel in the 2 evaluated images \(e\.g\. c2, c3',
+                     capsys.readouterr().out)
+    full = metric.compute_metrics([(torch.ones(150), torch.ones(150), torch.ones(150), torch.ones(150))])
+    assert full['classes_without_labels'] == 0 and 'no labelled pixel' not in capsys.readouterr().out

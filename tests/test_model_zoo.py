@@ -80,7 +80,8 @@ def test_drivers_resolve_released(monkeypatch):
     train_net = load_script('detectron2/train_net.py')
     config = REPO / 'configs/detectron2/mask_rcnn_mpvit_small_ms_3x.yaml'
     args = train_net.argument_parser().parse_args(
-        ['--config-file', str(config), '--eval-only', 'MODEL.WEIGHTS', 'released', 'OUTPUT_DIR', '/tmp/unused'])
+        ['--config-file', str(config), '--eval-only', 'MODEL.WEIGHTS', 'released', 'OUTPUT_DIR', '/tmp/unused',
+         'DATASETS.TEST', '()'])  # no COCO here: setup checks the datasets it names
     monkeypatch.setattr(train_net, 'default_setup', lambda cfg, args: None)
     assert train_net.setup(args).MODEL.WEIGHTS == model_zoo.get('mask_rcnn_mpvit_small_ms_3x').url
 
@@ -163,7 +164,7 @@ def paper_tables():
 def test_paper_tables_parameter_counts_equal_the_reference(paper_tables, tmp_path):
     rows = paper_tables.main(['--no-flops', '--json', str(tmp_path / 'rows.json')])
     assert {r['name']: r['params'] for r in rows} == REFERENCE_PARAMS
-    assert json.loads((tmp_path / 'rows.json').read_text()) == rows
+    assert json.loads((tmp_path / 'rows.json').read_text()) == {'rows': rows, 'other_results': []}
 
 
 def test_paper_tables_flops_conventions(paper_tables, tmp_path, monkeypatch):
@@ -193,29 +194,45 @@ def test_paper_tables_dense_flop_counters_run(paper_tables, monkeypatch):
     assert seg == pytest.approx(945.3 * (64 * 128) / (512 * 2048), rel=0.1)  # scales with the pixels
 
 
-def test_paper_tables_ingest_our_evaluation_outputs(paper_tables, tmp_path):
-    """The outputs of real evaluation runs land on their rows, with the difference to the paper."""
+def test_paper_tables_place_results_only_on_their_dataset_rows(paper_tables, tmp_path, capsys):
+    """A result stands on a paper row only when measured on that row's dataset and split (all its images); a
+    run on other data (here a real classification evaluation of a 2-class folder, and a file without a dataset
+    record) is listed apart, never as a difference to the paper; several files for one row are flagged."""
     cls_main = load_script('classification/main.py')
     from mpvit.demo_data import write_shapes_imagefolder
     data = write_shapes_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=2, val_per_class=2, size=32)
     cls_main.main(cls_main.parse_args(['--model', 'mpvit_tiny', '--input-size', '32', '--batch-size', '2',
                                        '--num-workers', '0', '--amp', 'none', '--eval', '--data-path', str(data),
                                        '--output-dir', str(tmp_path / 'results' / 'cls')]))
-    # A Detectron2 / mmseg / DDETR run writes the same kind of file (their own end-to-end tests check that).
-    model_zoo.write_eval_metrics(tmp_path / 'results' / 'seg' / 'eval_metrics.json', 'mmseg',
-                                 {'mIoU': 12.5, 'aAcc': 50.0, 'mAcc': 20.0},
-                                 config=REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py')
+    own = json.loads((tmp_path / 'results' / 'cls' / 'eval_metrics.json').read_text())
+    assert own['paper_row'] == 'mpvit_tiny' and own['dataset']['name'] == 'data' and own['dataset']['images'] == 4
+    seg_config = REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'
+    ade20k_val = model_zoo.dataset_record('ade20k', 'validation', 2000)
+    for name, miou in (('seg_a', 12.5), ('seg_b', 40.0)):  # two evaluations of one row, the second newer
+        model_zoo.write_eval_metrics(tmp_path / 'results' / name / 'eval_metrics.json', 'mmseg',
+                                     {'mIoU': miou}, config=seg_config, dataset=ade20k_val)
+        os.utime(tmp_path / 'results' / name / 'eval_metrics.json', (1e9 + miou, 1e9 + miou))
+    model_zoo.write_eval_metrics(tmp_path / 'results' / 'subset' / 'eval_metrics.json', 'mmseg', {'mIoU': 60.0},
+                                 config=seg_config, dataset=model_zoo.dataset_record('ade20k', 'validation', 100))
+    model_zoo.write_eval_metrics(tmp_path / 'results' / 'old' / 'eval_metrics.json', 'mmseg', {'mIoU': 1.0},
+                                 config=seg_config)  # no dataset record (older files)
+
     results = paper_tables.read_results(tmp_path / 'results')
-    assert set(results) == {'mpvit_tiny', 'upernet_mpvit_small'}
-    acc1 = json.loads((tmp_path / 'results' / 'cls' / 'eval_metrics.json').read_text())['acc1']
-    assert 0.0 <= acc1 <= 100.0
-    rows = paper_tables.build_rows(flops=False, results=results,
-                                   names=['mpvit_tiny', 'mpvit_small', 'upernet_mpvit_small'])
-    by_name = {r['name']: r for r in rows}
-    assert by_name['mpvit_tiny']['acc1'] == acc1
-    assert by_name['mpvit_tiny']['acc1_diff'] == pytest.approx(acc1 - 78.2)
-    assert by_name['upernet_mpvit_small']['miou_diff'] == pytest.approx(12.5 - 48.3)
+    assert set(results.rows) == {'upernet_mpvit_small'} and results.rows['upernet_mpvit_small']['mIoU'] == 40.0
+    assert len(results.candidates['upernet_mpvit_small']) == 2
+    assert sorted(Path(r['source']).parent.name for r in results.other) == ['cls', 'old', 'subset']
+    rows = paper_tables.build_rows(flops=False, results=results.rows, candidates=results.candidates,
+                                   names=['mpvit_tiny', 'upernet_mpvit_small'])
     text = paper_tables.render(rows, with_results=True, flops=False)
-    assert f'| mpvit_tiny | 78.2 | {acc1:.2f} | {acc1 - 78.2:+.2f} | 5,843,736 | 5.8M |' in text
-    assert '| upernet_mpvit_small | 48.3 | 12.50 | -35.80 |' in text
-    assert '| mpvit_small | 83.0 | no results |' in text
+    assert '| mpvit_tiny | 78.2 | no results |' in text  # the 2-class run is not on the ImageNet row
+    assert '| upernet_mpvit_small | 48.3 | 40.00 (!) | -8.30 |' in text
+    assert re.search(r'\(!\) upernet_mpvit_small: 2 files evaluate this row .*seg_b.*the others: .*seg_a', text)
+    other = paper_tables.render_other(results.other)
+    assert f"data val, 4 images | acc1 {own['acc1']:.2f} |" in other and 'ade20k validation, 100 images' in other
+    assert '| not recorded | miou 1.00 |' in other
+
+    paper_tables.main(['--no-flops', '--results', str(tmp_path / 'results'), '--json', str(tmp_path / 't.json'),
+                       '--rows', 'mpvit_tiny', 'upernet_mpvit_small'])
+    printed = capsys.readouterr()
+    assert 'Other results' in printed.out and '[paper_tables] 2/2 upernet_mpvit_small' in printed.err
+    assert len(json.loads((tmp_path / 't.json').read_text())['other_results']) == 3

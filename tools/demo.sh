@@ -27,9 +27,8 @@ rm -rf "$d2out"
     --coco-dataset shapes_val "$coco/annotations/instances_val.json" "$coco/val" \
     OUTPUT_DIR "$d2out" MODEL.WEIGHTS "$out/checkpoint.pth"  # backbone from the classification demo
 "$PY" detectron2/demo.py --config-file "$d2cfg" --input "$coco/val/000002.jpg" --output "$d2out/demo" \
-    --coco-dataset shapes_val "$coco/annotations/instances_val.json" "$coco/val" \
-    --confidence-threshold 0.3 MODEL.WEIGHTS "$d2out/model_final.pth"
-echo "[demo] detection: COCO AP above, drawing in $d2out/demo/000002.png"
+    --confidence-threshold 0.3 MODEL.WEIGHTS "$d2out/model_final.pth"  # class names from the checkpoint
+echo "[demo] detection: COCO AP above"
 
-echo "[demo] the paper's tables, the demo runs' metrics on their rows (toy data: not comparable with the paper)"
+echo "[demo] the paper's tables; the demo runs (toy data) are listed apart, under 'Other results'"
 "$PY" tools/paper_tables.py --no-flops --results output/demo

@@ -8,7 +8,10 @@ Each row is one released checkpoint (``mpvit/model_zoo.json``). Its model is bui
 row; #params are its trainable parameters (shared ones once) next to the README's rounded figure. FLOPs follow
 each table's convention, which the output states. With ``--results DIR`` every ``eval_metrics.json`` under
 DIR (written by classification/main.py, detectron2/train_net.py, semantic_segmentation/tools/test.py and
-deformable_detr/main.py) is placed on the row it evaluates, with the difference to the README's figure.
+deformable_detr/main.py) that was measured on the row's own dataset and split (ImageNet-1k val, COCO val2017,
+ADE20K val: name, split and image count, as the file records them) is placed on the row it evaluates, with
+the difference to the README's figure; when several are, the newest is shown and the row is flagged. Every
+other result (your own data, the demo's, a subset, files without a dataset record) is listed apart.
 FLOP counts are cached in ``.cache/paper_tables`` (keyed by the model's structure and the package code).
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -167,25 +171,39 @@ def cached_flops(entry: ZooEntry, model: torch.nn.Module, cache: Optional[Path])
 
 # ------------------------------------------------------------------------------------------ results
 
-def read_results(root: Path) -> Dict[str, Dict]:
-    """``eval_metrics.json`` files under ``root`` by the row they evaluate (the newest file wins)."""
-    found: Dict[str, Dict] = {}
-    for path in sorted(root.rglob('eval_metrics.json'), key=lambda p: p.stat().st_mtime):
+@dataclass
+class Results:
+    """The ``eval_metrics.json`` files under a folder, sorted into what may stand on a paper row and the rest."""
+
+    rows: Dict[str, Dict] = field(default_factory=dict)  # row -> the newest file measured on the row's dataset
+    candidates: Dict[str, List[str]] = field(default_factory=dict)  # row -> every such file, oldest first
+    other: List[Dict] = field(default_factory=list)  # measured elsewhere, or without a row or dataset record
+
+
+def read_results(root: Path) -> Results:
+    """``eval_metrics.json`` files under ``root``: on a row only if measured on that row's dataset and split."""
+    results = Results()
+    for path in sorted(root.rglob('eval_metrics.json'), key=lambda p: (p.stat().st_mtime, str(p))):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            record = dict(json.loads(path.read_text()), source=str(path))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
             raise InvalidInputError(f'{path}: not a readable metrics file ({e})') from None
         row = record.get('paper_row')
-        if row:
-            found[row] = dict(record, source=str(path))
-    return found
+        if row and model_zoo.on_paper_dataset(record.get('task'), record.get('dataset')):
+            results.rows[row] = record
+            results.candidates.setdefault(row, []).append(str(path))
+        else:
+            results.other.append(record)
+    return results
 
 
 # ------------------------------------------------------------------------------------------- tables
 
 def build_rows(flops: bool = True, results: Optional[Dict[str, Dict]] = None, cache: Optional[Path] = CACHE,
-               progress: Callable[[str], None] = lambda _: None, names: Optional[List[str]] = None) -> List[Dict]:
-    """One row per released checkpoint (those in ``names`` only, when given)."""
+               progress: Callable[[str], None] = lambda _: None, names: Optional[List[str]] = None,
+               candidates: Optional[Dict[str, List[str]]] = None) -> List[Dict]:
+    """One row per released checkpoint (those in ``names`` only, when given); ``results``: row -> the
+    evaluation placed on it (``Results.rows``), ``candidates``: row -> all files that could be."""
     rows = []
     for entry in model_zoo.entries():
         if names is not None and entry.name not in names:
@@ -199,6 +217,7 @@ def build_rows(flops: bool = True, results: Optional[Dict[str, Dict]] = None, ca
         measured = (results or {}).get(entry.name)
         if measured:
             row['results_file'] = measured['source']
+            row['results_candidates'] = (candidates or {}).get(entry.name, [measured['source']])
             for key, reported_key, read in METRICS[entry.task]:
                 value = read(measured)
                 if value is not None:
@@ -218,7 +237,8 @@ def _metric_cells(row: Dict, key: str, with_results: bool) -> List[str]:
     cells = [_num(row['reported'].get(key))]
     if with_results:
         if key in row:
-            cells += [_num(row[key], '.2f'), _num(row.get(f'{key}_diff'), '+.2f')]
+            flag = ' (!)' if len(row.get('results_candidates', [])) > 1 else ''
+            cells += [_num(row[key], '.2f') + flag, _num(row.get(f'{key}_diff'), '+.2f')]
         else:
             cells += ['no results', '']
     return cells
@@ -256,8 +276,37 @@ def render(rows: List[Dict], with_results: bool = False, flops: bool = True) -> 
         sources = sorted({r['results_file'] for r in task_rows if 'results_file' in r})
         if sources:
             out.append('Results: ' + ', '.join(sources))
+        for r in task_rows:
+            if len(r.get('results_candidates', [])) > 1:
+                out.append(f"(!) {r['name']}: {len(r['results_candidates'])} files evaluate this row on its dataset; "
+                           f"the newest is shown ({r['results_file']}); the others: "
+                           + ', '.join(c for c in r['results_candidates'] if c != r['results_file']))
         out.append('')
     return '\n'.join(out)
+
+
+def _dataset_text(dataset: Optional[Dict]) -> str:
+    if not dataset:
+        return 'not recorded'
+    return f"{dataset.get('name')} {dataset.get('split')}, {dataset.get('images')} images"
+
+
+def render_other(records: List[Dict]) -> str:
+    """The results that stand on no paper row: measured on other data (yours, the demo's, a subset)."""
+    if not records:
+        return ''
+    out = ['### Other results (not on the datasets of the paper\'s tables: no paper figure to compare with)', '',
+           '| Task | Config / model | Dataset | Metrics | File |', '| --- | --- | --- | --- | --- |']
+    for record in records:
+        values = []
+        for key, _, read in METRICS.get(record.get('task'), []):
+            value = read(record)
+            if value is not None:
+                values.append(f'{key} {float(value):.2f}')
+        where = record.get('config') or record.get('model') or '-'
+        out.append(f"| {record.get('task')} | {where} | {_dataset_text(record.get('dataset'))} | "
+                   f"{', '.join(values) or '-'} | {record['source']} |")
+    return '\n'.join(out + [''])
 
 
 def main(argv=None) -> List[Dict]:
@@ -265,19 +314,35 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--results', type=Path, help='folder searched for eval_metrics.json files')
     parser.add_argument('--no-flops', action='store_true', help='skip FLOP counting (the slow part on a CPU)')
     parser.add_argument('--no-cache', action='store_true', help='count FLOPs again instead of reading the cache')
-    parser.add_argument('--json', type=Path, help='also write the rows as JSON')
+    parser.add_argument('--json', type=Path, help='also write the rows (and other results) as JSON')
+    parser.add_argument('--rows', nargs='+', metavar='NAME', help='only these rows (names as in model_zoo.json)')
     args = parser.parse_args(argv)
+    known = [e.name for e in model_zoo.entries()]
+    unknown = [name for name in args.rows or [] if name not in known]
+    if unknown:
+        parser.error(f"--rows: unknown {', '.join(unknown)}; rows: {', '.join(known)}")
     logging.getLogger('fvcore').setLevel(logging.ERROR)
     results = None
     if args.results:
         if not args.results.is_dir():
             parser.error(f'--results {args.results}: no such folder')
         results = read_results(args.results)
-    rows = build_rows(flops=not args.no_flops, results=results, cache=None if args.no_cache else CACHE,
-                      progress=lambda name: print(f'[paper_tables] {name}', file=sys.stderr, flush=True))
+    total = len(args.rows or known)
+    counter = iter(range(1, total + 1))
+
+    def progress(name: str) -> None:  # one line per row: counting a dense model's FLOPs takes a while on a CPU
+        print(f'[paper_tables] {next(counter)}/{total} {name}' + ('' if args.no_flops else ' (counting FLOPs)'),
+              file=sys.stderr, flush=True)
+
+    rows = build_rows(flops=not args.no_flops, results=results.rows if results else None,
+                      candidates=results.candidates if results else None,
+                      cache=None if args.no_cache else CACHE, progress=progress, names=args.rows)
     print(render(rows, with_results=results is not None, flops=not args.no_flops))
+    if results is not None:
+        print(render_other(results.other))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({'rows': rows, 'other_results': results.other if results else []},
+                                        indent=2))
     return rows
 
 

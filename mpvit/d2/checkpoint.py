@@ -19,6 +19,7 @@ from mpvit.checkpoint import (
     read_checkpoint,
     unwrap_checkpoint,
 )
+from mpvit.d2.classes import check_head_classes, check_same_classes, checkpoint_classes
 from mpvit.training import LossWatch, save_atomic
 
 _logger = logging.getLogger(__name__)
@@ -37,18 +38,23 @@ class MPViTCheckpointer(DetectionCheckpointer):
     A backbone-only checkpoint must fill the whole backbone.
     """
 
-    def __init__(self, model: nn.Module, save_dir: str = '', *, heads_must_fit: bool = False, **checkpointables):
+    def __init__(self, model: nn.Module, save_dir: str = '', *, heads_must_fit: bool = False,
+                 dataset_meta: Optional[Dict[str, Any]] = None, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.heads_must_fit = heads_must_fit
+        self.dataset_meta = dataset_meta  # saved with every checkpoint: the class names (mpvit.d2.classes)
 
     def save(self, name: str, **kwargs: Any) -> None:
         """fvcore's save, but atomic (a new temporary file renamed over ``name.pth``: an interruption or a full
         disk never leaves a truncated checkpoint, and the latter is one line) and never of non-finite weights
         (:class:`mpvit.training.LossWatch`). Remote ``save_dir`` s (``scheme://``) go through fvcore as before."""
         if not self.save_dir or not self.save_to_disk or '://' in self.save_dir:
-            return super().save(name, **kwargs)
+            extra = {'dataset_meta': self.dataset_meta} if self.dataset_meta is not None else {}
+            return super().save(name, **extra, **kwargs)
         data = {'model': self.model.state_dict(), **{k: obj.state_dict() for k, obj in self.checkpointables.items()},
                 **kwargs}
+        if self.dataset_meta is not None:
+            data['dataset_meta'] = self.dataset_meta
         LossWatch().check_weights(data['model'], f"iteration {data.get('iteration', name)}")
         path = os.path.join(self.save_dir, f'{name}.pth')
         self.logger.info('Saving checkpoint to %s', path)
@@ -59,7 +65,12 @@ class MPViTCheckpointer(DetectionCheckpointer):
         # A URL is found or downloaded once, into the weights directory (mpvit.weights), not again by iopath.
         if path and (is_url(path) or path.startswith('hf-hub:')):
             path = local_checkpoint(path)
-        return super().load(path, checkpointables)
+        try:
+            return super().load(path, checkpointables)
+        except CheckpointError as e:
+            if path and str(e).startswith(path):
+                raise
+            raise CheckpointError(f'{path}: {e}') from None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         loaded = read_checkpoint(filename)
@@ -99,6 +110,12 @@ class MPViTCheckpointer(DetectionCheckpointer):
             raise CheckpointError('the checkpoint holds MPViT backbone weights only (a classification or other-task '
                                   'checkpoint): no detector to evaluate')
         # Fine-tuning resets heads of another shape (Detectron2 skips them with a warning); evaluation may not.
+        if self.heads_must_fit:
+            check_head_classes(weights, self.model, 'the checkpoint')
+            theirs, ours = checkpoint_classes(checkpoint), (self.dataset_meta or {}).get('thing_classes')
+            if theirs and ours:
+                check_same_classes(theirs, ours, 'the checkpoint (its dataset_meta)',
+                                   f"the data ({self.dataset_meta.get('dataset')})", CheckpointError)
         check_fit(weights, self.model,
                   what=f"checkpoint ({'MPViT backbone only' if backbone_only else 'detector'})",
                   scope=D2_BACKBONE_PREFIX if backbone_only else '',

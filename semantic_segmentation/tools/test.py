@@ -6,17 +6,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import os.path as osp
 
 from mmengine.config import DictAction
 from mmengine.dist import is_main_process
+from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from mpvit import model_zoo
 from mpvit.checkpoint import check_fit, local_checkpoint, read_checkpoint, require_task_weights, unwrap_checkpoint
 from mpvit.errors import MissingFileError
-from mpvit.mmseg import load_run_config
+from mpvit.mmseg import eval_dataset_record, load_run_config
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 
 
@@ -34,11 +36,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def warn_other_class_names(checkpoint: dict, metainfo: dict, what: str) -> None:
+    """The head fits (same count), but a checkpoint trained on other class names is scored under the data's."""
+    meta = checkpoint.get('meta') or {}
+    trained = (meta.get('dataset_meta') or {}).get('classes') or meta.get('CLASSES')
+    classes = metainfo.get('classes')
+    if trained and classes and tuple(trained) != tuple(classes):
+        print_log(f'{what} was trained on the classes {", ".join(map(str, trained))}; the test data names them '
+                  f'{", ".join(map(str, classes))} (the table uses the latter)', logger='current',
+                  level=logging.WARNING)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_run_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = local_checkpoint(model_zoo.resolve(args.checkpoint, args.config))
-    state = unwrap_checkpoint(read_checkpoint(cfg.load_from))
+    checkpoint = read_checkpoint(cfg.load_from)
+    state = unwrap_checkpoint(checkpoint)
     require_task_weights(state, 'decode_head.', str(cfg.load_from), 'segmentor')
     # The backbone's ImageNet init is pointless before loading a whole segmentor.
     cfg.model.backbone.pop('init_cfg', None)
@@ -58,10 +72,13 @@ def main(argv=None) -> dict:
     # mmengine loads non-strictly: a head of another class count would be left random and give a wrong mIoU.
     model = getattr(runner.model, 'module', runner.model)
     check_fit(state, model, what=str(cfg.load_from))
+    warn_other_class_names(checkpoint, runner.test_dataloader.dataset.metainfo, cfg.load_from)
     metrics = runner.test()
     if is_main_process():
+        dataset = runner.test_dataloader.dataset
         model_zoo.write_eval_metrics(osp.join(cfg.work_dir, 'eval_metrics.json'), 'mmseg', metrics,
-                                     config=args.config, model=cfg.model.backbone.get('arch'))
+                                     config=args.config, model=cfg.model.backbone.get('arch'),
+                                     dataset=eval_dataset_record(dataset))
     return metrics
 
 

@@ -1,0 +1,10 @@
+# UperNet + MPViT-Base on your own data (../_base_/datasets/custom.py): the recipe of
+# upernet_mpvit_base_160k_ade20k.py over 40k iterations (_upernet_custom.py).
+_base_ = ['./_upernet_custom.py']
+model = dict(
+    backbone=dict(
+        arch='base',
+        drop_path_rate=0.4,
+        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/la8w31m0apj2830/mpvit_base.pth')),
+    decode_head=dict(in_channels=[224, 368, 480, 480]),
+    auxiliary_head=dict(in_channels=480))

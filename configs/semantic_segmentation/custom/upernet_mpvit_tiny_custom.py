@@ -1,0 +1,10 @@
+# UperNet + MPViT-Tiny on your own data (../_base_/datasets/custom.py): the recipe of
+# upernet_mpvit_tiny_160k_ade20k.py over 40k iterations (_upernet_custom.py).
+_base_ = ['./_upernet_custom.py']
+model = dict(
+    backbone=dict(
+        arch='tiny',
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/1cmquqyjmaeeg1n/mpvit_tiny.pth')),
+    decode_head=dict(in_channels=[96, 176, 216, 216]),
+    auxiliary_head=dict(in_channels=216))

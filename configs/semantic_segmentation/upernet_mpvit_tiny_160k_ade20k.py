@@ -1,0 +1,13 @@
+# UperNet + MPViT-Tiny, ADE20K, 160k iterations, 2 images x 8 GPUs. The authors released no T segmentation
+# config or weights (no row of the paper, not in mpvit/model_zoo.json): the S / B recipe with the T backbone.
+# Drop path 0.1: the authors' dense-prediction rate for T / XS (their Detectron2 configs; those use 0.2 / 0.4
+# for S / B, the same rates as their S / B UperNet configs). Their classification rate for T is 0.0.
+_base_ = ['./upernet_mpvit_small_160k_ade20k.py']
+model = dict(
+    backbone=dict(
+        arch='tiny',
+        drop_path_rate=0.1,
+        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/1cmquqyjmaeeg1n/mpvit_tiny.pth')),
+    # Stage outputs: each stage projects to the next stage's width, the last keeps its own: [96, 176, 216, 216].
+    decode_head=dict(in_channels=[96, 176, 216, 216]),
+    auxiliary_head=dict(in_channels=216))
