@@ -13,9 +13,18 @@ setup(
     packages=find_packages(include=['mpvit', 'mpvit.*']),
     package_data={'mpvit': ['model_zoo.json']},
     python_requires='>=3.10',
-    # torch 2.6: weights_only loading with named allowlist entries (mpvit.serialization).
-    install_requires=['torch>=2.6', 'torchvision', 'timm>=1.0.15', 'fvcore', 'safetensors', 'huggingface_hub',
-                      'filelock'],
+    # The lower bounds are the versions tested (requirements.txt pins them); older ones are not tested.
+    # What the package imports; the frameworks' adapters need their extras (Detectron2 itself is installed by
+    # tools/install_detectron2.sh: its PyPI sdist needs a patch).
+    install_requires=['torch>=2.14', 'torchvision>=0.29', 'timm>=1.0.31', 'safetensors', 'huggingface_hub',
+                      'filelock', 'PyYAML', 'numpy', 'Pillow'],
+    extras_require={
+        'detectron2': ['pycocotools', 'shapely', 'fvcore'],
+        'mmseg': ['onedl-mmengine', 'onedl-mmcv', 'onedl-mmsegmentation'],
+        'deformable_detr': ['transformers>=5.23', 'accelerate', 'scipy', 'pycocotools'],
+        'onnx': ['onnx', 'onnxruntime', 'onnxscript'],
+        'tables': ['fvcore', 'submitit>=1.5.4'],  # tools/paper_tables.py (FLOPs), tools/reproduce_paper.py (Slurm)
+    },
     classifiers=[
         'Programming Language :: Python :: 3',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',

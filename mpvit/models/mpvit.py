@@ -391,10 +391,11 @@ class FactorAttnConvRelPosEnc(nn.Module):
         v = F.linear(x, self.qkv.weight[2 * c:], self._qkv_bias(2 * c, 3 * c))
         context = torch.bmm(_softmax(k.reshape(b, n, c), dim=1).transpose(1, 2), v.reshape(b, n, c))
         # Keep only each head's own block, and apply the scale there, on the small tensor
-        # (a float32 mask: the scale is not rounded to bf16).
+        # (a float32 mask: the scale is not rounded to bf16). Out of place: an in-place write
+        # through a view is dropped by torch.onnx's TorchScript exporter (silently wrong outputs).
         head_mask = torch.eye(h, device=context.device).mul_(self.scale).view(1, h, 1, h, 1)
-        context.view(b, h, c // h, h, c // h).mul_(head_mask)
-        out = torch.baddbmm(self.crpe(q, v).reshape(b, n, c), q.reshape(b, n, c), context)
+        context = (context.view(b, h, c // h, h, c // h) * head_mask).view(b, c, c)
+        out = torch.baddbmm(self.crpe(q, v).reshape(b, n, c), q.reshape(b, n, c), context.to(q.dtype))
         return self.proj(out.view(b, height, width, c))
 
     def _qkv_bias(self, start: int, end: int) -> Optional[torch.Tensor]:
