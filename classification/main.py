@@ -480,8 +480,9 @@ def main(args: argparse.Namespace) -> Dict:
         num_classes = len(dataset_val.classes)
     model = timm.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
     if args.pretrained:
-        load_backbone_weights(model, args.pretrained)
-        names = label_names(read_checkpoint(args.pretrained))
+        pretrained = read_checkpoint(args.pretrained)
+        load_backbone_weights(model, args.pretrained, checkpoint=pretrained)
+        names = label_names(pretrained)
         if names is not None and not args.throughput and names != dataset_val.classes:
             _logger.warning('%s was trained on other classes (%s): new classifier for the data\'s %d classes',
                             args.pretrained, ', '.join(list(names)[:5]), num_classes)
@@ -507,8 +508,9 @@ def main(args: argparse.Namespace) -> Dict:
     val_loader = build_val_loader(args, dataset_val)
     if args.eval:
         if args.resume:
-            check_class_names(read_checkpoint(args.resume), dataset_val.classes, args.resume)
-            load_backbone_weights(model, args.resume, head='require')
+            state = read_checkpoint(args.resume)
+            check_class_names(state, dataset_val.classes, args.resume)
+            load_backbone_weights(model, args.resume, head='require', checkpoint=state)
         metrics = evaluate(args, compiled(model), val_loader)
         if is_main_process():
             model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'classification', metrics,

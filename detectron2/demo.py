@@ -31,7 +31,13 @@ from mpvit import model_zoo
 from mpvit.checkpoint import local_checkpoint, read_checkpoint
 from mpvit.coco_checks import coco_2017_names
 from mpvit.d2 import MPViTCheckpointer, add_mpvit_config, merge_user_config, register_coco_datasets
-from mpvit.d2.classes import checkpoint_classes, dataset_classes, follow_dataset_classes, mark_num_classes_unset
+from mpvit.d2.classes import (
+    checkpoint_classes,
+    dataset_classes,
+    follow_dataset_classes,
+    mark_num_classes_unset,
+    num_classes,
+)
 from mpvit.errors import InvalidInputError, MissingFileError
 from mpvit.images import is_high_depth, open_rgb, unreadable_error
 from mpvit.training import user_errors_in_one_line
@@ -71,8 +77,7 @@ def setup(args: argparse.Namespace) -> tuple[CfgNode, list[str]]:
     follow_dataset_classes(cfg, [] if names else tested, user_classes=len(names) if names else None)
     if names is None:
         names = dataset_classes(tested[0]) if tested else None
-    count = cfg.MODEL.RETINANET.NUM_CLASSES if 'RetinaNet' in cfg.MODEL.META_ARCHITECTURE else \
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    count = num_classes(cfg)
     coco = coco_2017_names()
     if names is None and count == len(coco):  # the released detectors store no names
         names = [coco[i] for i in sorted(coco)]

@@ -220,12 +220,15 @@ def read_checkpoint(source: str) -> Any:
     return safe_load(local_checkpoint(source))
 
 
-def load_backbone_weights(model: nn.Module, path_or_url: str, strict: bool = True, head: str = 'reset') -> None:
+def load_backbone_weights(model: nn.Module, path_or_url: str, strict: bool = True, head: str = 'reset',
+                          checkpoint: Any = None) -> None:
     """Read a checkpoint in any released format and load its backbone part into ``model``.
 
     ``head``: see :func:`checkpoint_filter_fn` (``'require'`` to evaluate or resume a classifier).
+    ``checkpoint``: its contents when the caller has read it already (``path_or_url`` then names it in errors).
     """
-    checkpoint = read_checkpoint(path_or_url)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path_or_url)
     try:
         weights = checkpoint_filter_fn(checkpoint, model, head=head)
     except CheckpointError as e:

@@ -195,17 +195,6 @@ PAPER_DATASETS = {
 }
 
 
-def fingerprint_file(path: str | os.PathLike) -> str:
-    """sha256 of a file (an annotation file), in 1 MiB blocks."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint_names(names) -> str:
     """sha256 of a list of names (the files and labels of a folder dataset without an annotation file)."""
     import hashlib
@@ -219,7 +208,9 @@ def dataset_record(name: str, split: str, images: int, annotations: str | os.Pat
     ``coco``, ``ade20k``, or the user's own), ``split``, the number of ``images`` evaluated, the annotation
     file and a fingerprint (sha256 of that file when there is one), and the number of classes."""
     if fingerprint is None and annotations and os.path.isfile(annotations):
-        fingerprint = fingerprint_file(annotations)
+        from mpvit.weights import file_sha256  # (mpvit.weights imports this module)
+
+        fingerprint = file_sha256(annotations)
     record = dict(name=str(name).lower(), split=str(split), images=int(images),
                   annotations=str(annotations) if annotations else None, sha256=fingerprint)
     if classes is not None:

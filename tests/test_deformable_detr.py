@@ -414,7 +414,8 @@ def test_own_data_head_follows_the_categories(fruit_run):
 def test_own_data_evaluate_and_draw(fruit, fruit_run, tmp_path, capsys):
     from PIL import Image
 
-    from mpvit.model_zoo import fingerprint_file, on_paper_dataset
+    from mpvit.model_zoo import on_paper_dataset
+    from mpvit.weights import file_sha256
 
     out, _ = fruit_run
     driver = load_script('deformable_detr/main.py')
@@ -423,7 +424,7 @@ def test_own_data_evaluate_and_draw(fruit, fruit_run, tmp_path, capsys):
     metrics = json.loads((tmp_path / 'eval' / 'eval_metrics.json').read_text())
     annotations = fruit / 'annotations' / 'instances_val.json'
     assert metrics['dataset'] == dict(name='fruit', split='val', images=2, annotations=str(annotations),
-                                      sha256=fingerprint_file(annotations), num_classes=2)
+                                      sha256=file_sha256(annotations), num_classes=2)
     assert not on_paper_dataset('deformable_detr', metrics['dataset'])
 
     demo = load_script('deformable_detr/demo.py')

@@ -44,6 +44,7 @@ from mpvit import model_zoo  # noqa: E402
 from mpvit.errors import InvalidInputError, UserError  # noqa: E402
 from mpvit.model_zoo import ZooEntry  # noqa: E402
 from mpvit.training import user_errors_in_one_line  # noqa: E402
+from mpvit.weights import file_sha256  # noqa: E402
 
 TASK_DATA = {'classification': 'imagenet', 'detectron2': 'coco', 'deformable_detr': 'coco', 'mmseg': 'ade20k'}
 D2_DATASET = 'mpvit_coco_2017_val'  # COCO val2017 registered from --coco (recorded as 'coco': the paper's rows)
@@ -87,7 +88,7 @@ def inspect_dataset(key: str, root: Optional[Path]) -> Dataset:
     if key == 'coco':
         with open(needed[0]) as f:
             dataset.images = len(json.load(f).get('images', []))
-        dataset.fingerprint = model_zoo.fingerprint_file(needed[0])
+        dataset.fingerprint = file_sha256(needed[0])
     else:
         files = _image_files(needed[0]) if key == 'imagenet' else sorted(
             p.name for p in needed[1].iterdir() if p.suffix == '.png')
@@ -153,7 +154,6 @@ def select_entries(rows: Optional[Sequence[str]], tasks: Optional[Sequence[str]]
 def find_weights(row: Row) -> None:
     """The row's checkpoint, found (weights directory, Hub) or downloaded before anything runs."""
     from mpvit.checkpoint import local_checkpoint
-    from mpvit.weights import file_sha256
 
     try:
         row.weights = local_checkpoint(row.entry.url)
