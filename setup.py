@@ -10,8 +10,11 @@ setup(
     long_description=Path(__file__).with_name('README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    packages=find_packages(include=['mpvit', 'mpvit.*']),
-    package_data={'mpvit': ['model_zoo.json']},
+    # configs/ ships as mpvit/configs/ (package data): the model zoo's rows name their configs, and
+    # mpvit.model_zoo.config_path finds them in a checkout or, installed, there.
+    packages=[*find_packages(include=['mpvit', 'mpvit.*']), 'mpvit.configs'],
+    package_dir={'mpvit.configs': 'configs'},
+    package_data={'mpvit': ['model_zoo.json'], 'mpvit.configs': ['**/*.yaml', '**/*.py']},
     python_requires='>=3.10',
     # The lower bounds are the versions tested (requirements.txt pins them); older ones are not tested.
     # What the package imports; the frameworks' adapters need their extras (Detectron2 itself is installed by

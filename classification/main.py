@@ -8,24 +8,27 @@ Fine-tune:          python classification/main.py -c configs/classification/fine
                     (your classes from the folders; lr as given, warm-up in steps, layer-wise lr decay)
 Throughput:         python classification/main.py --model mpvit_small --throughput --batch-size 128
 
-Every epoch writes ``<output-dir>/checkpoint.pth`` atomically; ``--auto-resume``
-continues from it after an interruption with identical optimizer, scheduler,
-scaler, sampler and RNG state.
+Every epoch writes ``<output-dir>/checkpoint.pth`` atomically (the keys every driver's
+training checkpoint has, ``mpvit.training.CHECKPOINT_KEYS``, plus ``pretrained_cfg``) and
+rewrites ``<output-dir>/log.txt`` (one JSON line per epoch); ``--auto-resume`` continues
+from it after an interruption with identical optimizer, scheduler, scaler, sampler and RNG state.
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
-import csv
 import datetime
-import io
 import json
 import logging
 import os
 import resource
+import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -43,23 +46,31 @@ from torchvision.datasets import ImageFolder
 import mpvit
 from mpvit import model_zoo
 from mpvit.checkpoint import checkpoint_filter_fn, load_backbone_weights, local_checkpoint, read_checkpoint
-from mpvit.errors import InvalidInputError, MissingFileError
+from mpvit.errors import InvalidInputError, MissingFileError, first_few
 from mpvit.images import check_some_readable, open_rgb, warn_unreadable
-from mpvit.serialization import atomic_file
 from mpvit.training import (
+    LOG_FILE,
     LossWatch,
+    align_gradient_strides,
     all_reduce_sum,
+    autocast,
     check_minimums,
+    count_parameters,
     ensure_writable_dir,
-    gather_rng_states,
+    epoch_row,
     is_main_process,
-    save_atomic,
+    loader_workers,
+    parse_args_with_config,
+    restore_training_state,
+    save_training_checkpoint,
     seed_everything,
-    set_rng_state,
+    setup_logging,
     user_errors_in_one_line,
-    yaml_defaults,
+    write_log,
 )
-from mpvit.training import autocast as amp_autocast
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / 'tools'))
+import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 _logger = logging.getLogger('mpvit.classification')
 
@@ -78,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default='', help='ImageFolder root with train/ and val/')
     g.add_argument('--batch-size', type=int, default=128, help='per process')
-    g.add_argument('--num-workers', type=int, default=8)
+    g.add_argument('--num-workers', type=int, default=loader_workers(8), help='default: 8, at most one per CPU')
     g.add_argument('--crop-pct', type=float, default=0.875,
                    help='evaluation: resize to input-size / crop-pct, centre crop (the authors: 256 -> 224)')
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='RandomResizedCrop area range')
@@ -133,10 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    if first.config:
-        yaml_defaults(parser, first.config)
-    args = parser.parse_args(argv)
+    args = parse_args_with_config(parser, argv)
     check_minimums(parser, args, dict(epochs=1, batch_size=1, accum_steps=1, input_size=32, num_workers=0,
                                       warmup_epochs=0, log_interval=1, run_epochs=1, max_steps=1, warmup_steps=0))
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
@@ -242,8 +250,9 @@ def dataset_record(args, dataset: CheckedImageFolder, images: int) -> Dict:
     root = Path(args.data_path)
     imagenet = dataset.classes == list(ImageNetInfo().label_names())
     names = [f'{Path(path).relative_to(dataset.root)} {label}' for path, label in dataset.samples]
-    return model_zoo.dataset_record('imagenet-1k' if imagenet else root.resolve().name, Path(dataset.root).name,
-                                    images, fingerprint=model_zoo.fingerprint_names(names), classes=dataset.classes)
+    return eval_results.dataset_record('imagenet-1k' if imagenet else root.resolve().name, Path(dataset.root).name,
+                                       images, fingerprint=eval_results.fingerprint_names(names),
+                                       classes=dataset.classes)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -279,7 +288,7 @@ def check_class_names(checkpoint, classes: List[str], what: str) -> None:
         return
     differ = [f'{i}: {a!r} vs {b!r}' for i, (a, b) in enumerate(zip(names, classes)) if a != b]
     raise mpvit.CheckpointError(f'{what} was trained on {len(names)} classes that are not the data\'s {len(classes)} '
-                                f'(checkpoint vs data, {", ".join(differ[:3]) or "counts differ"}); '
+                                f'(checkpoint vs data, {first_few(differ, show=3) or "counts differ"}); '
                                 'fine-tune it with --pretrained instead')
 
 
@@ -325,29 +334,6 @@ def pretrained_cfg(args, class_names: List[str]) -> Dict:
 # ---------------------------------------------------------------------------- loops
 
 
-def read_log_csv(path: Path, up_to_epoch: int) -> List[Dict]:
-    """The rows of an existing log.csv up to ``up_to_epoch`` (checkpoints written before they carried their
-    rows): kept when the log is rewritten."""
-    if not path.is_file():
-        return []
-    with open(path, newline='') as f:
-        return [row for row in csv.DictReader(f) if int(row['epoch']) <= up_to_epoch]
-
-
-def write_log_csv(path: Path, rows: List[Dict]) -> None:
-    """Write every epoch's row so far, atomically (a file of one row per epoch: small)."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_file(path) as f:
-        f.write(text.getvalue().encode())
-
-
-def autocast(args):
-    return amp_autocast(args.amp, torch.device(args.device).type)
-
-
 def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, epoch, step,
                     ema: Optional[ModelEmaV3] = None, watch: Optional[LossWatch] = None, scheduler=None) -> Dict:
     model.train()
@@ -367,7 +353,7 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, ep
             images, targets = mixup(images, targets)
         sync = (i + 1) % args.accum_steps == 0
         no_sync = model.no_sync() if args.distributed and not sync else nullcontext()
-        with no_sync, autocast(args):
+        with no_sync, autocast(args.amp, args.device):
             loss = criterion(model(images), targets)
         loss_value = watch.check(loss, f'epoch {epoch} step {i // args.accum_steps + 1}/{steps_per_epoch}')
         scaler.scale(loss / args.accum_steps).backward()
@@ -396,7 +382,7 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scaler, mixup, ep
             _logger.info('Epoch %d [%d/%d] eta %s loss %.4f lr %.3e %.1f img/s', epoch, done, steps_per_epoch,
                          eta, loss_sum / seen, current_lr(optimizer), seen * args.world_size / elapsed)
     loss_avg = all_reduce_sum([loss_sum, seen], args.device)
-    return {'train_loss': loss_avg[0] / max(loss_avg[1], 1), 'lr': current_lr(optimizer), 'step': step}
+    return {'loss': loss_avg[0] / max(loss_avg[1], 1), 'lr': current_lr(optimizer), 'step': step}
 
 
 @torch.no_grad()
@@ -409,7 +395,7 @@ def evaluate(args, model, loader) -> Dict:
         if images is None:
             continue
         images, targets = images.to(args.device), targets.to(args.device)
-        with autocast(args):
+        with autocast(args.amp, args.device):
             logits = model(images)
         loss_sum += criterion(logits.float(), targets).item()
         acc1, acc5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
@@ -421,10 +407,8 @@ def evaluate(args, model, loader) -> Dict:
         raise InvalidInputError(f'no readable validation image ({int(skipped)} unreadable) under {args.data_path}/val')
     metrics = {'acc1': 100 * top1 / count, 'acc5': 100 * top5 / count, 'loss': loss_sum / count, 'images': int(count),
                'unreadable_images': int(skipped)}
-    if is_main_process():
-        note = f' ({int(count)} images; {int(skipped)} unreadable left out)' if skipped else f' ({int(count)} images)'
-        print(f"* Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} loss {metrics['loss']:.3f}{note}",
-              flush=True)
+    note = f' ({int(count)} images; {int(skipped)} unreadable left out)' if skipped else f' ({int(count)} images)'
+    _logger.info('* Acc@1 %.3f Acc@5 %.3f loss %.3f%s', metrics['acc1'], metrics['acc5'], metrics['loss'], note)
     return metrics
 
 
@@ -435,7 +419,7 @@ def measure_throughput(args, model) -> Dict:
     cuda = args.device.startswith('cuda')
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad(), autocast(args):
+    with torch.no_grad(), autocast(args.amp, args.device):
         for _ in range(5):
             model(x)
         if cuda:
@@ -449,87 +433,130 @@ def measure_throughput(args, model) -> Dict:
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {'images_per_s': iters * args.batch_size / elapsed, 'peak_memory_gib': peak / 2 ** 30,
               'batch_size': args.batch_size, 'amp': args.amp, 'device': args.device}
-    print(f"throughput {result['images_per_s']:.1f} images/s, peak memory {result['peak_memory_gib']:.2f} GiB "
-          f"({'GPU' if cuda else 'process RSS'}), batch {args.batch_size}, amp {args.amp}", flush=True)
+    _logger.info('throughput %.1f images/s, peak memory %.2f GiB (%s), batch %d, amp %s', result['images_per_s'],
+                 result['peak_memory_gib'], 'GPU' if cuda else 'process RSS', args.batch_size, args.amp)
     return result
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def main(args: argparse.Namespace) -> Dict:
-    output_dir = ensure_writable_dir(args.output_dir)
-    resume = args.resume
-    if args.auto_resume and not args.eval and (output_dir / 'checkpoint.pth').is_file():
-        resume = str(output_dir / 'checkpoint.pth')
-    for weights in (resume, args.pretrained):  # find / download and check (no code in it) before any work
-        if weights:
-            local_checkpoint(weights)
-    init_distributed_device(args)  # torchrun / SLURM: sets args.distributed, rank, world_size, local_rank, device
-    logging.basicConfig(format='%(asctime)s %(message)s', datefmt='%H:%M:%S')  # no-op if already configured
-    _logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+def setup(args) -> None:
+    """Processes (torchrun / SLURM: sets args.distributed, rank, world_size, local_rank, device), logging,
+    seeds and cuDNN."""
+    init_distributed_device(args)
+    setup_logging(_logger.name)
     seed_everything(args.seed + args.rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     else:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest conv kernels
 
-    num_classes = 1000
-    if not args.throughput:
-        dataset_val = build_dataset(args, 'val')
-        num_classes = len(dataset_val.classes)
+
+def compiled(args, module: nn.Module) -> nn.Module:
+    if not args.compile:
+        return module
+    _logger.info('torch.compile (%s): the first steps compile the model and take a while', args.compile)
+    return torch.compile(module, backend=args.compile)
+
+
+def build_model(args, classes: Optional[List[str]]) -> nn.Module:
+    """The model for the data's ``classes`` (ImageNet's 1000 without data), from ``--pretrained`` if given: a
+    checkpoint trained on other classes gets a new classifier, with a warning naming them."""
+    num_classes = len(classes) if classes is not None else 1000
     model = timm.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
     if args.pretrained:
         pretrained = read_checkpoint(args.pretrained)
         load_backbone_weights(model, args.pretrained, checkpoint=pretrained)
         names = label_names(pretrained)
-        if names is not None and not args.throughput and names != dataset_val.classes:
+        if names is not None and classes is not None and names != list(classes):
             _logger.warning('%s was trained on other classes (%s): new classifier for the data\'s %d classes',
-                            args.pretrained, ', '.join(list(names)[:5]), num_classes)
+                            args.pretrained, first_few(names), num_classes)
             model.reset_classifier(num_classes)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     model.to(args.device)
-    _logger.info('%s: %.2fM parameters, %d classes', args.model,
-                 sum(p.numel() for p in model.parameters()) / 1e6, num_classes)
+    _logger.info('%s: %.2fM parameters, %d classes', args.model, count_parameters(model) / 1e6, num_classes)
+    return model
 
-    def compiled(module: nn.Module) -> nn.Module:
-        if not args.compile:
-            return module
-        _logger.info('torch.compile (%s): the first steps compile the model and take a while', args.compile)
-        return torch.compile(module, backend=args.compile)
 
-    if args.throughput:
-        result = measure_throughput(args, compiled(model))
-        if is_main_process():
-            (output_dir / 'throughput.json').write_text(json.dumps(result, indent=2))
-        return result
+def run_throughput(args, output_dir: Path) -> Dict:
+    result = measure_throughput(args, compiled(args, build_model(args, None)))
+    if is_main_process():
+        (output_dir / 'throughput.json').write_text(json.dumps(result, indent=2))
+    return result
 
-    val_loader = build_val_loader(args, dataset_val)
-    if args.eval:
-        if args.resume:
-            state = read_checkpoint(args.resume)
-            check_class_names(state, dataset_val.classes, args.resume)
-            load_backbone_weights(model, args.resume, head='require', checkpoint=state)
-        metrics = evaluate(args, compiled(model), val_loader)
-        if is_main_process():
-            model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'classification', metrics,
-                                         config=args.config, model=args.model,
-                                         dataset=dataset_record(args, dataset_val, metrics['images']))
-        return metrics
 
-    dataset_train = build_dataset(args, 'train')
-    if dataset_train.classes != dataset_val.classes:
-        only_train = sorted(set(dataset_train.classes) - set(dataset_val.classes))
-        only_val = sorted(set(dataset_val.classes) - set(dataset_train.classes))
+def run_eval(args, model: nn.Module, dataset_val: CheckedImageFolder, output_dir: Path) -> Dict:
+    """Evaluate ``--resume`` (or the ``--pretrained`` / fresh model) and write ``eval_metrics.json``."""
+    if args.resume:
+        state = read_checkpoint(args.resume)
+        check_class_names(state, dataset_val.classes, args.resume)
+        load_backbone_weights(model, args.resume, head='require', checkpoint=state)
+    metrics = evaluate(args, compiled(args, model), build_val_loader(args, dataset_val))
+    if is_main_process():
+        eval_results.write_eval_metrics(output_dir / 'eval_metrics.json', 'classification', metrics,
+                                        config=args.config, model=args.model,
+                                        dataset=dataset_record(args, dataset_val, metrics['images']))
+    return metrics
+
+
+def build_train_data(args, val_classes: List[str]) -> Tuple[CheckedImageFolder, DataLoader]:
+    """The training set (same classes as val/, some images readable) and its loader (one full batch at least)."""
+    dataset = build_dataset(args, 'train')
+    if dataset.classes != val_classes:
+        only_train = sorted(set(dataset.classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(dataset.classes))
         raise InvalidInputError(f'train and val classes differ under {args.data_path}: only in train/ '
-                                f'{only_train[:5]}, only in val/ {only_val[:5]}'
+                                f'[{first_few(only_train)}], only in val/ [{first_few(only_val)}]'
                                 + ('' if only_train or only_val else ' (same names, other order)'))
-    check_some_readable((path for path, _ in dataset_train.samples), f'{args.data_path}/train')
-    train_loader = build_train_loader(args, dataset_train)
-    if len(train_loader) < args.accum_steps:
-        raise InvalidInputError(f'{args.data_path}/train has {len(dataset_train)} images: not one full batch of '
+    check_some_readable((path for path, _ in dataset.samples), f'{args.data_path}/train')
+    loader = build_train_loader(args, dataset)
+    if len(loader) < args.accum_steps:
+        raise InvalidInputError(f'{args.data_path}/train has {len(dataset)} images: not one full batch of '
                                 f'{args.batch_size} x {args.accum_steps} accumulation steps per process')
+    return dataset, loader
+
+
+def build_criterion(args, num_classes: int) -> Tuple[Optional[Mixup], nn.Module]:
+    """Mixup / CutMix with soft-target cross-entropy, or label smoothing, or plain cross-entropy (DeiT)."""
+    if args.mixup > 0 or args.cutmix > 0:
+        if args.batch_size % 2:
+            raise InvalidInputError(f'mixup / cutmix pair images within a batch: --batch-size {args.batch_size} '
+                                    'must be even')
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(args.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+@dataclass
+class Training:
+    """What the epochs of a run share: built once by :func:`prepare_training`, advanced by :func:`run_epoch`."""
+    model: nn.Module  # the plain model (its state is saved)
+    train_model: nn.Module  # DDP and / or compiled
+    eval_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    mixup: Optional[Mixup]
+    ema: Optional[ModelEmaV3]
+    train_loader: DataLoader
+    val_loader: DataLoader
+    classes: List[str]
+    num_epochs: int
+    start_epoch: int = 0
+    step: int = 0
+    best: float = 0.0
+    log: List[Dict] = field(default_factory=list)
+
+
+def prepare_training(args, model: nn.Module, dataset_val: CheckedImageFolder) -> Training:
+    """Data, lr (DeiT's 5e-4 x total batch / 512 unless given), optimizer, schedule, scaler and loss."""
+    dataset_train, train_loader = build_train_data(args, dataset_val.classes)
     total_batch = args.batch_size * args.accum_steps * args.world_size
     if args.lr is None:
         args.lr = 5e-4 * total_batch / 512
@@ -540,84 +567,105 @@ def main(args: argparse.Namespace) -> Dict:
                  f', layer decay {args.layer_decay}' if args.layer_decay else '',
                  f'{args.warmup_steps} warm-up steps' if args.warmup_steps is not None
                  else f'{args.warmup_epochs} warm-up epochs')
-    scaler = torch.amp.GradScaler(enabled=args.amp == 'fp16')
-    mixup = None
-    if args.mixup > 0 or args.cutmix > 0:
-        if args.batch_size % 2:
-            raise InvalidInputError(f'mixup / cutmix pair images within a batch: --batch-size {args.batch_size} '
-                                    'must be even')
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                      switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=num_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(args.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+    mixup, criterion = build_criterion(args, len(dataset_train.classes))
+    return Training(model=model, train_model=model, eval_model=model, optimizer=optimizer, scheduler=scheduler,
+                    scaler=torch.amp.GradScaler(enabled=args.amp == 'fp16'), criterion=criterion, mixup=mixup,
+                    ema=None, train_loader=train_loader, val_loader=build_val_loader(args, dataset_val),
+                    classes=dataset_train.classes, num_epochs=num_epochs)
 
-    start_epoch, step, best, log_rows = 0, 0, 0.0, []
-    if resume:
-        state = read_checkpoint(resume)
-        if not (isinstance(state, dict) and 'optimizer' in state):
-            raise InvalidInputError(f'{resume} is not a training checkpoint of this script '
-                                    '(use --pretrained for weights)')
-        check_class_names(state, dataset_train.classes, resume)
-        try:
-            model.load_state_dict(checkpoint_filter_fn(state['model'], model, head='require'))
-        except mpvit.CheckpointError as e:
-            raise mpvit.CheckpointError(f'{resume}: {e}') from None
-        check_same_schedule(state, args, resume)
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        scaler.load_state_dict(state['scaler'])
-        start_epoch, step, best = state['epoch'] + 1, state['step'], state.get('best_acc1', 0.0)
-        set_rng_state(state['rng'][min(args.rank, len(state['rng']) - 1)])
-        log_rows = list(state.get('log', [])) or read_log_csv(output_dir / 'log.csv', up_to_epoch=state['epoch'])
-        if is_main_process() and log_rows:  # rows a kill between the checkpoint and log.csv would have lost
-            write_log_csv(output_dir / 'log.csv', log_rows)
-        _logger.info('resumed from %s at epoch %d', resume, start_epoch)
 
-    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    if ema is not None and resume and 'model_ema' in state:
-        ema.module.load_state_dict(state['model_ema'])
-    ddp_model = model
+def resume_training(args, run: Training, resume: str, output_dir: Path) -> Optional[Dict]:
+    """Continue ``resume`` (a training checkpoint of this script for the same classes and schedule): weights,
+    training state and log rows. Returns its EMA weights, if any (the EMA is built later)."""
+    if not resume:
+        return None
+    state = read_checkpoint(resume)
+    if not (isinstance(state, dict) and 'optimizer' in state):
+        raise InvalidInputError(f'{resume} is not a training checkpoint of this script '
+                                '(use --pretrained for weights)')
+    check_class_names(state, run.classes, resume)
+    try:
+        run.model.load_state_dict(checkpoint_filter_fn(state['model'], run.model, head='require'))
+    except mpvit.CheckpointError as e:
+        raise mpvit.CheckpointError(f'{resume}: {e}') from None
+    check_same_schedule(state, args, resume)
+    resumed = restore_training_state(state, resume, run.optimizer, run.scheduler, run.scaler, output_dir / LOG_FILE)
+    run.start_epoch, run.step, run.log = resumed
+    run.best = state.get('best_acc1', 0.0)
+    _logger.info('resumed from %s at epoch %d', resume, run.start_epoch)
+    return state.get('model_ema')
+
+
+def wrap_models(args, run: Training, ema_state: Optional[Dict]) -> None:
+    """EMA (restored from a resumed checkpoint's), DDP and ``--compile`` around the plain model."""
+    if args.model_ema:
+        run.ema = ModelEmaV3(run.model, decay=args.model_ema_decay)
+        if ema_state is not None:
+            run.ema.module.load_state_dict(ema_state)
+    train_model = run.model
     if args.distributed:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.local_rank] if args.device.startswith('cuda') else None)
-    ddp_model, eval_model = compiled(ddp_model), compiled(model)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            align_gradient_strides(run.model), device_ids=[args.local_rank] if args.device.startswith('cuda') else None)
+    run.train_model, run.eval_model = compiled(args, train_model), compiled(args, run.model)
 
-    last_epoch = num_epochs if args.run_epochs is None else min(num_epochs, start_epoch + args.run_epochs)
+
+def run_epoch(args, run: Training, epoch: int, watch: LossWatch, output_dir: Path) -> Dict:
+    """Train one epoch, step the schedule, evaluate (and the EMA), then the checkpoint and the log."""
+    if hasattr(run.train_loader.sampler, 'set_epoch'):
+        run.train_loader.sampler.set_epoch(epoch)
+    train_stats = train_one_epoch(args, run.train_model, run.train_loader, run.criterion, run.optimizer,
+                                  run.scaler, run.mixup, epoch, run.step, run.ema, watch, run.scheduler)
+    run.step = train_stats.pop('step')
+    run.scheduler.step(epoch)  # as the authors (DeiT): the next epoch trains at the schedule's value for this one
+    metrics = evaluate(args, run.eval_model, run.val_loader)
+    run.best = max(run.best, metrics['acc1'])
+    if run.ema is not None:
+        _logger.info('EMA model:')
+        metrics['ema_acc1'] = evaluate(args, run.ema.module, run.val_loader)['acc1']
+    run.log.append(epoch_row(epoch, train_stats, metrics, step=run.step))
+    extra = {'best_acc1': run.best, 'pretrained_cfg': pretrained_cfg(args, run.classes)}
+    if run.ema is not None:
+        extra['model_ema'] = run.ema.module.state_dict()
+    # The checkpoint carries the log's rows: log.txt is rewritten from them, here and on resume.
+    save_training_checkpoint(output_dir / 'checkpoint.pth', run.model, run.optimizer, run.scheduler, run.scaler,
+                             epoch=epoch, step=run.step, args=args, log=run.log, watch=watch, extra=extra)
+    if is_main_process():
+        write_log(output_dir / LOG_FILE, run.log)
+    _logger.info('epoch %d: val Acc@1 %.2f (best %.2f)', epoch, metrics['acc1'], run.best)
+    return metrics
+
+
+def train(args, model: nn.Module, dataset_val: CheckedImageFolder, resume: str, output_dir: Path) -> Dict:
+    run = prepare_training(args, model, dataset_val)
+    wrap_models(args, run, resume_training(args, run, resume, output_dir))
+    last_epoch = run.num_epochs if args.run_epochs is None else min(run.num_epochs, run.start_epoch + args.run_epochs)
     metrics: Dict = {}
     watch = LossWatch()
-    for epoch in range(start_epoch, last_epoch):
-        if hasattr(train_loader.sampler, 'set_epoch'):
-            train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(args, ddp_model, train_loader, criterion, optimizer, scaler, mixup, epoch,
-                                      step, ema, watch, scheduler)
-        step = train_stats['step']
-        watch.check_weights(model.state_dict(), f'the end of epoch {epoch}')  # every process: all stop together
-        scheduler.step(epoch)  # as the authors (DeiT): the next epoch trains at the schedule's value for this one
-        metrics = evaluate(args, eval_model, val_loader)
-        best = max(best, metrics['acc1'])
-        if ema is not None:
-            _logger.info('EMA model:')
-            metrics['ema_acc1'] = evaluate(args, ema.module, val_loader)['acc1']
-        rngs = gather_rng_states()
-        log_rows.append(dict(epoch=epoch, step=step, **{k: v for k, v in train_stats.items() if k != 'step'},
-                             val_acc1=metrics['acc1'], val_acc5=metrics['acc5'], val_loss=metrics['loss']))
-        if is_main_process():
-            # The checkpoint carries the log's rows: log.csv is rewritten from them, here and on resume.
-            state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                     'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
-                     'step': step, 'best_acc1': best, 'rng': rngs, 'args': vars(args), 'log': log_rows,
-                     'pretrained_cfg': pretrained_cfg(args, dataset_train.classes)}
-            if ema is not None:
-                state['model_ema'] = ema.module.state_dict()
-            save_atomic(state, output_dir / 'checkpoint.pth')
-            write_log_csv(output_dir / 'log.csv', log_rows)
-            _logger.info('epoch %d: val Acc@1 %.2f (best %.2f)', epoch, metrics['acc1'], best)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return dict(metrics, best_acc1=best)
+    for epoch in range(run.start_epoch, last_epoch):
+        metrics = run_epoch(args, run, epoch, watch, output_dir)
+    return dict(metrics, best_acc1=run.best)
+
+
+def main(args: argparse.Namespace) -> Dict:
+    output_dir = ensure_writable_dir(args.output_dir)
+    resume = args.resume
+    if args.auto_resume and not args.eval and (output_dir / 'checkpoint.pth').is_file():
+        resume = str(output_dir / 'checkpoint.pth')
+    for weights in (resume, args.pretrained):  # find / download and check (no code in it) before any work
+        if weights:
+            local_checkpoint(weights)
+    setup(args)
+    try:
+        if args.throughput:
+            return run_throughput(args, output_dir)
+        dataset_val = build_dataset(args, 'val')
+        model = build_model(args, dataset_val.classes)
+        if args.eval:
+            return run_eval(args, model, dataset_val, output_dir)
+        return train(args, model, dataset_val, resume, output_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == '__main__':

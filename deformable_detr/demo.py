@@ -15,6 +15,8 @@ else the config's.
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 import importlib.util
 import os
@@ -29,10 +31,11 @@ from torchvision.utils import draw_bounding_boxes
 from mpvit import model_zoo
 from mpvit.checkpoint import read_checkpoint, require_task_weights, unwrap_checkpoint
 from mpvit.coco_checks import coco_2017_names
-from mpvit.deformable_detr import build_deformable_detr, head_classes, is_original_layout, load_detector_weights
+from mpvit.deformable_detr.checkpoint import head_classes, is_original_layout, load_detector_weights
+from mpvit.deformable_detr.model import build_deformable_detr
 from mpvit.errors import InvalidInputError, MissingFileError
 from mpvit.images import decode_error, open_rgb
-from mpvit.training import ensure_writable_dir, user_errors_in_one_line
+from mpvit.training import ensure_writable_dir, setup_logging, user_errors_in_one_line
 
 
 def _driver() -> ModuleType:
@@ -112,6 +115,7 @@ def main(argv: List[str] | None = None) -> List[Path]:
     parser.add_argument('--output', default='output/deformable_detr/demo', help='folder for the PNGs')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
+    setup_logging('mpvit.deformable_detr')  # the driver's progress lines (driver.log) are shown
     check_inputs(args.images, args.threshold, args.config)
     output = ensure_writable_dir(args.output)
 

@@ -12,15 +12,18 @@ Draw:            python deformable_detr/demo.py IMAGE... --weights OUTPUT_DIR/ch
 
 Data layout (the original's): COCO_PATH/{train2017,val2017}/*.jpg and
 COCO_PATH/annotations/instances_{train2017,val2017}.json (``--train-set`` / ``--val-set`` rename the splits).
-Every epoch writes OUTPUT_DIR/checkpoint.pth atomically; --resume FILE or --auto-resume continues from it
-with the optimizer, scheduler, scaler, sampler and RNG state, so the run equals an uninterrupted one.
-The checkpoint also names the classes (``dataset_meta``) and the evaluation input (``preprocess``).
+Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (the keys every driver's training checkpoint has,
+``mpvit.training.CHECKPOINT_KEYS``) and OUTPUT_DIR/log.txt (one JSON line per epoch); --resume FILE or
+--auto-resume continues from it with the optimizer, scheduler, scaler, sampler and RNG state, so the run equals
+an uninterrupted one. The checkpoint also names the classes (``dataset_meta``) and the evaluation input
+(``preprocess``).
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
-import datetime
-import json
+import logging
 import os
 import random
 import sys
@@ -34,6 +37,7 @@ import torch.distributed as dist
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import init_distributed_device
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, tv_tensors
@@ -60,24 +64,32 @@ from mpvit.deformable_detr import (
     param_groups,
     weighted_loss,
 )
-from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError
+from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError, first_few
 from mpvit.images import check_some_readable, decode_error, open_rgb, unreadable_error, warn_unreadable
 from mpvit.training import (
+    LOG_FILE,
     LossWatch,
+    align_gradient_strides,
     all_reduce_sum,
+    autocast,
     check_minimums,
+    count_parameters,
     ensure_writable_dir,
-    gather_rng_states,
+    epoch_row,
     is_main_process,
-    save_atomic,
+    parse_args_with_config,
+    restore_training_state,
+    save_training_checkpoint,
     seed_everything,
-    set_rng_state,
+    setup_logging,
     user_errors_in_one_line,
-    yaml_defaults,
+    write_log,
 )
-from mpvit.training import autocast as amp_autocast
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+sys.path.append(str(Path(__file__).resolve().parents[1] / 'tools'))
+import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
+
+_logger = logging.getLogger('mpvit.deformable_detr')
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -115,7 +127,8 @@ def build_transforms(train: bool, args: argparse.Namespace) -> v2.Compose:
         ]
     else:
         geometric = [v2.RandomShortestSize([args.test_size], max_size=args.max_size)]
-    return v2.Compose([*geometric, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    normalise = v2.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return v2.Compose([*geometric, v2.ToDtype(torch.float32, scale=True), normalise])
 
 
 class _CocoImages(datasets.CocoDetection):
@@ -211,12 +224,8 @@ def collate(batch: List[Tuple[torch.Tensor, Dict]]) -> Dict:
 # ------------------------------------------------------------------------------------------- train / eval
 
 def log(message: str) -> None:
-    if is_main_process():
-        print(f'{datetime.datetime.now():%H:%M:%S} {message}', flush=True)
-
-
-def autocast(args, device):
-    return amp_autocast(args.amp, device.type)
+    """A progress line through the driver's logger (the main process's only, once :func:`setup_logging` ran)."""
+    _logger.info(message)
 
 
 def due(step: int, steps: int, every: int, last: float) -> bool:
@@ -253,7 +262,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args,
             break
         labels = [{k: t[k].to(device) for k in ('class_labels', 'boxes')} for t in batch['targets']]
         watch.current = f'epoch {epoch} step {step + 1}/{steps}'
-        with autocast(args, device):
+        with autocast(args.amp, device):
             out = model(pixel_values=batch['pixel_values'].to(device), pixel_mask=batch['pixel_mask'].to(device),
                         labels=labels)
         loss = weighted_loss(out.loss_dict) * global_box_normaliser(labels, device)
@@ -274,7 +283,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, args,
             log(f'epoch {epoch} [{step + 1}/{steps}] {parts} lr {optimizer.param_groups[0]["lr"]:.2e} '
                 f'({(time.time() - start) / (step + 1):.2f} s/it)')
     *sums, all_steps = all_reduce_sum([*totals.values(), steps], device)  # averaged over every process's steps
-    return {k: v / all_steps for k, v in zip(totals, sums)}
+    return {**{k: v / all_steps for k, v in zip(totals, sums)}, 'lr': optimizer.param_groups[0]['lr'], 'steps': steps}
 
 
 @torch.no_grad()
@@ -292,7 +301,7 @@ def detect(model, batch: Dict, device, args) -> List[Dict[str, torch.Tensor]]:
     """Detections of a ``collate``d batch as evaluation scores them (and the demo draws them): per image the
     top 100 (query, class) pairs, ``scores``, ``labels`` (category ids) and ``boxes`` (x0, y0, x1, y1 in the
     pixels of the image before the transform, whose size is the target's ``orig_size``)."""
-    with autocast(args, device):
+    with autocast(args.amp, device):
         out = model(pixel_values=batch['pixel_values'].to(device), pixel_mask=batch['pixel_mask'].to(device))
     out.logits, out.pred_boxes = out.logits.float(), out.pred_boxes.float()
     sizes = torch.tensor([t['orig_size'] for t in batch['targets']], device=device)
@@ -340,11 +349,9 @@ def _evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
 # ------------------------------------------------------------------------------------------------ main
 
 def get_args(argv=None) -> argparse.Namespace:
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument('-c', '--config', default='', help='YAML file of argument defaults')
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[config_parser])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
+    add('-c', '--config', default='', help='YAML file of argument defaults')
     add('--backbone', default='mpvit_small')
     add('--drop-path', type=float, default=0.0, help='backbone stochastic depth (the original: 0 for every variant)')
     add('--pretrained', default='', help='initial weights, file or URL: a classification (or any MPViT) checkpoint '
@@ -382,10 +389,7 @@ def get_args(argv=None) -> argparse.Namespace:
     add('--print-freq', type=int, default=50)
     add('--max-iters', type=int, default=0, help='limit iterations per epoch (smoke tests)')
     add('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    known, _ = config_parser.parse_known_args(argv)
-    if known.config:
-        yaml_defaults(parser, known.config)
-    args = parser.parse_args(argv)
+    args = parse_args_with_config(parser, argv)
     # The configs' num_classes is COCO's (tools build the model from it without data); only the user's own
     # --num-classes overrides the data.
     probe = argparse.ArgumentParser(add_help=False)
@@ -400,9 +404,9 @@ def get_args(argv=None) -> argparse.Namespace:
                      f"{', '.join(timm.list_models('mpvit_*'))}")
     if args.auto_resume and not args.resume and (Path(args.output_dir) / 'checkpoint.pth').is_file():
         args.resume = str(Path(args.output_dir) / 'checkpoint.pth')
-    args.resume = model_zoo.resolve(args.resume, known.config or None, 'deformable_detr_' + args.backbone)
+    args.resume = model_zoo.resolve(args.resume, args.config or None, 'deformable_detr_' + args.backbone)
     # --pretrained released: the authors' COCO detector of the config, to fine-tune (a new class head if needed)
-    args.pretrained = model_zoo.resolve(args.pretrained, known.config or None, 'deformable_detr_' + args.backbone)
+    args.pretrained = model_zoo.resolve(args.pretrained, args.config or None, 'deformable_detr_' + args.backbone)
     if args.eval and not args.resume:
         parser.error('--eval needs --resume (a Deformable DETR checkpoint, or released): without one it would score '
                      'randomly initialised heads')
@@ -420,8 +424,7 @@ def check_same_classes(known: Dict, data: Dict, known_what: str, data_what: str,
     wrong = [f'{i}: {theirs[i]!r}' + (f' (not {ours[i]!r})' if i in ours else ' (unknown)')
              for i in sorted(theirs) if ours.get(i) != theirs[i]]
     if wrong:
-        raise error(f'{data_what} has categories that {known_what} does not: {", ".join(wrong[:3])}'
-                    + (f', ... ({len(wrong)} in all)' if len(wrong) > 3 else ''))
+        raise error(f'{data_what} has categories that {known_what} does not: {first_few(wrong, show=3)}')
 
 
 def class_count(args, train_set: CocoDetection | None, val_set: CocoDetection, checkpoint) -> int:
@@ -470,7 +473,8 @@ def class_count(args, train_set: CocoDetection | None, val_set: CocoDetection, c
 
 def preprocess(args) -> Dict:
     """What the model's evaluation input was (stored in the checkpoint for the demo and other users of it)."""
-    return dict(test_size=args.test_size, max_size=args.max_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    return dict(test_size=args.test_size, max_size=args.max_size, mean=list(IMAGENET_DEFAULT_MEAN),
+                std=list(IMAGENET_DEFAULT_STD))
 
 
 def dataset_record(args, val_set: CocoDetection) -> Dict:
@@ -478,8 +482,8 @@ def dataset_record(args, val_set: CocoDetection) -> Dict:
     names), else the data folder's name; the split is the image folder's name."""
     name = 'coco' if is_coco_2017(val_set.coco.dataset) else (Path(args.coco_path).resolve().name
                                                                or val_set.annotation_file.stem)
-    return model_zoo.dataset_record(name, Path(args.val_set).name, len(val_set), annotations=val_set.annotation_file,
-                                    classes=val_set.meta['classes'])
+    return eval_results.dataset_record(name, Path(args.val_set).name, len(val_set),
+                                       annotations=val_set.annotation_file, classes=val_set.meta['classes'])
 
 
 def main(argv=None) -> Dict[str, float]:
@@ -488,8 +492,9 @@ def main(argv=None) -> Dict[str, float]:
         local_checkpoint(args.resume or args.pretrained)
     output_dir = ensure_writable_dir(args.output_dir)
     device = init_distributed_device(args)  # torchrun / SLURM; 'cuda' becomes this process's GPU
-    rank, world, local = args.rank, args.world_size, args.local_rank
-    seed_everything(args.seed + rank)
+    world, local = args.world_size, args.local_rank
+    setup_logging(_logger.name)
+    seed_everything(args.seed + args.rank)
 
     root = Path(args.coco_path)
     user_classes = args.num_classes if args.num_classes_set else None
@@ -504,6 +509,10 @@ def main(argv=None) -> Dict[str, float]:
     checkpoint = read_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None and args.eval and not is_original_layout(unwrap_checkpoint(checkpoint)):
         require_task_weights(unwrap_checkpoint(checkpoint), 'class_embed.', args.resume, 'Deformable DETR')
+    elif checkpoint is not None and not any(k.startswith('class_embed.') for k in unwrap_checkpoint(checkpoint)):
+        # Another driver's training checkpoint has the same keys (optimizer, lr_scheduler, epoch ...), not ours.
+        raise CheckpointError(f'--resume {args.resume}: no Deformable DETR weights (class_embed.*) in it; --resume '
+                              'continues a Deformable DETR run (start from other weights with --pretrained)')
     args.num_classes = class_count(args, train_set, val_set, checkpoint)
     pretrained = read_checkpoint(args.pretrained) if args.pretrained and not args.resume else None
 
@@ -521,7 +530,7 @@ def main(argv=None) -> Dict[str, float]:
     if args.sync_bn and world > 1 and device.type != 'cuda':
         log('--sync-bn: SyncBatchNorm needs CUDA; using per-process BatchNorm on CPU')
     model.to(device)
-    log(f'Deformable DETR + {args.backbone}: {model.num_parameters(only_trainable=True):,} trainable parameters')
+    log(f'Deformable DETR + {args.backbone}: {count_parameters(model):,} trainable parameters')
 
     val_sampler = DistributedSampler(val_set, shuffle=False) if world > 1 else None
     # Its own generator: evaluating draws nothing from the global RNG, which a checkpoint restores.
@@ -532,30 +541,26 @@ def main(argv=None) -> Dict[str, float]:
                                   lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    start_epoch = 0
+    start_epoch, step, rows = 0, 0, []
     if checkpoint is not None:
         load_detector_weights(model, checkpoint)
         ours = isinstance(checkpoint, dict) and 'model' in checkpoint and not is_original_layout(checkpoint['model'])
         if not args.eval and ours and 'optimizer' in checkpoint:
-            optimizer.load_state_dict(checkpoint['optimizer'])
-            scheduler.load_state_dict(checkpoint['lr_scheduler'])
-            scaler.load_state_dict(checkpoint['scaler'])
-            start_epoch = checkpoint['epoch'] + 1
-            if 'rng' in checkpoint:
-                set_rng_state(checkpoint['rng'][min(rank, len(checkpoint['rng']) - 1)])
+            start_epoch, step, rows = restore_training_state(checkpoint, args.resume, optimizer, scheduler, scaler,
+                                                             output_dir / LOG_FILE)
         log(f'resumed from {args.resume}' + (f' at epoch {start_epoch}' if start_epoch else ''))
     checkpoint = pretrained = None  # their memory (optimizer state, a whole detector) is not needed any more
 
     ddp_model = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == 'cuda'
-                                                              else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(align_gradient_strides(model),
+                                                              device_ids=[local] if device.type == 'cuda' else None)
     if args.eval:
         stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
         if is_main_process():
-            model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
-                                         config=args.config or None, model=args.backbone,
-                                         dataset=dataset_record(args, val_set))
+            eval_results.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
+                                            config=args.config or None, model=args.backbone,
+                                            dataset=dataset_record(args, val_set))
             log(f'* box AP {stats.get("AP", 0):.2f}')
         return stats
 
@@ -574,24 +579,21 @@ def main(argv=None) -> Dict[str, float]:
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
         train_stats = train_one_epoch(ddp_model, train_loader, optimizer, scaler, device, epoch, args, watch)
+        step += train_stats.pop('steps')
         scheduler.step()
-        watch.check_weights(model.state_dict(), f'the end of epoch {epoch}')  # every process: all stop together
-        rngs = gather_rng_states()
-        if is_main_process():
-            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                             rng=rngs, args=vars(args), dataset_meta=train_set.meta, preprocess=preprocess(args)),
-                        output_dir / 'checkpoint.pth')
+        # Saved before the (long) evaluation, which draws nothing from the RNG: its rows are the epochs before.
+        save_training_checkpoint(output_dir / 'checkpoint.pth', model, optimizer, scheduler, scaler, epoch=epoch,
+                                 step=step, args=args, log=rows, watch=watch,
+                                 extra=dict(dataset_meta=train_set.meta, preprocess=preprocess(args)))
         stats = evaluate(ddp_model, val_loader, val_set.coco, device, args)
+        rows.append(epoch_row(epoch, train_stats, stats, step=step))
         if is_main_process():
-            with open(output_dir / 'log.txt', 'a') as f:
-                f.write(json.dumps({'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
-                                    **{f'test_{k}': v for k, v in stats.items()}}) + '\n')
+            write_log(output_dir / LOG_FILE, rows)
             log(f'epoch {epoch}: box AP {stats.get("AP", 0):.2f}')
     if is_main_process() and stats:
-        model_zoo.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
-                                     config=args.config or None, model=args.backbone,
-                                     dataset=dataset_record(args, val_set))
+        eval_results.write_eval_metrics(output_dir / 'eval_metrics.json', 'deformable_detr', stats,
+                                        config=args.config or None, model=args.backbone,
+                                        dataset=dataset_record(args, val_set))
     return stats
 
 

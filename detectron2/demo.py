@@ -13,6 +13,8 @@ authors' checkpoint of the config. The class names (and their number) come from 
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 import os
 import re

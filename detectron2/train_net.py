@@ -13,6 +13,8 @@ COCO itself is read from ``$DETECTRON2_DATASETS/coco`` (default ``./datasets/coc
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 import logging
 import os
@@ -34,7 +36,7 @@ from detectron2.utils import comm
 
 from mpvit import model_zoo
 from mpvit.checkpoint import is_url, local_checkpoint
-from mpvit.coco_checks import check_coco_instances
+from mpvit.coco_checks import check_coco_instances, is_coco_2017
 from mpvit.d2 import (
     MPViTCheckpointer,
     SkipUnreadable,
@@ -45,15 +47,18 @@ from mpvit.d2 import (
     register_coco_datasets,
 )
 from mpvit.d2.classes import (
+    dataset_classes,
     dataset_meta,
-    dataset_record,
     follow_dataset_classes,
     mark_num_classes_unset,
     read_coco_json,
 )
 from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError, UnknownNameError
 from mpvit.images import check_some_readable
-from mpvit.training import LossWatch, ensure_writable_dir, user_errors_in_one_line
+from mpvit.training import LossWatch, align_gradient_strides, ensure_writable_dir, user_errors_in_one_line
+
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
+import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 logger = logging.getLogger('detectron2')
 
@@ -70,6 +75,12 @@ HAS_D2_C_OPS = deform_conv._C is not None
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the reference's optimizer, DETR-style augmentation and checkpoint formats."""
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        model = super().build_model(cfg)
+        # DefaultTrainer wraps it in DDP when distributed: gradients laid out as DDP's buckets expect.
+        return align_gradient_strides(model) if comm.get_world_size() > 1 else model
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -114,11 +125,18 @@ class Trainer(DefaultTrainer):
         self.checkpointer = MPViTCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
             dataset_meta=dataset_meta(self.cfg.DATASETS.TRAIN[0]) if self.cfg.DATASETS.TRAIN else None)
-        hooks_ = super().build_hooks()
+        # DefaultTrainer keeps the last evaluation in a private attribute; ours is public: ``eval_results``.
+        hooks_ = [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.evaluate) if isinstance(hook, hooks.EvalHook)
+                  else hook for hook in super().build_hooks()]
         if comm.is_main_process():  # after the evaluation hook, as DefaultTrainer places its own writer
             hooks_.append(hooks.PeriodicWriter(default_writers(self.cfg.OUTPUT_DIR, self.max_iter),
                                                period=log_period(self.max_iter)))
         return hooks_
+
+    def evaluate(self) -> dict:
+        """Evaluate the model on cfg.DATASETS.TEST (the evaluation hook's function), kept in ``eval_results``."""
+        self.eval_results = self.test(self.cfg, self.model)
+        return self.eval_results
 
     def resume_or_load(self, resume: bool = True) -> None:
         # Resuming continues the saved heads: heads for other classes (the data changed since) are refused in
@@ -162,6 +180,18 @@ def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
         check_coco_instances(dataset, json_file, image_root, mask_format=cfg.INPUT.MASK_FORMAT if masks else None)
         check_some_readable((os.path.join(image_root, im['file_name']) for im in dataset.get('images', [])),
                             json_file, high_depth=False)  # Detectron2's reader would clip 16-bit grey white
+
+
+def dataset_record(name: str, images: int) -> dict:
+    """``eval_metrics.json``'s ``dataset``: ``coco`` for a set with COCO 2017's 80 categories (ids and names;
+    Detectron2's builtin ``coco_2017_val`` or the same files registered under another name), any other by its
+    registered name; the split is its image folder's name (``val2017``: the paper's rows)."""
+    meta = MetadataCatalog.get(name)
+    image_root, json_file = meta.get('image_root') or '', meta.get('json_file')
+    split = os.path.basename(os.path.normpath(image_root)) if image_root else name
+    is_coco = bool(json_file) and os.path.isfile(json_file) and is_coco_2017(read_coco_json(json_file))
+    return eval_results.dataset_record('coco' if is_coco else name, split, images, annotations=json_file,
+                                        classes=dataset_classes(name))
 
 
 def check_launch(args: argparse.Namespace) -> None:
@@ -213,11 +243,11 @@ def main(args: argparse.Namespace):
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         trainer.train()
-        results = getattr(trainer, '_last_eval_results', None)  # what the final EvalHook measured
+        results = getattr(trainer, 'eval_results', None)  # what the final evaluation measured
     if comm.is_main_process() and results:
         tested = list(cfg.DATASETS.TEST)
         record = dataset_record(tested[0], len(DatasetCatalog.get(tested[0]))) if len(tested) == 1 else None
-        model_zoo.write_eval_metrics(os.path.join(cfg.OUTPUT_DIR, 'eval_metrics.json'), 'detectron2',
+        eval_results.write_eval_metrics(os.path.join(cfg.OUTPUT_DIR, 'eval_metrics.json'), 'detectron2',
                                      dict(results), config=args.config_file, model=cfg.MODEL.MPVIT.NAME,
                                      dataset=record)
     return results

@@ -23,27 +23,29 @@ torch's wall of keys or a silently half-loaded model.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, Mapping
 
 import torch
 import torch.nn as nn
 
+from mpvit.errors import first_few
 from mpvit.serialization import CheckpointError, ensure_checkpoint_file, safe_load
 from mpvit.weights import fetch, is_url
 
 __all__ = ['BACKBONE_PREFIXES', 'CheckpointError', 'backbone_prefix', 'check_fit', 'checkpoint_filter_fn',
-           'checkpoint_tensors',
+           'checkpoint_tensors', 'drop_unused_norm_stats',
            'ensure_checkpoint_file', 'is_url', 'load_backbone_weights', 'local_checkpoint',
            'read_checkpoint', 'require_task_weights', 'unwrap_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
 # Longest first: 'backbone.' is a prefix of the next two. 'timm_model.': transformers' TimmWrapper models.
-BACKBONE_PREFIXES = ('backbone.bottom_up.backbone.', 'backbone.0.backbone.', 'backbone.', 'timm_model.')
+# 'model.backbone.model.backbone.': our Deformable DETR (before its backbone became a wrapper: one level up).
+BACKBONE_PREFIXES = ('backbone.bottom_up.backbone.', 'backbone.0.backbone.', 'backbone.', 'timm_model.',
+                     'model.backbone.model.backbone.', 'model.backbone.model.')
 _NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 EMA_KEYS = ('model_ema', 'state_dict_ema')
 HEAD_POLICIES = ('reset', 'require')
-_SHOW = 5
 STEM_WEIGHT = 'stem.0.conv.weight'
 
 
@@ -75,14 +77,15 @@ def backbone_prefix(state_dict: Mapping[str, Any]) -> str:
     for prefix in BACKBONE_PREFIXES:
         if prefix + 'stem.0.conv.weight' in state_dict:
             return prefix
-    sample = ', '.join(list(state_dict)[:_SHOW])
     raise CheckpointError(
         'no MPViT weights in this checkpoint: found no stem.0.conv.weight, bare or under any of '
-        f'{", ".join(BACKBONE_PREFIXES)} ({len(state_dict)} keys, e.g. {sample})')
+        f'{", ".join(BACKBONE_PREFIXES)} ({len(state_dict)} keys: {first_few(state_dict)})')
 
 
 _KINDS = {'': 'a classification checkpoint', 'backbone.bottom_up.backbone.': 'a Detectron2 checkpoint',
           'backbone.0.backbone.': 'a Deformable DETR checkpoint', 'backbone.': 'a segmentation or backbone checkpoint',
+          'model.backbone.model.backbone.': 'a Deformable DETR checkpoint',
+          'model.backbone.model.': 'a Deformable DETR checkpoint',
           'timm_model.': 'a transformers TimmWrapper checkpoint'}
 
 
@@ -99,9 +102,11 @@ def require_task_weights(state_dict: Mapping[str, Any], head_prefix: str, what: 
                           f'randomly initialised heads; give a {task} checkpoint (use backbone weights to train one)')
 
 
-def _listing(keys: List[str]) -> str:
-    more = f', ... (+{len(keys) - _SHOW} more)' if len(keys) > _SHOW else ''
-    return ', '.join(keys[:_SHOW]) + more
+def drop_unused_norm_stats(weights: Dict[str, Any], own: Mapping[str, Any]) -> None:
+    """Remove BatchNorm statistics that ``own`` (a model's state dict) has no place for, in place: a model with
+    FrozenBN (no ``num_batches_tracked``) or GroupNorm conv paths takes a BN-trained checkpoint's weights."""
+    for key in [k for k in weights if k.endswith(_NORM_STATS) and k not in own]:
+        del weights[key]
 
 
 def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: str = 'checkpoint', *,
@@ -121,11 +126,11 @@ def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: st
     ]
     problems = []
     if missing:
-        problems.append(f'{len(missing)} missing keys: {_listing(missing)}')
+        problems.append(f'{len(missing)} missing keys: {first_few(missing)}')
     if unexpected:
-        problems.append(f'{len(unexpected)} unexpected keys: {_listing(unexpected)}')
+        problems.append(f'{len(unexpected)} unexpected keys: {first_few(unexpected)}')
     if wrong_shape:
-        problems.append(f'{len(wrong_shape)} keys of the wrong shape: {_listing(wrong_shape)}')
+        problems.append(f'{len(wrong_shape)} keys of the wrong shape: {first_few(wrong_shape)}')
     if problems:
         target = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
         raise CheckpointError(f'{what} does not fit {target}; ' + '; '.join(problems)
@@ -179,8 +184,7 @@ def checkpoint_filter_fn(
         _logger.warning('%s: keeping the model\'s freshly initialised classifier (fine-tuning)', message)
     weights.update(ckpt_head if head_fits else own_head)
 
-    for k in [k for k in weights if k.endswith(_NORM_STATS) and k not in own]:
-        del weights[k]
+    drop_unused_norm_stats(weights, own)
 
     stem = weights.get(STEM_WEIGHT)
     in_chans = own[STEM_WEIGHT].shape[1] if STEM_WEIGHT in own else None

@@ -11,7 +11,7 @@ import os
 from collections import Counter
 from typing import Any, Mapping, Optional
 
-from mpvit.errors import InvalidInputError
+from mpvit.errors import InvalidInputError, first_few
 
 _SHOW = 3
 _logger = logging.getLogger('mpvit.data')
@@ -22,10 +22,6 @@ def _usable_box(bbox: Any) -> bool:
         return len(bbox) == 4 and bbox[2] > 0 and bbox[3] > 0
     except TypeError:
         return False
-
-
-def _first(items: list) -> str:
-    return ', '.join(str(i) for i in items[:_SHOW]) + (f', ... ({len(items)} in all)' if len(items) > _SHOW else '')
 
 
 def check_coco_instances(dataset: Mapping[str, Any], json_file: str, image_root: str, *,
@@ -49,22 +45,22 @@ def check_coco_instances(dataset: Mapping[str, Any], json_file: str, image_root:
         repeated = sorted(i for i, n in Counter(item.get('id') for item in items).items() if n > 1)
         if repeated:  # the readers index by id: one entry would silently take another's place (or boxes)
             raise InvalidInputError(f'{json_file}: {len(repeated)} {what} ids are used more than once: '
-                                    f'{_first(repeated)}')
+                                    f'{first_few(repeated, _SHOW)}')
     image_ids = {im.get('id') for im in images}
     dangling = sorted({a.get('image_id') for a in annotations if a.get('image_id') not in image_ids}, key=str)
     if dangling:
         raise InvalidInputError(f'{json_file}: annotations point to {len(dangling)} image ids that are not among '
-                                f'its images: {_first(dangling)}')
+                                f'its images: {first_few(dangling, _SHOW)}')
     degenerate = [a.get('id') for a in annotations if not _usable_box(a.get('bbox'))]
     if degenerate:
         _logger.warning('%s: %d of %d annotations have no box of positive width and height: training leaves them '
                         'out, evaluation keeps them as objects no detection can match; ids %s', json_file,
-                        len(degenerate), len(annotations), _first(degenerate))
+                        len(degenerate), len(annotations), first_few(degenerate, _SHOW))
     missing = [im['file_name'] for im in dataset.get('images', [])
                if not os.path.isfile(os.path.join(image_root, im['file_name']))]
     if missing:
         raise InvalidInputError(f'{json_file}: {len(missing)} of {len(dataset["images"])} listed images are not in '
-                                f'{image_root}: {_first(missing)}')
+                                f'{image_root}: {first_few(missing, _SHOW)}')
     known = {c['id'] for c in dataset.get('categories', [])}
     for ann in dataset.get('annotations', []):
         where = f"{json_file}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"

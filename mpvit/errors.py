@@ -9,7 +9,17 @@ from the builtin a caller would expect (``ValueError``, ``FileNotFoundError``,
 """
 from __future__ import annotations
 
-__all__ = ['DivergenceError', 'InvalidInputError', 'MissingFileError', 'UnknownNameError', 'UserError']
+from typing import Iterable
+
+__all__ = ['DivergenceError', 'InvalidInputError', 'MissingFileError', 'UnknownNameError', 'UserError', 'first_few']
+
+
+def first_few(items: Iterable[object], show: int = 5) -> str:
+    """``a, b, c, ... (+7 more)``: the first ``show`` items of a list for a one-line message, with the count
+    of the rest."""
+    items = [str(item) for item in items]
+    rest = f', ... (+{len(items) - show} more)' if len(items) > show else ''
+    return ', '.join(items[:show]) + rest
 
 
 class UserError(Exception):

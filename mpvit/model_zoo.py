@@ -8,6 +8,13 @@ Detectron2's ``model_zoo.get_checkpoint_url(config)`` works::
     python semantic_segmentation/tools/test.py configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py released
     python deformable_detr/main.py -c configs/deformable_detr/mpvit_small.yaml --eval --resume released
     python classification/main.py -c configs/classification/mpvit_small.yaml --eval --resume released
+
+A config (or any command line) names one checkpoint by ``zoo:<name>`` (``zoo:mpvit_small``: the authors'
+ImageNet MPViT-S), so that its URLs live in ``model_zoo.json`` only. :func:`mpvit.weights.fetch`, which every
+loader goes through, turns the word into the entry's sources.
+
+The configs the entries name ship with the package (the wheel holds ``configs/`` as ``mpvit/configs/``):
+:func:`config_path` finds one in a checkout or in the installed package.
 """
 from __future__ import annotations
 
@@ -19,9 +26,10 @@ from functools import cache
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from mpvit.errors import InvalidInputError, UnknownNameError
+from mpvit.errors import InvalidInputError, MissingFileError, UnknownNameError
 
 RELEASED = 'released'
+ZOO_PREFIX = 'zoo:'  # zoo:<name>: an entry of model_zoo.json, by name
 TASKS = ('classification', 'detectron2', 'mmseg', 'deformable_detr')
 CITATION = """@inproceedings{lee2022mpvit,
   title={MPViT: Multi-Path Vision Transformer for Dense Prediction},
@@ -57,13 +65,56 @@ class ZooEntry:
         return [self.url, *self.mirrors]
 
     @property
+    def zoo_name(self) -> str:
+        """The word configs use for this checkpoint (``zoo:mpvit_small``)."""
+        return ZOO_PREFIX + self.name
+
+    @property
+    def config_file(self) -> Path:
+        """The config file of ``config``, in this checkout or in the installed package."""
+        return config_path(self.config)
+
+    @property
     def hub_filename(self) -> str:
         """The file in its Hub repository: timm's ``model.safetensors`` for an ImageNet classifier, the whole
         task checkpoint (``<name>.safetensors``, the released key layout) for the dense tasks."""
         return 'model.safetensors' if self.task == 'classification' else f'{self.name}.safetensors'
 
 
-def _same_config(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+# configs/ of a checkout (the repository root holds setup.py), and the copy of it that the wheel installs.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+_PACKAGED_CONFIGS = Path(__file__).resolve().with_name('configs')
+
+
+def config_path(relative: str | os.PathLike) -> Path:
+    """The file of a config named relative to the repository root (``configs/detectron2/x.yaml``, as
+    ``model_zoo.json`` and the docs name them): in this checkout, else in the installed package's copy.
+
+    An installed wheel has no checkout around it; a missing config is an error, never a silent miss.
+    """
+    parts = Path(relative).parts
+    if not parts or parts[0] != 'configs' or '..' in parts:
+        raise InvalidInputError(f'{relative}: not a config of this repository (expected configs/<task>/<file>)')
+    places = ([_CHECKOUT.joinpath(*parts)] if (_CHECKOUT / 'setup.py').is_file() else []) + \
+        [_PACKAGED_CONFIGS.joinpath(*parts[1:])]
+    for place in places:
+        if place.is_file():
+            return place
+    raise MissingFileError(f'{relative}: no such config (looked in {" and ".join(map(str, places))}); '
+                           'reinstall mpvit, whose wheel ships configs/ as mpvit/configs/')
+
+
+def find_config(config: str | os.PathLike) -> Path:
+    """A config given as a path (as is, else relative to the repository root: :func:`config_path`)."""
+    path = Path(config).expanduser()
+    if path.is_file():
+        return path
+    if Path(config).parts[:1] == ('configs',):
+        return config_path(config)
+    raise MissingFileError(f'{config}: no such config file')
+
+
+def same_config(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Same file name in a folder of the same name (``detectron2/x.yaml``): configs of different tasks share
     file names (``classification/mpvit_small.yaml``, ``deformable_detr/mpvit_small.yaml``)."""
     return Path(a).parts[-2:] == Path(os.path.abspath(b)).parts[-2:]
@@ -129,17 +180,38 @@ def get(name: str) -> ZooEntry:
     raise UnknownNameError(f'{name!r} is not a released checkpoint; known: {", ".join(e.name for e in entries())}')
 
 
+def is_zoo_name(source: object) -> bool:
+    """Whether ``source`` is a ``zoo:<name>`` word (a string; a file whose name starts so is ``./zoo:...``)."""
+    return isinstance(source, str) and source.startswith(ZOO_PREFIX)
+
+
+def zoo_entry(word: str) -> ZooEntry:
+    """The entry a ``zoo:<name>`` word names; an unknown word is one line naming the known ones."""
+    name = word[len(ZOO_PREFIX):] if is_zoo_name(word) else word
+    for entry in entries():
+        if entry.name == name:
+            return entry
+    raise UnknownNameError(f'{word!r}: no checkpoint of that name in mpvit/model_zoo.json; known: '
+                           f'{", ".join(e.zoo_name for e in entries())}')
+
+
 def for_config(config: str | os.PathLike) -> ZooEntry:
     """The released checkpoint whose model ``config`` builds (matched by the config's file name)."""
     for entry in entries():
-        if _same_config(entry.config, config):
+        if same_config(entry.config, config):
             return entry
     raise InvalidInputError(f'{config}: the authors released no checkpoint for this config (mpvit/model_zoo.json lists '
                             f'the {len(entries())} that have one); pass a file or URL instead of {RELEASED!r}')
 
 
 def resolve(weights: str, config: str | os.PathLike | None = None, model: str | None = None) -> str:
-    """``weights`` itself, or for ``released`` the URL of the checkpoint of ``config`` (else of timm ``model``)."""
+    """``weights`` itself, or for ``released`` the URL of the checkpoint of ``config`` (else of timm ``model``).
+
+    A ``zoo:<name>`` word stays as it is (:func:`mpvit.weights.fetch` reads it), but an unknown one fails here,
+    before any work."""
+    if is_zoo_name(weights):
+        zoo_entry(weights)
+        return weights
     if weights != RELEASED:
         return weights
     if config:
@@ -149,94 +221,14 @@ def resolve(weights: str, config: str | os.PathLike | None = None, model: str | 
     raise InvalidInputError(f'weights {RELEASED!r} need a config file (or model name) to look the checkpoint up')
 
 
-def _d2_bases(config: Path):
-    """A Detectron2 YAML and the files it inherits from (``_BASE_``), nearest first."""
-    import yaml
-
-    while config.is_file():
-        yield config
-        with open(config) as f:
-            base = (yaml.safe_load(f) or {}).get('_BASE_')
-        if not base:
-            return
-        config = (config.parent / base).resolve()
-
-
-def paper_row(task: str, config: str | os.PathLike | None = None, model: str | None = None) -> Optional[str]:
-    """The released checkpoint (row of the paper's tables) that a run of ``config`` / ``model`` reproduces.
-
-    Classification rows are found by model name, Deformable DETR ones by backbone; a Detectron2 config by
-    itself or the nearest config it inherits from that has a released checkpoint (a demo config derived
-    from ``mask_rcnn_mpvit_tiny_1x`` reports on that row); the others by config file name.
-    """
-    candidates = [e for e in entries() if e.task == task]
-    if task == 'classification':
-        return next((e.name for e in candidates if e.name == model), None)
-    if task == 'deformable_detr' and model:  # the backbone decides (the config may be overridden)
-        return next((e.name for e in candidates if e.name == f'deformable_detr_{model}'), None)
-    if not config:
-        return None
-    paths = list(_d2_bases(Path(config))) if task == 'detectron2' else [Path(config)]
-    for path in paths:
-        for entry in candidates:
-            if _same_config(entry.config, path):
-                return entry.name
-    return None
-
-
-# The dataset each table of the paper was measured on: (name, split, number of images). A result goes on a
-# paper row only when its ``dataset`` record says it was measured on exactly this (names as the drivers write
-# them: ``dataset_record``).
-PAPER_DATASETS = {
-    'classification': ('imagenet-1k', 'val', 50000),
-    'detectron2': ('coco', 'val2017', 5000),
-    'deformable_detr': ('coco', 'val2017', 5000),
-    'mmseg': ('ade20k', 'validation', 2000),
-}
-
-
-def fingerprint_names(names) -> str:
-    """sha256 of a list of names (the files and labels of a folder dataset without an annotation file)."""
-    import hashlib
-
-    return hashlib.sha256('\n'.join(map(str, names)).encode()).hexdigest()
-
-
-def dataset_record(name: str, split: str, images: int, annotations: str | os.PathLike | None = None,
-                   fingerprint: str | None = None, classes: Optional[List[str]] = None) -> Dict:
-    """What ``eval_metrics.json`` says about the evaluated data: ``name`` (lower case: ``imagenet-1k``,
-    ``coco``, ``ade20k``, or the user's own), ``split``, the number of ``images`` evaluated, the annotation
-    file and a fingerprint (sha256 of that file when there is one), and the number of classes."""
-    if fingerprint is None and annotations and os.path.isfile(annotations):
-        from mpvit.weights import file_sha256  # (mpvit.weights imports this module)
-
-        fingerprint = file_sha256(annotations)
-    record = dict(name=str(name).lower(), split=str(split), images=int(images),
-                  annotations=str(annotations) if annotations else None, sha256=fingerprint)
-    if classes is not None:
-        record['num_classes'] = len(classes)
-    return record
-
-
-def on_paper_dataset(task: str, dataset: Optional[Dict]) -> bool:
-    """Whether a ``dataset_record`` is the dataset and split of ``task``'s paper table (all its images)."""
-    if not dataset or task not in PAPER_DATASETS:
-        return False
-    name, split, images = PAPER_DATASETS[task]
-    return (dataset.get('name'), dataset.get('split'), dataset.get('images')) == (name, split, images)
-
-
-def write_eval_metrics(path: str | os.PathLike, task: str, metrics: Dict, config: str | os.PathLike | None = None,
-                       model: str | None = None, dataset: Optional[Dict] = None) -> Dict:
-    """Write an evaluation's metrics with what ``tools/paper_tables.py --results`` needs to place them:
-    the paper row the config reproduces, and the ``dataset`` evaluated (``dataset_record``)."""
-    record = dict(metrics, task=task, paper_row=paper_row(task, config, model),
-                  config=str(config) if config else None, model=model, dataset=dataset)
-    from mpvit.serialization import atomic_file
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    # Frameworks report numpy / torch scalars (mmseg: numpy.float32); .item() makes them plain numbers.
-    text = json.dumps(record, indent=2, default=lambda v: v.item() if hasattr(v, 'item') else str(v))
-    with atomic_file(path) as f:
-        f.write(text.encode())
-    return record
+def listing() -> str:
+    """One line per released checkpoint: its ``zoo:`` word, task, config and reported figures, then its URLs
+    (the docs point here rather than copy the URLs)."""
+    lines = []
+    for entry in entries():
+        figures = ', '.join(f'{k} {v}' for k, v in entry.reported.items())
+        lines.append(f'{entry.zoo_name:34} {entry.task:16} {entry.config}  ({figures})')
+        lines.extend(f'    {url}' for url in entry.sources)
+        if entry.hf_hub_id:
+            lines.append(f'    hf-hub:{entry.hf_hub_id}/{entry.hub_filename}')
+    return '\n'.join(lines)

@@ -1,5 +1,6 @@
-"""What the training drivers share: YAML defaults, output checks, seeding, atomic checkpoints, RNG state,
-cross-process sums, autocast. Distributed set-up itself is timm's ``init_distributed_device``.
+"""What the training drivers share: YAML defaults, output checks, seeding, logging, atomic checkpoints in one
+layout, the per-epoch log, RNG state, cross-process sums, autocast, parameter counts. Distributed set-up itself
+is timm's ``init_distributed_device``.
 
 Small on purpose: each driver stays readable top to bottom; these are the parts
 whose subtle details (atomic replace, numpy's RNG in a ``weights_only``
@@ -8,6 +9,8 @@ checkpoint, a probe write before hours of work) must not differ between them.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
 import os
 import random
@@ -15,32 +18,44 @@ import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Iterator, List, Mapping, Sequence
+from typing import Any, ContextManager, Dict, Iterator, List, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import yaml
 
-from mpvit.errors import DivergenceError, InvalidInputError, UserError
-from mpvit.serialization import atomic_file
+from mpvit.errors import DivergenceError, InvalidInputError, UserError, first_few
+from mpvit.serialization import CheckpointError, atomic_file
 
 __all__ = [
+    'CHECKPOINT_KEYS',
+    'LOG_FILE',
     'LossWatch',
     'OutputError',
+    'Resumed',
     'USER_ERRORS',
     'all_reduce_sum',
     'autocast',
     'check_minimums',
+    'count_parameters',
     'ensure_writable_dir',
+    'epoch_row',
     'error_line',
     'gather_rng_states',
     'is_main_process',
+    'parse_args_with_config',
+    'read_log',
+    'restore_training_state',
     'rng_state',
     'save_atomic',
+    'save_training_checkpoint',
     'seed_everything',
     'set_rng_state',
+    'setup_logging',
     'user_errors_in_one_line',
+    'write_log',
     'yaml_defaults',
 ]
 
@@ -69,6 +84,20 @@ def yaml_defaults(parser: argparse.ArgumentParser, path: str | os.PathLike) -> N
     parser.set_defaults(**values)
 
 
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with the ``-c/--config`` YAML file's values as defaults (:func:`yaml_defaults`).
+
+    ``parser`` declares ``-c/--config`` itself (for ``--help``); a small parser finds the file first, so that
+    ``--help`` and every later error already see the YAML's defaults.
+    """
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument('-c', '--config')
+    config = probe.parse_known_args(argv)[0].config
+    if config:
+        yaml_defaults(parser, config)
+    return parser.parse_args(argv)
+
+
 def check_minimums(parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: Dict[str, int]) -> None:
     """``parser.error`` for an argument below its minimum (``None``: not set, allowed), before any work."""
     for name, low in minimums.items():
@@ -79,6 +108,78 @@ def check_minimums(parser: argparse.ArgumentParser, args: argparse.Namespace, mi
 
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a line is logged (a redirected or captured stream included)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(name: str) -> logging.Logger:
+    """The driver's logger ``name``: timestamped lines on stdout (as DeiT's and Deformable DETR's prints were),
+    INFO on the main process only, so that N processes do not print every line N times.
+
+    The handler sits on the ``mpvit`` logger (once, however often a driver's ``main`` runs in one process), so
+    the warnings of ``mpvit.*`` modules come out the same way; records still propagate to the root logger.
+    """
+    package = logging.getLogger('mpvit')
+    if not any(isinstance(h, _StdoutHandler) for h in package.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', datefmt='%H:%M:%S'))
+        package.addHandler(handler)
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    return logger
+
+
+def _with_param_strides(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    if grad.stride() == param.stride():
+        return grad
+    if all(g == q or size == 1 for g, q, size in zip(grad.stride(), param.stride(), grad.shape)):
+        return grad.as_strided(param.size(), param.stride())  # the same memory: only a size-1 dim's stride differs
+    return torch.empty_strided(param.size(), param.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def align_gradient_strides(model: nn.Module) -> nn.Module:
+    """Give every multi-dimensional parameter's gradient the parameter's strides (a hook; returns ``model``).
+
+    DDP copies each gradient into a bucket laid out like its parameter and warns ("Grad strides do not match
+    bucket view strides") when they differ. MPViT's maps are channels-last from the stem on, so its convs (and
+    the heads' convs that read its maps) get channels-last weight gradients for contiguous weights, and a
+    depthwise kernel's gradient may differ in the stride of its size-1 dim only. The hook re-views the latter
+    for free and lays out the former once, the copy DDP would otherwise make with strided reads. For the
+    model that DDP wraps; without DDP it is not needed.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dim() > 1:
+            param.register_hook(lambda grad, param=param: _with_param_strides(grad, param))
+    return model
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), as torch's DataLoader counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def loader_workers(wanted: int) -> int:
+    """A default data-loader worker count: ``wanted``, but no more than the usable CPUs (more only compete for
+    them, and torch warns)."""
+    return max(0, min(wanted, usable_cpus()))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, a shared tensor once (as ``model.parameters()`` yields them): the papers' #params."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def seed_everything(seed: int) -> None:
@@ -175,8 +276,7 @@ class LossWatch:
         bad = [k for k, v in state.items()
                if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            shown = ', '.join(bad[:3]) + (f', ... ({len(bad)} in all)' if len(bad) > 3 else '')
-            raise DivergenceError(self.message(f'the weights are not finite ({shown})', where))
+            raise DivergenceError(self.message(f'the weights are not finite ({first_few(bad, show=3)})', where))
 
     def message(self, what: str, where: str) -> str:
         last = (f'last finite loss {self.last_finite:.4g} at {self.last_where}' if self.last_finite is not None
@@ -215,11 +315,126 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def autocast(amp: str, device_type: str) -> ContextManager:
-    """Mixed precision for ``--amp none | bf16 | fp16``."""
+def autocast(amp: str, device: torch.device | str) -> ContextManager:
+    """Mixed precision for ``--amp none | bf16 | fp16`` on ``device`` (``'cuda:1'``, ``'cpu'``, a
+    ``torch.device``): the drivers' one form, used as is in every forward pass."""
     if amp == 'none':
         return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
+    return torch.autocast(device_type=torch.device(device).type,
+                          dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
+
+
+# ---------------------------------------------------------------------------- training checkpoints and log
+
+# Every resumable training checkpoint, of every driver, has these keys (the names of the authors' DeiT and
+# Deformable DETR code); a driver adds what its weights need to be used on their own (class names, input).
+# timm.utils.CheckpointSaver does not fit: it torch.saves in place (an interruption truncates the file), pickles
+# the args Namespace (not loadable with weights_only=True), names the weights 'state_dict', has no RNG state or
+# log rows and keeps the top-k files by a metric; nor does update_summary (append-only CSV, its columns fixed by
+# the first row: no trimming on resume, no row of another shape).
+CHECKPOINT_KEYS = ('model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'step', 'rng', 'args', 'log')
+# Keys of checkpoints written before the drivers shared one layout, read under their new names.
+_RENAMED_KEYS = {'scheduler': 'lr_scheduler'}  # classification/main.py until the layouts were unified
+
+# The per-epoch metrics of every driver: one JSON object a line (DeiT's and Deformable DETR's log.txt).
+LOG_FILE = 'log.txt'
+
+
+def save_training_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             lr_scheduler: Any, scaler: torch.amp.GradScaler, *, epoch: int, step: int,
+                             args: argparse.Namespace, log: Sequence[Mapping[str, Any]], watch: LossWatch,
+                             extra: Mapping[str, Any] | None = None) -> None:
+    """Write the checkpoint a run resumes from, in the one layout (:data:`CHECKPOINT_KEYS` plus ``extra``).
+
+    Called by every process at the same point: each refuses weights that are not finite (so that all stop
+    together), the RNG states of all are gathered, and the main process saves them atomically.
+    """
+    state_dict = model.state_dict()
+    watch.check_weights(state_dict, f'the end of epoch {epoch}')
+    rngs = gather_rng_states()
+    if not is_main_process():
+        return
+    state = dict(model=state_dict, optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
+                 scaler=scaler.state_dict(), epoch=epoch, step=step, rng=rngs, args=vars(args), log=list(log))
+    clash = sorted(set(extra or {}) & set(state))
+    if clash:
+        raise ValueError(f'extra checkpoint keys {clash} would replace the shared ones')
+    save_atomic({**state, **(extra or {})}, path)
+
+
+class Resumed(NamedTuple):
+    """Where a restored run continues: the next epoch, the optimizer steps so far and the log's rows."""
+    epoch: int
+    step: int
+    log: List[Dict[str, Any]]
+
+
+def restore_training_state(state: Mapping[str, Any], path: str | os.PathLike, optimizer: torch.optim.Optimizer,
+                           lr_scheduler: Any, scaler: torch.amp.GradScaler,
+                           log_path: str | os.PathLike) -> Resumed:
+    """Load what :func:`save_training_checkpoint` wrote, except the weights (each driver has its own checks
+    for them): optimizer, schedule, scaler, this process's RNG state, and the log rows up to the epoch, which
+    are written back to ``log_path`` (rows of later epochs dropped; rows the checkpoint holds that the file
+    lost, restored).
+
+    A checkpoint with the old classification key ``scheduler`` is read as well; one without the training
+    state is refused in one line.
+    """
+    state = {_RENAMED_KEYS.get(k, k): v for k, v in state.items()}
+    missing = [k for k in ('optimizer', 'lr_scheduler', 'scaler', 'epoch') if k not in state]
+    if missing:
+        raise CheckpointError(f'{path} is not a training checkpoint to resume (no {", ".join(missing)}); '
+                              'start from its weights with --pretrained')
+    optimizer.load_state_dict(state['optimizer'])
+    lr_scheduler.load_state_dict(state['lr_scheduler'])
+    scaler.load_state_dict(state['scaler'])
+    if state.get('rng'):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        set_rng_state(state['rng'][min(rank, len(state['rng']) - 1)])
+    epoch = int(state['epoch'])
+    rows = {int(row['epoch']): dict(row) for row in read_log(log_path, up_to_epoch=epoch)}
+    rows.update({int(row['epoch']): dict(row) for row in state.get('log') or ()})  # the checkpoint's win
+    log = [rows[e] for e in sorted(rows)]
+    if is_main_process() and log:
+        write_log(log_path, log)
+    return Resumed(epoch + 1, int(state.get('step', 0)), log)
+
+
+def epoch_row(epoch: int, train: Mapping[str, Any], test: Mapping[str, Any], **extra: Any) -> Dict[str, Any]:
+    """One line of :data:`LOG_FILE`, DeiT's form: ``epoch``, ``train_*`` and ``test_*`` metrics, then ``extra``."""
+    return {'epoch': epoch, **{f'train_{k}': v for k, v in train.items()},
+            **{f'test_{k}': v for k, v in test.items()}, **extra}
+
+
+def read_log(path: str | os.PathLike, up_to_epoch: int) -> List[Dict[str, Any]]:
+    """The rows of a :data:`LOG_FILE` up to ``up_to_epoch`` (none if there is no file)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get('epoch'), int)):
+            raise InvalidInputError(f'{path} line {number}: not a JSON object with an integer "epoch" '
+                                    '(fix or remove the line to resume)')
+        if row['epoch'] <= up_to_epoch:
+            rows.append(row)
+    return rows
+
+
+def write_log(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write all rows so far atomically (one short line per epoch): never a half-written line."""
+    text = ''.join(json.dumps(dict(row)) + '\n' for row in rows)
+    try:
+        with atomic_file(Path(path)) as f:
+            f.write(text.encode())
+    except OSError as e:
+        raise OutputError(f'cannot write {path}: {e.strerror or e}') from None
 
 
 # What a user's input causes (bad paths, data, checkpoints, arguments), as the checks raise it: one line, not a

@@ -1,8 +1,9 @@
 """Where weights come from: one local weights directory, the Hugging Face Hub, then the URLs.
 
 The authors' Dropbox links are dead for many users, who find copies elsewhere.
-So every weight source in this repository (``released``, a URL in a config, a
-timm ``pretrained=True``) is looked up in this order:
+So every weight source in this repository (``released``, a ``zoo:<name>`` word in a
+config, a URL, a timm ``pretrained=True``) is looked up in this order (a ``zoo:`` word
+is its ``model_zoo.json`` entry's URL):
 
 1. the **weights directory**, ``$MPVIT_WEIGHTS`` (default: torch's hub cache,
    ``~/.cache/torch/hub/checkpoints``), for the file's released name
@@ -33,7 +34,8 @@ from typing import Dict, List, Optional, Tuple
 from mpvit import model_zoo
 from mpvit.serialization import CheckpointError, check_container
 
-__all__ = ['HUB_PREFIX', 'WEIGHTS_ENV', 'download', 'fetch', 'file_sha256', 'is_url', 'local_names', 'weights_dir']
+__all__ = ['HUB_PREFIX', 'WEIGHTS_ENV', 'download', 'fetch', 'file_sha256', 'is_remote', 'is_url', 'local_names',
+           'weights_dir']
 
 WEIGHTS_ENV = 'MPVIT_WEIGHTS'
 HUB_PREFIX = 'hf-hub:'
@@ -52,6 +54,13 @@ def weights_dir() -> Path:
 
 def is_url(path_or_url: str) -> bool:
     return path_or_url.startswith(('http://', 'https://'))
+
+
+def is_remote(source: str) -> bool:
+    """Whether ``source`` names weights that :func:`fetch` finds or downloads (a URL, an ``hf-hub:`` id, a
+    ``zoo:`` word) rather than a file to read where it is: loaders that hand files to another library
+    (Detectron2's, mmengine's) must send these through :func:`fetch` first."""
+    return is_url(source) or source.startswith(HUB_PREFIX) or model_zoo.is_zoo_name(source)
 
 
 def _basename(url: str) -> str:
@@ -201,11 +210,14 @@ def _reason(err: BaseException) -> str:
 
 
 def fetch(source: str) -> str:
-    """The local path of a weights ``source``: a file path, a URL, or ``hf-hub:<org>/<name>[@<rev>][/<file>]``.
+    """The local path of a weights ``source``: a file path, a URL, ``hf-hub:<org>/<name>[@<rev>][/<file>]``, or
+    ``zoo:<name>`` (an entry of ``model_zoo.json``: the one place where its URLs are written).
 
     A URL is looked up as the module docstring says (weights directory, Hub id, URL and mirrors);
     a released checkpoint's extra sources come from ``model_zoo.json``.
     """
+    if model_zoo.is_zoo_name(source):
+        source = model_zoo.zoo_entry(source).url
     if source.startswith(HUB_PREFIX):
         repo_id, filename, revision = _split_hub(source)
         try:

@@ -10,14 +10,17 @@ checkpoint names none.
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 import os.path as osp
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from mpvit import model_zoo
-from mpvit.checkpoint import check_fit, local_checkpoint, read_checkpoint, require_task_weights, unwrap_checkpoint
+from mpvit.checkpoint import local_checkpoint, read_checkpoint
 from mpvit.errors import InvalidInputError, MissingFileError
 from mpvit.images import decode_error
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
@@ -63,13 +66,16 @@ def main(argv=None) -> str:
         raise InvalidInputError(f'cannot read image {args.image}: {" ".join(str(error).split())}')
     from mmseg.apis import inference_model, init_model, show_result_pyplot
 
-    from mpvit.mmseg import fit_to_data, load_run_config
+    from mpvit.mmseg import load_segmentor_weights
+
+    tools = osp.join(osp.dirname(osp.abspath(__file__)), 'tools')
+    if tools not in sys.path:
+        sys.path.append(tools)  # last: its train.py / test.py must not shadow modules of those names
+    from mmseg_run_config import fit_to_data, load_run_config  # the train / test tools' config reading
 
     cfg = load_run_config(args.config)
     weights = local_checkpoint(model_zoo.resolve(args.checkpoint, args.config))
     checkpoint = read_checkpoint(weights)
-    state = unwrap_checkpoint(checkpoint)
-    require_task_weights(state, 'decode_head.', weights, 'segmentor')
     meta = checkpoint_classes(checkpoint)
     if meta is None:  # an unnamed checkpoint: the config's data names the classes
         classes = fit_to_data(cfg)
@@ -78,8 +84,7 @@ def main(argv=None) -> str:
         if isinstance(cfg.model.get(name), dict):
             cfg.model[name].num_classes = len(meta['classes'])
     model = init_model(cfg, None, device=args.device)
-    check_fit(state, model, what=weights)
-    model.load_state_dict(state)
+    load_segmentor_weights(model, checkpoint, weights)
     if not meta['palette'] or len(meta['palette']) < len(meta['classes']):  # fixed colours, one per class
         meta['palette'] = np.random.default_rng(0).integers(0, 256, (len(meta['classes']), 3)).tolist()
     model.dataset_meta = meta
@@ -90,7 +95,9 @@ def main(argv=None) -> str:
     print(f'{args.image}: {prediction.shape[1]}x{prediction.shape[0]}, classes of {weights}:')
     for name, share in class_shares(prediction, meta['classes']):
         print(f'  {name:<24} {100 * share:5.1f}%')
-    show_result_pyplot(model, args.image, result, opacity=args.opacity, show=False, out_file=args.out)
+    # save_dir: mmseg's visualizer warns without one; with out_file it writes only that file.
+    show_result_pyplot(model, args.image, result, opacity=args.opacity, show=False, out_file=args.out,
+                       save_dir=osp.dirname(osp.abspath(args.out)))
     print(f'wrote the overlay to {osp.abspath(args.out)}')
     return args.out
 

@@ -17,6 +17,7 @@ from helpers import REPO, assert_scores, free_port, load_script
 from mpvit import CheckpointError
 from mpvit.demo_data import write_shapes_imagefolder
 from mpvit.errors import DivergenceError, InvalidInputError
+from mpvit.training import CHECKPOINT_KEYS, read_log
 
 MAIN = REPO / 'classification' / 'main.py'
 cls_main = load_script('classification/main.py')
@@ -43,7 +44,11 @@ def test_train_eval_and_checkpoint_round_trip(two_class, tmp_path, capsys):
     assert math.isfinite(result['loss']) and result['images'] == 8
     state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)  # no pickled objects in our checkpoints
     assert state['epoch'] == 0 and state['step'] == 2
-    assert (tmp_path / 'log.csv').read_text().startswith('epoch,')
+    # The layout every driver's training checkpoint shares, plus what the weights need on their own.
+    assert set(state) == {*CHECKPOINT_KEYS, 'best_acc1', 'pretrained_cfg'}
+    rows = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
+    assert rows == state['log'] and [row['epoch'] for row in rows] == [0] and rows[0]['step'] == 2
+    assert rows[0]['test_acc1'] == pytest.approx(result['acc1']) and math.isfinite(rows[0]['train_loss'])
 
     evaluated = run(two_class, tmp_path / 'eval', '--eval', '--resume', str(tmp_path / 'checkpoint.pth'))
     assert evaluated['acc1'] == pytest.approx(result['acc1'])
@@ -62,9 +67,14 @@ def test_interrupted_run_resumes_to_the_same_model(two_class, tmp_path, workers)
     interrupted = tmp_path / 'b'
     run(two_class, interrupted, *common, '--run-epochs', '1')
     assert torch.load(interrupted / 'checkpoint.pth', weights_only=False)['epoch'] == 0
-    (interrupted / 'log.csv').unlink()  # killed between the checkpoint and its log row: the row comes back
+    (interrupted / 'log.txt').unlink()  # killed between the checkpoint and its log row: the row comes back
+    run(two_class, interrupted, *common, '--run-epochs', '1', '--auto-resume')
+    # A row of an epoch after the checkpoint (a run killed before saving it, say) is dropped on resume.
+    with open(interrupted / 'log.txt', 'a') as f:
+        f.write(json.dumps({'epoch': 2, 'train_loss': 0.0}) + '\n')
+    assert [row['epoch'] for row in read_log(interrupted / 'log.txt', up_to_epoch=9)] == [0, 1, 2]
     run(two_class, interrupted, *common, '--auto-resume')
-    assert (interrupted / 'log.csv').read_text() == (uninterrupted / 'log.csv').read_text()
+    assert (interrupted / 'log.txt').read_text() == (uninterrupted / 'log.txt').read_text()
 
     a = torch.load(uninterrupted / 'checkpoint.pth', weights_only=False)
     b = torch.load(interrupted / 'checkpoint.pth', weights_only=False)
@@ -103,12 +113,18 @@ def test_it_learns_coloured_shapes(tmp_path):
     assert result['acc1'] >= 90.0, result
 
 
-def test_log_rows_of_a_checkpoint_without_them_are_kept(tmp_path):
-    """Checkpoints written before they carried their log rows: the rows already in log.csv are kept."""
-    cls_main.write_log_csv(tmp_path / 'log.csv', [dict(epoch=e, train_loss=1.0 / (e + 1)) for e in range(3)])
-    rows = cls_main.read_log_csv(tmp_path / 'log.csv', up_to_epoch=1)
-    assert [row['epoch'] for row in rows] == ['0', '1']
-    assert cls_main.read_log_csv(tmp_path / 'absent.csv', up_to_epoch=1) == []
+def test_checkpoint_of_the_old_layout_resumes(two_class, tmp_path):
+    """Checkpoints written before the drivers shared one layout named the schedule 'scheduler'; those without
+    log rows keep the rows already in the log."""
+    run(two_class, tmp_path, '--epochs', '2', '--run-epochs', '1', '--max-steps', '1')
+    state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
+    state['scheduler'] = state.pop('lr_scheduler')
+    del state['log']
+    torch.save(state, tmp_path / 'checkpoint.pth')
+    result = run(two_class, tmp_path, '--epochs', '2', '--max-steps', '1', '--auto-resume')
+    assert 'acc1' in result
+    assert [row['epoch'] for row in read_log(tmp_path / 'log.txt', up_to_epoch=9)] == [0, 1]
+    assert 'lr_scheduler' in torch.load(tmp_path / 'checkpoint.pth', weights_only=True)
 
 
 def test_divergence_stops_before_anything_is_saved(two_class, tmp_path):
@@ -202,7 +218,7 @@ def test_bad_arguments_fail_before_any_work(two_class, tmp_path, capsys):
 def test_train_val_class_mismatch_names_the_classes(tmp_path):
     data = write_shapes_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=4, val_per_class=2, size=32)
     (data / 'val' / 'disc').rename(data / 'val' / 'circle')
-    with pytest.raises(ValueError, match=r"only in train/ \['disc'\], only in val/ \['circle'\]"):
+    with pytest.raises(ValueError, match=r"only in train/ \[disc\], only in val/ \[circle\]"):
         run(data, tmp_path / 'out', '--epochs', '1')
 
 

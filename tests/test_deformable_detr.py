@@ -19,10 +19,13 @@ import timm  # noqa: E402
 
 from mpvit import CheckpointError  # noqa: E402
 from mpvit.deformable_detr import (  # noqa: E402
+    BACKBONE_KEY,
     build_deformable_detr,
     convert_original_state_dict,
+    core_model,
     load_detector_weights,
     param_groups,
+    reset_deformable_attention,
     weighted_loss,
 )
 from mpvit.demo_data import write_shapes_coco  # noqa: E402
@@ -46,8 +49,10 @@ def test_parameters_heads_and_norms_match_the_reference():
     assert all(head is model.class_embed[0] for head in model.class_embed)
     assert all(head is model.bbox_embed[0] for head in model.bbox_embed)
     assert not model.config.tie_word_embeddings
+    # The backbone wraps the core model, as every adapter does.
+    assert type(core_model(model)).__name__ == 'MPViT' and model.model.backbone.model.backbone is core_model(model)
     # The backbone keeps trainable BatchNorm (transformers would have frozen it).
-    norms = [m for m in model.model.backbone.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norms = [m for m in core_model(model).modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.weight.requires_grad for m in norms)
     assert not any('Frozen' in type(m).__name__ for m in model.modules())
     # The original's head initialisation.
@@ -86,7 +91,7 @@ def test_checkpoint_errors_and_backbone_init(tmp_path):
     model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
     classifier = timm.create_model('mpvit_tiny')
     left = load_detector_weights(model, {'model': classifier.state_dict()})
-    loaded = model.model.backbone.model.state_dict()
+    loaded = core_model(model).state_dict()
     for key, value in classifier.state_dict().items():
         if not key.startswith('cls_head.'):
             assert torch.equal(loaded[key], value)
@@ -95,6 +100,114 @@ def test_checkpoint_errors_and_backbone_init(tmp_path):
         load_detector_weights(model, {'model': synth_state_dict(golden(MANIFEST)['tensors'])})
     with pytest.raises(ValueError, match="'mpvit_huge' is not an MPViT variant"):
         build_deformable_detr('mpvit_huge')
+
+
+def _layouts(weights):
+    """The same backbone weights in every released wrapper, with another task's head beside them."""
+    return {
+        'classification': {'model': weights},
+        'detectron2': {'model': {**{'backbone.bottom_up.backbone.' + k: v for k, v in weights.items()},
+                                 'roi_heads.box_predictor.cls_score.weight': torch.zeros(81, 1024)}},
+        'mmseg': {'state_dict': {**{'backbone.' + k: v for k, v in weights.items()},
+                                 'decode_head.conv_seg.weight': torch.zeros(150, 512, 1, 1)}},
+        'deformable detr backbone': {'model': {'backbone.0.backbone.' + k: v for k, v in weights.items()}},
+        'timm wrapper': {'timm_model.' + k: v for k, v in weights.items()},
+    }
+
+
+def test_backbone_weights_of_every_layout_go_through_the_shared_extractor():
+    """Backbone-only checkpoints fill the wrapped core model through mpvit.checkpoint.checkpoint_filter_fn:
+    any adapter's layout, other tasks' heads and the classifier left out, misfits refused in one line."""
+    from timm.models import adapt_input_conv
+
+    model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
+    heads = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(BACKBONE_KEY)}
+    classifier = timm.create_model('mpvit_tiny').state_dict()
+    for layout, checkpoint in _layouts(classifier).items():
+        with torch.no_grad():  # a stale load cannot pass: each layout brings other values (shared tensors)
+            for value in classifier.values():
+                if value.is_floating_point():
+                    value.add_(1.0)
+        left = load_detector_weights(model, checkpoint)
+        loaded = core_model(model).state_dict()
+        assert set(loaded) == {k for k in classifier if not k.startswith('cls_head.')}, layout
+        for key, value in loaded.items():
+            assert torch.equal(value, classifier[key]), (layout, key)
+        assert set(left) == set(heads), layout
+    for key, value in model.state_dict().items():  # the detector's own parts untouched
+        if key in heads:
+            assert torch.equal(value, heads[key]), key
+
+    # timm adapts an RGB stem to other input channels, not the other way: a 1-channel one is refused, named.
+    grey = timm.create_model('mpvit_tiny', in_chans=1).state_dict()
+    assert adapt_input_conv(3, grey['stem.0.conv.weight']).shape[1] == 1
+    with pytest.raises(CheckpointError, match=r'^backbone weights: .*stem.0.conv.weight \(checkpoint \(32, 1, 3, 3\), '
+                                              r'model \(32, 3, 3, 3\)\)'):
+        load_detector_weights(model, {'model': grey})
+    with pytest.raises(CheckpointError, match=r'^backbone weights: .*does not fit'):  # MPViT-S into MPViT-T
+        load_detector_weights(model, {'model': timm.create_model('mpvit_small').state_dict()})
+
+
+def test_checkpoint_of_the_previous_layout_loads():
+    """Our checkpoints from before the backbone became a wrapper (core model at model.backbone.model.*)."""
+    torch.manual_seed(1)
+    source = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10).state_dict()
+    old = {k.replace(BACKBONE_KEY, 'model.backbone.model.'): v for k, v in source.items()}
+    assert not any(k.startswith(BACKBONE_KEY) for k in old)
+    torch.manual_seed(2)
+    model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
+    assert load_detector_weights(model, {'model': old}) == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, source[key]), key
+
+
+def test_deformable_attention_init_is_the_originals():
+    """Our reset of transformers' deformable attention = the original MSDeformAttn._reset_parameters, checked
+    against transformers' own (private) _init_weights on the same seed: directions on the unit square's edge,
+    scaled by point index, on every level; zero offsets' weight and attention weights; xavier projections."""
+    import copy
+
+    from transformers.models.deformable_detr.modeling_deformable_detr import (
+        DeformableDetrMultiscaleDeformableAttention,
+    )
+
+    torch.manual_seed(0)
+    model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
+    attentions = [m for m in model.modules() if isinstance(m, DeformableDetrMultiscaleDeformableAttention)]
+    assert len(attentions) == 12  # 6 encoder self-attentions, 6 decoder cross-attentions
+    attn = attentions[0]
+    heads, levels, points = attn.n_heads, attn.n_levels, attn.n_points
+    grid = attn.sampling_offsets.bias.detach().view(heads, levels, points, 2)
+    assert torch.equal(grid[0, :, :, 0], torch.arange(1., points + 1).expand(levels, points))  # head 0: +x
+    assert not grid[0, :, :, 1].any()
+    assert torch.allclose(grid[:, :, 0].abs().amax(-1), torch.ones(heads, levels))  # on the unit square's edge
+    assert not attn.sampling_offsets.weight.any() and not attn.attention_weights.weight.any()
+
+    ours, theirs = copy.deepcopy(attn), copy.deepcopy(attn)
+    for p in list(ours.parameters()) + list(theirs.parameters()):
+        torch.nn.init.normal_(p.data)
+    torch.manual_seed(3)
+    reset_deformable_attention(ours)
+    torch.manual_seed(3)
+    model._init_weights(theirs)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_box_count_rule_is_the_one_transformers_applies():
+    """global_box_normaliser must know whether transformers already all-reduced the box count; it mirrors
+    transformers' test (accelerate available and a PartialState existing). This fails when that test changes."""
+    import inspect
+
+    from transformers.loss.loss_deformable_detr import DeformableDetrImageLoss
+    from transformers.loss.loss_for_object_detection import ImageLoss
+
+    from mpvit.deformable_detr.loss import transformers_reduces_boxes
+
+    assert DeformableDetrImageLoss.forward is ImageLoss.forward
+    source = inspect.getsource(ImageLoss.forward)
+    assert 'if is_accelerate_available():' in source and 'PartialState._shared_state != {}' in source
+    assert transformers_reduces_boxes() is False  # nothing here created an accelerate state
 
 
 def test_loss_uses_the_original_weights():
@@ -117,7 +230,7 @@ def test_param_groups_follow_the_original():
     model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
     rest, backbone, proj = param_groups(model, lr=2e-4, lr_backbone=2e-5)
     assert (rest['lr'], backbone['lr'], proj['lr']) == (2e-4, 2e-5, pytest.approx(2e-5))
-    assert sum(p.numel() for p in backbone['params']) == sum(p.numel() for p in model.model.backbone.model.parameters())
+    assert sum(p.numel() for p in backbone['params']) == sum(p.numel() for p in core_model(model).parameters())
     assert len(proj['params']) == 2 * (6 + 6) + 2  # sampling_offsets of 12 attention layers + reference_points
     total = sum(p.numel() for g in (rest, backbone, proj) for p in g['params'])
     assert total == model.num_parameters(only_trainable=True)
@@ -185,11 +298,15 @@ def test_train_eval_resume(coco, tmp_path):
     log = _main(coco, out, '--epochs', '1')
     assert 'epoch 0 [2/2] loss' in log and 'Average Precision  (AP) @[ IoU=0.50:0.95' in log
     saved = torch.load(out / 'checkpoint.pth', weights_only=True)
-    assert saved['epoch'] == 0 and set(saved) >= {'model', 'optimizer', 'lr_scheduler', 'scaler'}
+    # The layout every driver's training checkpoint shares (classification's: test_classification.py).
+    from mpvit.training import CHECKPOINT_KEYS
+    assert saved['epoch'] == 0 and set(saved) == {*CHECKPOINT_KEYS, 'dataset_meta', 'preprocess'}
+    assert saved['step'] == 2 and saved['log'] == []  # saved before its epoch's evaluation: the rows before it
     log = _main(coco, out, '--epochs', '2', '--resume', str(out / 'checkpoint.pth'))
     assert 'at epoch 1' in log and 'epoch 1 [2/2] loss' in log and 'epoch 0 [' not in log
     rows = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
-    assert [row['epoch'] for row in rows] == [0, 1]
+    assert [row['epoch'] for row in rows] == [0, 1] and [row['step'] for row in rows] == [2, 4]
+    assert torch.load(out / 'checkpoint.pth', weights_only=True)['log'] == rows[:1]
     for row in rows:
         assert_scores(row, 'test_AP', 'test_AP50')
         assert all(math.isfinite(row[f'train_{k}']) for k in ('loss', 'loss_ce', 'loss_bbox', 'loss_giou'))
@@ -319,6 +436,36 @@ def test_evaluating_a_backbone_only_checkpoint_is_refused(coco, tmp_path):
     assert not (tmp_path / 'out' / 'eval_metrics.json').exists()
 
 
+def test_our_detector_checkpoints_seed_every_other_adapter():
+    """A detector trained here (and one saved before the backbone became a wrapper) gives its backbone to the
+    shared extractor, as the released checkpoints do: classification --pretrained, Detectron2, mmseg init."""
+    from mpvit.checkpoint import checkpoint_filter_fn
+
+    detr = build_deformable_detr('mpvit_tiny', num_labels=3, num_queries=10)
+    expected = core_model(detr).state_dict()
+    state = detr.state_dict()
+    previous = {k.replace(BACKBONE_KEY, 'model.backbone.model.'): v for k, v in state.items()}
+    for checkpoint in ({'model': state}, {'model': previous}):
+        weights = checkpoint_filter_fn(checkpoint, timm.create_model('mpvit_tiny', num_classes=0))
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_resuming_another_drivers_checkpoint_is_refused(coco, tmp_path):
+    """A classification training checkpoint has the shared keys (optimizer, lr_scheduler, epoch): resuming it
+    used to load its backbone, then fail in the optimizer with a traceback."""
+    from mpvit.training import CHECKPOINT_KEYS
+
+    model = timm.create_model('mpvit_tiny')
+    state = {key: {} for key in CHECKPOINT_KEYS}
+    state.update(model=model.state_dict(), epoch=299, step=0, args={}, log=[])
+    torch.save(state, tmp_path / 'classifier.pth')
+    log = _main(coco, tmp_path / 'out', '--resume', str(tmp_path / 'classifier.pth'), expect_ok=False)
+    assert log.strip().splitlines()[-1] == (
+        f"error: --resume {tmp_path / 'classifier.pth'}: no Deformable DETR weights (class_embed.*) in it; --resume "
+        'continues a Deformable DETR run (start from other weights with --pretrained)'), log[-2000:]
+
+
 def test_unreadable_and_16_bit_images(tmp_path, caplog):
     """Training leaves an unreadable image out, named; evaluation refuses it; a set of which nothing reads is
     refused at once; a 16-bit grey PNG is scaled to 8 bits (it used to be read all white)."""
@@ -414,7 +561,7 @@ def test_own_data_head_follows_the_categories(fruit_run):
 def test_own_data_evaluate_and_draw(fruit, fruit_run, tmp_path, capsys):
     from PIL import Image
 
-    from mpvit.model_zoo import on_paper_dataset
+    on_paper_dataset = load_script('tools/eval_results.py').on_paper_dataset
     from mpvit.weights import file_sha256
 
     out, _ = fruit_run

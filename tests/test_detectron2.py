@@ -202,6 +202,21 @@ def test_classification_checkpoint_initialises_backbone(tmp_path):
         torch.testing.assert_close(value, expected[key], msg=key)
 
 
+def test_backbone_weights_go_through_the_shared_extractor(tmp_path):
+    """Any other task's checkpoint is fitted by mpvit.checkpoint.checkpoint_filter_fn, as in every adapter: the
+    stem follows the detector's input channels, and another variant's weights are named, not half-loaded."""
+    classifier = timm.create_model('mpvit_tiny', num_classes=1000)
+    path = tmp_path / 'mpvit_tiny.pth'
+    torch.save({'model': classifier.state_dict()}, path)
+    gray = build_model(_cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.PIXEL_MEAN', [120.0], 'MODEL.PIXEL_STD', [60.0]))
+    MPViTCheckpointer(gray).load(str(path))
+    stem = gray.backbone.bottom_up.backbone.stem[0].conv.weight
+    torch.testing.assert_close(stem, classifier.stem[0].conv.weight.sum(1, keepdim=True))
+    small = build_model(_cfg('retinanet_mpvit_small_1x.yaml'))
+    with pytest.raises(CheckpointError, match=r'mpvit_tiny\.pth: backbone weights: checkpoint does not fit MPViT'):
+        MPViTCheckpointer(small).load(str(path))
+
+
 def test_mismatched_checkpoint_is_named(tmp_path):
     path, _ = _released_checkpoint(tmp_path, 'retinanet', 'tiny')
     model = build_model(_cfg('retinanet_mpvit_small_1x.yaml'))
@@ -494,7 +509,7 @@ def test_every_config_trains_a_step_and_evaluates(config, train_net, tmp_path):
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    results = trainer._last_eval_results  # what DefaultTrainer's final EvalHook computed
+    results = trainer.eval_results  # what the final evaluation hook computed
     assert trainer.iter == cfg.SOLVER.MAX_ITER
     assert ('segm' in results) == cfg.MODEL.MASK_ON
     for kind in results:  # APs / APm / APl are NaN by COCO's rule when no object has that size
@@ -705,11 +720,11 @@ def test_demo_errors_are_one_line(coco, tmp_path):
     assert not list(tmp_path.glob('*.png'))
 
 
-def test_dataset_record_names_coco_by_its_categories(coco, tmp_path):
+def test_dataset_record_names_coco_by_its_categories(coco, tmp_path, train_net):
     """COCO val2017 registered under any name is 'coco' (the paper's rows); the shapes set keeps its name."""
     from mpvit.coco_checks import coco_2017_names
     from mpvit.d2 import register_coco_datasets
-    from mpvit.d2.classes import dataset_record
+    dataset_record = train_net.dataset_record
 
     (tmp_path / 'val2017').mkdir()
     categories = [dict(id=i, name=name) for i, name in coco_2017_names().items()]

@@ -67,11 +67,11 @@ def test_model_not_ema_through_every_loader(model_and_ema, caplog):
     loaded['mmseg init_cfg'] = backbone.state_dict()[KEY]
 
     pytest.importorskip('transformers')
-    from mpvit.deformable_detr import build_deformable_detr, load_detector_weights
+    from mpvit.deformable_detr import build_deformable_detr, core_model, load_detector_weights
 
     detr = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
     load_detector_weights(detr, read_checkpoint(str(path)))
-    loaded['Deformable DETR'] = detr.model.backbone.model.state_dict()[KEY]
+    loaded['Deformable DETR'] = core_model(detr).state_dict()[KEY]
 
     assert len(loaded) == 5
     for loader, value in loaded.items():

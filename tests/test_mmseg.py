@@ -64,18 +64,117 @@ def test_pretrained_init_cfg_reads_classification_and_refuses_other_variants(tmp
     weights = synth_state_dict(golden('manifest_mpvit_tiny.json')['tensors'])
     path = tmp_path / 'mpvit_tiny.pth'
     torch.save({'model': weights}, path)
-    backbone = MODELS.build(dict(type='MPViT', arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=str(path))))
+    backbone = MODELS.build(dict(type='MPViT', arch='mpvit_tiny',
+                                 init_cfg=dict(type='Pretrained', checkpoint=str(path))))
     backbone.init_weights()
+    assert backbone.is_init
     assert torch.equal(backbone.state_dict()['stem.0.conv.weight'], weights['stem.0.conv.weight'])
     assert [o.shape[1] for o in backbone(torch.randn(1, 3, 64, 64))] == [96, 176, 216, 216]
 
-    other = MODELS.build(dict(type='MPViT', arch='small', init_cfg=dict(type='Pretrained', checkpoint=str(path))))
+    other = MODELS.build(dict(type='MPViT', arch='mpvit_small',
+                              init_cfg=dict(type='Pretrained', checkpoint=str(path))))
     with pytest.raises(CheckpointError, match='does not fit'):
         other.init_weights()
-    with pytest.raises(ValueError, match="'huge' is not an MPViT variant"):
-        MODELS.build(dict(type='MPViT', arch='huge'))
     with pytest.raises(ValueError, match='out_indices'):
-        MODELS.build(dict(type='MPViT', arch='tiny', out_indices=(4,)))
+        MODELS.build(dict(type='MPViT', arch='mpvit_tiny', out_indices=(4,)))
+
+
+@pytest.mark.parametrize('layout', ['detectron2', 'mmseg'])
+def test_pretrained_init_cfg_reads_the_backbone_of_detection_and_segmentation_checkpoints(tmp_path, layout):
+    """A released Detectron2 (backbone.bottom_up.backbone.*, FPN and heads beside) or UperNet (backbone.*,
+    decode heads beside) checkpoint initialises the backbone through the one shared extractor, also when the
+    segmentor's init_weights reaches it (mmengine's BaseModule walk over the children)."""
+    from mpvit.models.mpvit import MPViT, mpvit_arch
+
+    torch.manual_seed(0)
+    source = MPViT(**mpvit_arch('mpvit_tiny'), num_classes=0, global_pool='')
+    with torch.no_grad():  # not the init's values (CPE / CRPE parameters have two keys each, the same tensor)
+        for parameter in source.parameters():
+            parameter.normal_()
+    weights = source.state_dict()
+    if layout == 'detectron2':
+        checkpoint = {'model': {**{f'backbone.bottom_up.backbone.{k}': v for k, v in weights.items()},
+                                'backbone.fpn_lateral2.weight': torch.zeros(256, 96, 1, 1),
+                                'roi_heads.box_predictor.cls_score.weight': torch.zeros(81, 1024)}}
+    else:
+        checkpoint = {'state_dict': {**{f'backbone.{k}': v for k, v in weights.items()},
+                                     'decode_head.conv_seg.weight': torch.zeros(150, 512, 1, 1)},
+                      'meta': {'iter': 160000}}
+    path = tmp_path / f'{layout}.pth'
+    torch.save(checkpoint, path)
+    cfg = _model_cfg('tiny')
+    cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=str(path))
+    segmentor = MODELS.build(cfg.model)
+    segmentor.init_weights()
+    assert segmentor.backbone.is_init
+    loaded = segmentor.state_dict()
+    assert all(torch.equal(loaded[f'backbone.{k}'], v) for k, v in weights.items())
+
+
+def test_arch_takes_the_model_name_and_names_an_unknown_one():
+    """The variant has one name in every adapter: timm's (Detectron2's MODEL.MPVIT.NAME, Deformable DETR's
+    backbone); the short name and a dict of MPViT's own arguments still work."""
+    from mpvit.errors import InvalidInputError
+    from mpvit.models.mpvit import MPVIT_ARCHS
+
+    named = MODELS.build(dict(type='MPViT', arch='mpvit_tiny'))
+    assert named.out_channels == [96, 176, 216, 216]
+    for other in ('tiny', dict(MPVIT_ARCHS['tiny'])):
+        same = MODELS.build(dict(type='MPViT', arch=other))
+        assert {k: v.shape for k, v in same.state_dict().items()} == \
+            {k: v.shape for k, v in named.state_dict().items()}
+    for bad, message in (('mpvit_huge', r"model.backbone.arch 'mpvit_huge' is not .*mpvit_tiny"),
+                         (dict(MPVIT_ARCHS['tiny'], depths=(1, 1)), 'model.backbone.arch has unknown keys depths'),
+                         (3, 'model.backbone.arch 3: expected a variant name')):
+        with pytest.raises(InvalidInputError, match=f'^{message}') as error:
+            MODELS.build(dict(type='MPViT', arch=bad))
+        assert '\n' not in str(error.value)
+
+
+def test_backbone_wraps_the_core_model_with_its_flat_keys(tmp_path):
+    """The backbone holds the core model (``.backbone``) but shows its keys unprefixed both ways, so released
+    segmentors and classification checkpoints keep their keys; missing / unexpected keys are named as given."""
+    from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict
+
+    from mpvit.models.mpvit import MPViT
+
+    backbone = MODELS.build(dict(type='MPViT', arch='mpvit_tiny'))
+    assert isinstance(backbone.backbone, MPViT) and not isinstance(backbone, MPViT)
+    state = backbone.state_dict()
+    assert list(state) == list(backbone.backbone.state_dict()) and 'stem.0.conv.weight' in state
+    assert 'backbone.stem.0.conv.weight' in dict(backbone.named_parameters())  # module paths keep the attribute
+
+    fresh = MODELS.build(dict(type='MPViT', arch='mpvit_tiny'))
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+
+    changed = {k: v for k, v in state.items() if k != 'stem.0.conv.weight'}
+    changed['extra.weight'] = torch.zeros(1)
+    result = fresh.load_state_dict(changed, strict=False)
+    assert result.missing_keys == ['stem.0.conv.weight'] and result.unexpected_keys == ['extra.weight']
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "stem.0.conv.weight"'):
+        fresh.load_state_dict(changed)
+
+    # Under a parent (a segmentor, DDP's ``module.``), and through mmengine's own loader.
+    holder = torch.nn.Module()
+    holder.module = backbone
+    assert list(holder.state_dict()) == [f'module.{k}' for k in state]
+    other = torch.nn.Module()
+    other.module = MODELS.build(dict(type='MPViT', arch='mpvit_tiny'))
+    mmengine_load_state_dict(other, holder.state_dict(), strict=True)
+    assert torch.equal(other.module.backbone.stem[0].conv.weight, backbone.backbone.stem[0].conv.weight)
+    with pytest.raises(RuntimeError, match='missing keys in source state_dict: module.stem.0.conv.weight$'):
+        mmengine_load_state_dict(other, {k: v for k, v in holder.state_dict().items()
+                                         if k != 'module.stem.0.conv.weight'}, strict=True)
+
+    # A whole segmentor saved by mmengine (and in the released layout) loads back strictly with load_checkpoint.
+    segmentor = MODELS.build(_model_cfg('tiny').model)
+    saved = segmentor.state_dict()
+    assert 'backbone.stem.0.conv.weight' in saved and not any(k.startswith('backbone.backbone.') for k in saved)
+    torch.save({'state_dict': saved, 'meta': {'iter': 1}}, tmp_path / 'iter_1.pth')
+    again = MODELS.build(_model_cfg('tiny').model)
+    load_checkpoint(again, str(tmp_path / 'iter_1.pth'), strict=True)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in saved.items())
 
 
 def test_fast_ops_false_gives_flop_counting_the_textbook_ops():
@@ -98,7 +197,7 @@ def test_norm_eval_keeps_bn_frozen():
     backbone = MODELS.build(dict(type='MPViT', arch='tiny', norm_eval=True)).train()
     bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns)
-    assert backbone.mhca_stages[0].mhca_blks[0].MHCA_layers[0].training
+    assert backbone.backbone.mhca_stages[0].mhca_blks[0].MHCA_layers[0].training
 
 
 def _write_ade(root: Path, train: int = 4, val: int = 2, size=(96, 80)) -> Path:
@@ -218,7 +317,7 @@ def test_label_values_outside_the_classes_are_named(tmp_path, split):
 def test_colour_label_png_is_named(tmp_path):
     from mmseg.datasets.transforms import LoadAnnotations
 
-    from mpvit.mmseg_transforms import CheckSegMap
+    from mpvit.mmseg import CheckSegMap
 
     path = tmp_path / 'rgb.png'
     Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(path)
@@ -298,7 +397,7 @@ def test_divergence_stops_before_a_checkpoint_is_written(tmp_path):
 
 
 def test_config_syntax_error_and_nccl_without_cuda_are_named(tmp_path):
-    from mpvit.mmseg import load_run_config
+    load_run_config = _tool('mmseg_run_config').load_run_config
 
     bad = tmp_path / 'bad_config.py'
     bad.write_text("_base_ = ['x.py']\nmodel = dict(\n")
@@ -418,11 +517,10 @@ def test_your_own_data_train_test_demo(tmp_path, capsys):
     written = json.loads((tmp_path / 'test' / 'eval_metrics.json').read_text())
     assert written['paper_row'] is None
     labels = sorted(p.name for p in (data_root / 'ann_dir' / 'val').glob('*.png'))
-    from mpvit import model_zoo
-
+    eval_results = load_script('tools/eval_results.py')
     assert written['dataset'] == dict(name='street', split='val', images=2, annotations=None,
-                                      sha256=model_zoo.fingerprint_names(labels), num_classes=3)
-    assert not model_zoo.on_paper_dataset('mmseg', written['dataset'])
+                                      sha256=eval_results.fingerprint_names(labels), num_classes=3)
+    assert not eval_results.on_paper_dataset('mmseg', written['dataset'])
     log = ''.join(p.read_text() for p in (tmp_path / 'test').rglob('*.log'))
     rows = dict(re.findall(r'^\|\s*(\w+)\s*\|\s*([\d.]+|nan)\s*\|', log, re.MULTILINE))
     assert {name: rows.get(name) for name in CUSTOM_CLASSES} == {name: rows[name] for name in CUSTOM_CLASSES}
@@ -450,7 +548,7 @@ def test_150_class_heads_on_3_class_data_stop_in_one_line(tmp_path):
     import sys
 
     from mpvit.errors import InvalidInputError
-    from mpvit.mmseg import load_run_config
+    load_run_config = _tool('mmseg_run_config').load_run_config
 
     data_root = _write_custom(tmp_path / 'street', train=1, val=1)
     config = str(CONFIGS / 'custom' / 'upernet_mpvit_tiny_custom.py')
@@ -486,7 +584,7 @@ def test_label_check_follows_the_data_classes_and_ignore_index(tmp_path):
     3 classes is refused, the ignore index (here 200) passes."""
     from mmseg.registry import DATASETS
 
-    from mpvit.mmseg import load_run_config
+    load_run_config = _tool('mmseg_run_config').load_run_config
 
     data_root = _write_custom(tmp_path / 'street', train=1, val=1)
     label_path = data_root / 'ann_dir' / 'train' / 'train_000.png'
@@ -522,9 +620,10 @@ def test_every_variant_has_ade20k_and_custom_configs_whose_heads_fit_the_backbon
         assert mine == theirs, part
     assert custom.model.decode_head.num_classes == len(custom.classes) == 2
     drop = {'tiny': 0.1, 'xsmall': 0.1, 'small': 0.2, 'base': 0.4}[variant]
-    assert ade.model.backbone.arch == variant and ade.model.backbone.drop_path_rate == drop
-    assert ade.model.backbone.init_cfg.checkpoint == model_zoo.get(f'mpvit_{variant}').url
-    assert (model_zoo.paper_row('mmseg', str(CONFIGS / f'upernet_mpvit_{variant}_160k_ade20k.py')) is None) == (
+    assert ade.model.backbone.arch == f'mpvit_{variant}' and ade.model.backbone.drop_path_rate == drop
+    assert ade.model.backbone.init_cfg.checkpoint == model_zoo.get(f'mpvit_{variant}').zoo_name
+    paper_row = load_script('tools/eval_results.py').paper_row
+    assert (paper_row('mmseg', str(CONFIGS / f'upernet_mpvit_{variant}_160k_ade20k.py')) is None) == (
         variant in ('tiny', 'xsmall'))
     if variant in ('small', 'base'):
         return  # built in test_released_layout_and_parameter_count

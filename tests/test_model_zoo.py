@@ -42,7 +42,7 @@ def test_zoo_lists_every_released_checkpoint():
     assert set(REFERENCE_PARAMS) == {e.name for e in entries}
     for entry in entries:
         assert (REPO / entry.config).is_file(), entry.config
-        assert entry.url.startswith('https://dl.dropbox.com/s/') and entry.url.endswith('.pth')
+        assert entry.url.startswith('https://') and entry.url.endswith('.pth')
     assert all(e.metrics_url and e.metrics_url.endswith('_metrics.json') for e in by_task['detectron2'])
     assert model_zoo.get('mask_rcnn_mpvit_small_ms_3x').reported == {'box_ap': 48.4, 'mask_ap': 43.9,
                                                                      'params_m': 43, 'gflops': 268}
@@ -59,8 +59,156 @@ def test_released_resolves_by_config():
     with pytest.raises(ValueError, match='no checkpoint for this config.*pass a file or URL'):
         model_zoo.resolve('released', 'configs/detectron2/cascade_mask_rcnn_mpvit_small_ms_3x.yaml')
     # A demo config reports on the row of the config it inherits from.
-    assert model_zoo.paper_row('detectron2', REPO / 'configs/detectron2/demo/mask_rcnn_mpvit_tiny_shapes.yaml') \
+    assert load_script('tools/eval_results.py').paper_row(
+        'detectron2', REPO / 'configs/detectron2/demo/mask_rcnn_mpvit_tiny_shapes.yaml') \
         == 'mask_rcnn_mpvit_tiny_1x'
+
+
+# ------------------------------------------------------------------- zoo: words, the URLs in one place
+
+ZOO_WORD = re.compile(r'\bzoo:([A-Za-z0-9_.-]+)')
+WEIGHT_URL = re.compile(r'https?://\S+\.(?:pth|pkl|safetensors|bin)\b')
+
+
+def _project_files() -> list:
+    """The repository's files, tracked or new (not ignored), as git lists them."""
+    try:
+        out = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip('not a git checkout')
+    return sorted({REPO / f for f in out.decode().split('\0') if f and (REPO / f).is_file()})
+
+
+def test_model_zoo_json_is_the_only_file_with_the_urls_and_every_word_names_a_row():
+    files = _project_files()
+    needle = b'dropbox' + b'.com'  # split: this file must not match itself
+    holders = [f.relative_to(REPO).as_posix() for f in files if needle in f.read_bytes().lower()]
+    assert holders == ['mpvit/model_zoo.json'], holders
+    words = {}
+    for f in files:
+        rel = f.relative_to(REPO).as_posix()
+        if rel.startswith('tests/') or f.suffix not in ('.py', '.yaml', '.yml', '.md', '.json', '.sh'):
+            continue  # tests name unknown words on purpose
+        for name in ZOO_WORD.findall(f.read_text(encoding='utf-8')):
+            words.setdefault(name, []).append(rel)
+    known = {e.name for e in model_zoo.entries()}
+    assert not {n: w for n, w in words.items() if n not in known}, 'zoo: words naming no row of model_zoo.json'
+    configs = [f for f in files if f.relative_to(REPO).parts[0] == 'configs']
+    # Configs name weights by a word, never by a URL; every dense config starts from an ImageNet row.
+    assert not [f for f in configs if WEIGHT_URL.search(f.read_text())]
+    dense = [f for f in configs if f.relative_to(REPO).parts[1] != 'classification' and 'mpvit_' in f.name
+             and '_base_' not in f.parts and not f.name.startswith(('_', 'Base-')) and 'demo' not in f.parts]
+    assert len(dense) >= 30 and all(ZOO_WORD.search(f.read_text()) for f in dense), dense
+    for entry in model_zoo.entries():  # and every row's config exists
+        assert entry.config_file.is_file() and entry.config_file == REPO / entry.config, entry.name
+
+
+def test_unknown_zoo_word_is_one_line_naming_the_known_ones():
+    from mpvit.errors import UnknownNameError
+    from mpvit.weights import fetch
+
+    for call in (lambda: fetch('zoo:mpvit_smal'), lambda: model_zoo.resolve('zoo:mpvit_smal', model='mpvit_small'),
+                 lambda: read_checkpoint('zoo:mpvit_smal')):
+        with pytest.raises(UnknownNameError) as info:
+            call()
+        message = str(info.value)
+        assert '\n' not in message and "'zoo:mpvit_smal'" in message and 'zoo:mpvit_small' in message
+        assert 'zoo:upernet_mpvit_base' in message
+    assert model_zoo.resolve('zoo:mpvit_small', 'configs/detectron2/retinanet_mpvit_tiny_1x.yaml') == 'zoo:mpvit_small'
+    assert model_zoo.zoo_entry('zoo:mpvit_small').url == model_zoo.get('mpvit_small').url
+
+
+def test_missing_config_is_an_error_not_a_silent_none(tmp_path, monkeypatch):
+    from mpvit.errors import MissingFileError
+
+    eval_results = load_script('tools/eval_results.py')
+
+    with pytest.raises(MissingFileError, match=r'configs/detectron2/nope.yaml: no such config \(looked in '):
+        model_zoo.config_path('configs/detectron2/nope.yaml')
+    with pytest.raises(MissingFileError, match='gone.yaml: no such config file'):
+        eval_results.paper_row('detectron2', tmp_path / 'gone.yaml')
+    (tmp_path / 'child.yaml').write_text('_BASE_: missing_base.yaml\n')
+    with pytest.raises(MissingFileError, match='child.yaml: _BASE_ missing_base.yaml does not exist'):
+        eval_results.paper_row('detectron2', tmp_path / 'child.yaml')
+    # Named relative to the repository root, a config is found from any working directory.
+    monkeypatch.chdir(tmp_path)
+    assert eval_results.paper_row('detectron2', 'configs/detectron2/demo/mask_rcnn_mpvit_tiny_shapes.yaml') \
+        == 'mask_rcnn_mpvit_tiny_1x'
+
+
+def test_zoo_word_reaches_every_loader(tmp_path, monkeypatch):
+    """``zoo:mpvit_tiny`` in place of a file: each loader finds the row's file in the weights directory (under
+    its released name) through mpvit.weights.fetch, and loads the same weights."""
+    import timm
+    import torch
+
+    from mpvit import load_backbone_weights
+    from mpvit.checkpoint import local_checkpoint
+
+    monkeypatch.setenv('MPVIT_WEIGHTS', str(tmp_path / 'weights'))
+    (tmp_path / 'weights').mkdir()
+    torch.manual_seed(0)
+    source = timm.create_model('mpvit_tiny').eval()
+    planted = tmp_path / 'weights' / 'mpvit_tiny.pth'  # the released file's name (model_zoo.json)
+    torch.save({'model': source.state_dict()}, planted)
+    key = 'stem.0.conv.weight'
+    expected = source.state_dict()[key]
+    word = 'zoo:mpvit_tiny'
+
+    assert local_checkpoint(word) == str(planted)
+    loaded = {'timm pretrained_cfg_overlay file': timm.create_model(
+        'mpvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=word)).state_dict()[key]}
+    ours = timm.create_model('mpvit_tiny')
+    load_backbone_weights(ours, word)
+    loaded['load_backbone_weights'] = ours.state_dict()[key]
+    cls = load_script('classification/main.py')
+    assert cls.parse_args(['--model', 'mpvit_tiny', '--eval', '--resume', word]).resume == word
+    predict = load_script('tools/predict.py')
+    from PIL import Image
+
+    Image.new('RGB', (64, 64), (200, 30, 30)).save(tmp_path / 'red.png')
+    top = predict.predict(predict.parse_args([str(tmp_path / 'red.png'), '--model', 'mpvit_tiny', '--weights', word,
+                                              '--top', '1']))
+    assert len(top) == 1 and 0.0 < top[0][0]['probability'] <= 1.0
+
+    if _has('detectron2'):
+        from detectron2.config import get_cfg
+        from detectron2.modeling import build_model
+
+        from mpvit.d2 import MPViTCheckpointer, add_mpvit_config
+
+        cfg = get_cfg()
+        add_mpvit_config(cfg)
+        cfg.merge_from_file(str(REPO / 'configs' / 'detectron2' / 'retinanet_mpvit_tiny_1x.yaml'))
+        assert cfg.MODEL.WEIGHTS == word  # the config itself names the row
+        cfg.merge_from_list(['MODEL.DEVICE', 'cpu', 'MODEL.MPVIT.NORM', 'BN'])
+        detector = build_model(cfg)
+        MPViTCheckpointer(detector).load(cfg.MODEL.WEIGHTS)
+        loaded['Detectron2 MPViTCheckpointer'] = detector.backbone.bottom_up.backbone.state_dict()[key]
+    if _has('mmseg'):
+        from mmengine.runner.checkpoint import CheckpointLoader
+        from mmseg.registry import MODELS
+
+        import mpvit.mmseg  # noqa: F401  (mmengine reads through our loader)
+
+        state = CheckpointLoader.load_checkpoint(word)
+        loaded['mmengine CheckpointLoader'] = state['model'][key]
+        backbone = MODELS.build(dict(type='MPViT', arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=word)))
+        backbone.init_weights()
+        loaded['mmseg init_cfg'] = backbone.state_dict()[key]
+    if _has('transformers'):
+        ddetr = load_script('deformable_detr/main.py')
+        args = ddetr.get_args(['-c', str(REPO / 'configs/deformable_detr/mpvit_tiny.yaml')])
+        assert args.pretrained == word  # read by main() through local_checkpoint / read_checkpoint
+    for loader, value in loaded.items():
+        assert torch.equal(value, expected), loader
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def test_offline_download_is_one_clear_line():
@@ -207,15 +355,16 @@ def test_paper_tables_place_results_only_on_their_dataset_rows(paper_tables, tmp
     own = json.loads((tmp_path / 'results' / 'cls' / 'eval_metrics.json').read_text())
     assert own['paper_row'] == 'mpvit_tiny' and own['dataset']['name'] == 'data' and own['dataset']['images'] == 4
     seg_config = REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'
-    ade20k_val = model_zoo.dataset_record('ade20k', 'validation', 2000)
+    eval_results = load_script('tools/eval_results.py')
+    ade20k_val = eval_results.dataset_record('ade20k', 'validation', 2000)
     for name, miou in (('seg_a', 12.5), ('seg_b', 40.0)):  # two evaluations of one row, the second newer
-        model_zoo.write_eval_metrics(tmp_path / 'results' / name / 'eval_metrics.json', 'mmseg',
-                                     {'mIoU': miou}, config=seg_config, dataset=ade20k_val)
+        eval_results.write_eval_metrics(tmp_path / 'results' / name / 'eval_metrics.json', 'mmseg',
+                                        {'mIoU': miou}, config=seg_config, dataset=ade20k_val)
         os.utime(tmp_path / 'results' / name / 'eval_metrics.json', (1e9 + miou, 1e9 + miou))
-    model_zoo.write_eval_metrics(tmp_path / 'results' / 'subset' / 'eval_metrics.json', 'mmseg', {'mIoU': 60.0},
-                                 config=seg_config, dataset=model_zoo.dataset_record('ade20k', 'validation', 100))
-    model_zoo.write_eval_metrics(tmp_path / 'results' / 'old' / 'eval_metrics.json', 'mmseg', {'mIoU': 1.0},
-                                 config=seg_config)  # no dataset record (older files)
+    eval_results.write_eval_metrics(tmp_path / 'results' / 'subset' / 'eval_metrics.json', 'mmseg', {'mIoU': 60.0},
+                                    config=seg_config, dataset=eval_results.dataset_record('ade20k', 'validation', 100))
+    eval_results.write_eval_metrics(tmp_path / 'results' / 'old' / 'eval_metrics.json', 'mmseg', {'mIoU': 1.0},
+                                    config=seg_config)  # no dataset record (older files)
 
     results = paper_tables.read_results(tmp_path / 'results')
     assert set(results.rows) == {'upernet_mpvit_small'} and results.rows['upernet_mpvit_small']['mIoU'] == 40.0

@@ -388,6 +388,44 @@ def test_torch_export_matches_eager():
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_features_only_model_fuses_and_checkpoints():
+    """features_only=True gives MPViTFeatures: .fuse() as on the classifier (and the same as timm's
+    reparameterize_model), set_grad_checkpointing, timm's feature_info, the model's keys under model."""
+    from timm.utils import reparameterize_model
+
+    torch.manual_seed(0)
+    model = timm.create_model('mpvit_tiny', features_only=True, out_indices=(1, 3))
+    info = timm.create_model('mpvit_tiny').feature_info
+    assert model.feature_info.channels() == [info[1]['num_chs'], info[3]['num_chs']]
+    assert model.feature_info.reduction() == [8, 32]
+    assert next(iter(model.state_dict())).startswith('model.stem.')
+    for module in model.modules():  # non-trivial statistics, so that folding them changes the weights
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        by_timm = reparameterize_model(model)(x)
+        fused = model.fuse()
+        got = fused(x)
+    assert fused is model and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for a, b, c in zip(got, by_timm, expected):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-4)
+
+    grads = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model('mpvit_tiny', features_only=True).train()
+        model.set_grad_checkpointing(enable)
+        sum(f.pow(2).mean() for f in model(x)).backward()
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0)
+
+
 @pytest.mark.parametrize('feature_cls', ['hook', 'fx'])
 def test_other_feature_wrappers_match_the_getter(feature_cls):
     """timm's feature_cls='hook' and 'fx' (torchvision's create_feature_extractor, a symbolic trace)."""

@@ -25,6 +25,8 @@ Two kinds of ratio are printed, both measured, never assumed:
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 import importlib.util
 import json

@@ -16,6 +16,8 @@ training state is not kept: it cannot be resumed from.
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 import os
 from typing import Sequence

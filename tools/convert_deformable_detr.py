@@ -3,16 +3,19 @@
     python tools/convert_deformable_detr.py deformable_detr_mpvit_small.pth converted.pth
 
 ``deformable_detr/main.py --resume`` converts on the fly, so this is only needed to
-store the converted file. Fails, listing them, on keys it cannot place.
+store the converted file. Fails, listing them, on keys it cannot place. The rules live in
+:mod:`mpvit.deformable_detr.checkpoint`.
 """
 from __future__ import annotations
+
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
 
 import argparse
 
 import torch
 
-from mpvit.checkpoint import read_checkpoint, unwrap_checkpoint
-from mpvit.deformable_detr import convert_original_state_dict, is_original_layout
+from mpvit.checkpoint import CheckpointError, read_checkpoint, unwrap_checkpoint
+from mpvit.deformable_detr.checkpoint import convert_original_state_dict, is_original_layout
 from mpvit.training import user_errors_in_one_line
 
 
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     state = unwrap_checkpoint(read_checkpoint(args.src))
     if not is_original_layout(state):
-        raise SystemExit(f'{args.src} is not in the original Deformable DETR layout (no transformer.* keys)')
+        raise CheckpointError(f'{args.src} is not in the original Deformable DETR layout (no transformer.* keys)')
     converted = convert_original_state_dict(state)
     torch.save({'model': converted}, args.dst)
     print(f'{len(state)} tensors -> {len(converted)} tensors: {args.dst}')

@@ -14,7 +14,7 @@ rm -rf "$out"
 echo "[demo] evaluating the saved checkpoint"
 "$PY" classification/main.py -c configs/classification/demo_shapes.yaml --data-path "$data" --output-dir "$out" \
     --eval --resume "$out/checkpoint.pth"
-echo "[demo] metrics: $out/eval_metrics.json, training log: $out/log.csv"
+echo "[demo] metrics: $out/eval_metrics.json, training log: $out/log.txt"
 
 echo "[demo] detection: Mask R-CNN MPViT-T on COCO-format shapes (Detectron2), backbone from the run above"
 coco=output/demo/shapes_coco

@@ -20,6 +20,8 @@ it (``--drop-objects`` for one that carries other Python objects: they are left 
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 import json
 import re

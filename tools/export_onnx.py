@@ -13,6 +13,8 @@ an error (an exporter's mistranslation, with its traceback), and no file is left
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 import os
 from pathlib import Path

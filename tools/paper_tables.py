@@ -30,9 +30,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without an install of this checkout
+sys.path.append(str(REPO / 'tools'))  # eval_results.py beside (loaded as a module, it is not on the path)
+import mpvit.quiet  # noqa: E402, F401  (known dependency warnings off in this command)
+
+import eval_results  # noqa: E402
+
 from mpvit import model_zoo, set_fast_ops  # noqa: E402
 from mpvit.errors import InvalidInputError  # noqa: E402
 from mpvit.model_zoo import ZooEntry  # noqa: E402
+from mpvit.training import count_parameters  # noqa: E402
 
 CACHE = REPO / '.cache' / 'paper_tables' / 'flops.json'
 DETECTION_SIZE = (800, 1280)  # (height, width) of the image the detectors' FLOPs are counted at
@@ -103,11 +109,6 @@ def build_model(entry: ZooEntry) -> torch.nn.Module:
     raise ValueError(f'{entry.name}: unknown task {entry.task!r}')
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Trainable parameters, each shared tensor once (as ``model.parameters()`` yields them)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def _quiet(analysis):
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
@@ -130,7 +131,7 @@ def count_flops(entry: ZooEntry, model: torch.nn.Module) -> Optional[Dict[str, f
         backbone = _quiet(FlopCountAnalysis(model.backbone, normalised)).total()
         return {'gflops': total / 1e9, 'backbone_fpn_gflops': backbone / 1e9}
     if entry.task == 'mmseg':
-        from mmengine.analysis import get_model_complexity_info
+        from mmengine.analysis import FlopAnalyzer
 
         class DecodeOnly(torch.nn.Module):  # mmseg's get_flops: backbone + decode head, no auxiliary head
             def __init__(self, segmentor):
@@ -140,9 +141,9 @@ def count_flops(entry: ZooEntry, model: torch.nn.Module) -> Optional[Dict[str, f
             def forward(self, x):
                 return self.segmentor._forward(x)
 
-        info = get_model_complexity_info(DecodeOnly(model), inputs=(torch.zeros(1, 3, *SEGMENTATION_SIZE),),
-                                         show_table=False, show_arch=False)
-        return {'gflops': info['flops'] / 1e9}
+        # What mmseg's get_flops counts, without a warning for each auxiliary-head module the forward skips.
+        analysis = FlopAnalyzer(DecodeOnly(model), inputs=(torch.zeros(1, 3, *SEGMENTATION_SIZE),))
+        return {'gflops': _quiet(analysis).total() / 1e9}
     return None
 
 
@@ -189,7 +190,7 @@ def read_results(root: Path) -> Results:
         except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
             raise InvalidInputError(f'{path}: not a readable metrics file ({e})') from None
         row = record.get('paper_row')
-        if row and model_zoo.on_paper_dataset(record.get('task'), record.get('dataset')):
+        if row and eval_results.on_paper_dataset(record.get('task'), record.get('dataset')):
             results.rows[row] = record
             results.candidates.setdefault(row, []).append(str(path))
         else:

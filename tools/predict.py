@@ -11,6 +11,8 @@ The images go through the model's evaluation transform (resize, centre crop, nor
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 from typing import Dict, List, Optional, Sequence
 
@@ -35,7 +37,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--model', default=None,
                         help=f"mpvit_tiny | mpvit_xsmall | mpvit_small | mpvit_base (default: the checkpoint's "
                              f'variant, else {DEFAULT_MODEL})')
-    parser.add_argument('--weights', default=model_zoo.RELEASED, help="checkpoint file or URL, or 'released'")
+    parser.add_argument('--weights', default=model_zoo.RELEASED,
+                        help="checkpoint file or URL, 'released', or zoo:<name> (mpvit/model_zoo.json)")
     parser.add_argument('--top', type=int, default=5)
     args = parser.parse_args(argv)
     if args.model is not None and not timm.is_model(args.model):

@@ -40,6 +40,11 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without an install of this checkout
+sys.path.append(str(REPO / 'tools'))  # eval_results.py beside (loaded as a module, it is not on the path)
+import mpvit.quiet  # noqa: E402, F401  (known dependency warnings off in this command)
+
+import eval_results  # noqa: E402
+
 from mpvit import model_zoo  # noqa: E402
 from mpvit.errors import InvalidInputError, UserError  # noqa: E402
 from mpvit.model_zoo import ZooEntry  # noqa: E402
@@ -93,7 +98,7 @@ def inspect_dataset(key: str, root: Optional[Path]) -> Dataset:
         files = _image_files(needed[0]) if key == 'imagenet' else sorted(
             p.name for p in needed[1].iterdir() if p.suffix == '.png')
         dataset.images = len(_image_files(needed[0])) if key == 'ade20k' else len(files)
-        dataset.fingerprint = model_zoo.fingerprint_names(files)
+        dataset.fingerprint = eval_results.fingerprint_names(files)
     if not dataset.images:
         dataset.problem = f'{option} {root}: no images in {needed[-1] if key == "coco" else needed[0]}'
     return dataset

@@ -3,8 +3,8 @@
 _base_ = ['./upernet_mpvit_small_160k_ade20k.py']
 model = dict(
     backbone=dict(
-        arch='base',
+        arch='mpvit_base',
         drop_path_rate=0.4,
-        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/la8w31m0apj2830/mpvit_base.pth')),
+        init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_base')),
     decode_head=dict(in_channels=[224, 368, 480, 480]),
     auxiliary_head=dict(in_channels=480))

@@ -9,10 +9,10 @@ data_preprocessor = dict(size=crop_size)
 model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
-        arch='small',
+        arch='mpvit_small',
         drop_path_rate=0.2,
         # ImageNet weights of the authors (any released MPViT checkpoint works).
-        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/y3dnmmy8h4npz7a/mpvit_small.pth')),
+        init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_small')),
     decode_head=dict(in_channels=[128, 216, 288, 288], num_classes=150),
     auxiliary_head=dict(in_channels=288, num_classes=150))
 train_dataloader = dict(batch_size=2)

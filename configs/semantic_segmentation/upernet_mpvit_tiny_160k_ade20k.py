@@ -5,9 +5,9 @@
 _base_ = ['./upernet_mpvit_small_160k_ade20k.py']
 model = dict(
     backbone=dict(
-        arch='tiny',
+        arch='mpvit_tiny',
         drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/1cmquqyjmaeeg1n/mpvit_tiny.pth')),
+        init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_tiny')),
     # Stage outputs: each stage projects to the next stage's width, the last keeps its own: [96, 176, 216, 216].
     decode_head=dict(in_channels=[96, 176, 216, 216]),
     auxiliary_head=dict(in_channels=216))

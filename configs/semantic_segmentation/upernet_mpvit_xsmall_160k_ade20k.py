@@ -5,9 +5,9 @@
 _base_ = ['./upernet_mpvit_small_160k_ade20k.py']
 model = dict(
     backbone=dict(
-        arch='xsmall',
+        arch='mpvit_xsmall',
         drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/vvpq2m474g8tvyq/mpvit_xsmall.pth')),
+        init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_xsmall')),
     # Stage outputs: each stage projects to the next stage's width, the last keeps its own: [128, 192, 256, 256].
     decode_head=dict(in_channels=[128, 192, 256, 256]),
     auxiliary_head=dict(in_channels=256))

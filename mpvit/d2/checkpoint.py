@@ -14,17 +14,19 @@ from mpvit.checkpoint import (
     CheckpointError,
     backbone_prefix,
     check_fit,
-    is_url,
+    checkpoint_filter_fn,
+    drop_unused_norm_stats,
     local_checkpoint,
     read_checkpoint,
     unwrap_checkpoint,
 )
 from mpvit.d2.classes import check_head_classes, check_same_classes, checkpoint_classes
+from mpvit.models.mpvit import find_mpvit
 from mpvit.training import LossWatch, save_atomic
+from mpvit.weights import is_remote
 
 _logger = logging.getLogger(__name__)
 D2_BACKBONE_PREFIX = 'backbone.bottom_up.backbone.'
-_NORM_STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 
 
 class MPViTCheckpointer(DetectionCheckpointer):
@@ -62,8 +64,9 @@ class MPViTCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(f'{name}.pth')
 
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
-        # A URL is found or downloaded once, into the weights directory (mpvit.weights), not again by iopath.
-        if path and (is_url(path) or path.startswith('hf-hub:')):
+        # A URL, Hub id or zoo: word is found or downloaded once, into the weights directory (mpvit.weights),
+        # not again by iopath (which knows none of the words).
+        if path and is_remote(path):
             path = local_checkpoint(path)
         try:
             return super().load(path, checkpointables)
@@ -77,16 +80,18 @@ class MPViTCheckpointer(DetectionCheckpointer):
         if filename.endswith('.pkl'):
             return self._pkl_layout(loaded)
         state = unwrap_checkpoint(loaded)
-        prefix = backbone_prefix(state)
-        if prefix == D2_BACKBONE_PREFIX:
+        if backbone_prefix(state) == D2_BACKBONE_PREFIX:
             extra = {k: v for k, v in loaded.items() if k not in ('model', 'state_dict')}
             return {**extra, 'model': state}
-        # A backbone from another task: place it where Detectron2 keeps it; drop everything else.
-        weights = {D2_BACKBONE_PREFIX + k[len(prefix):]: v for k, v in state.items()
-                   if k.startswith(prefix) and not k[len(prefix):].startswith('cls_head.')}
-        _logger.info('%s: MPViT weights of a non-Detectron2 checkpoint (prefix %r); initialising the backbone only',
-                     filename, prefix)
-        return {'model': weights, '__mpvit_backbone_only__': True}
+        # A backbone from another task: the shared extractor fits it to our core model, placed where it sits.
+        where, core = find_mpvit(self.model)
+        try:
+            weights = checkpoint_filter_fn(state, core)
+        except CheckpointError as e:
+            raise CheckpointError(f'backbone weights: {e}') from None
+        _logger.info('%s: MPViT weights of a non-Detectron2 checkpoint; initialising the backbone only', filename)
+        return {'model': {where + k: v for k, v in weights.items()}, '__mpvit_backbone_only__': True,
+                '__mpvit_core__': where}
 
     @staticmethod
     def _pkl_layout(data: Dict[str, Any]) -> Dict[str, Any]:
@@ -102,10 +107,9 @@ class MPViTCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         weights = checkpoint['model']
-        own = self.model.state_dict()
-        for k in [k for k in weights if k.endswith(_NORM_STATS) and k not in own]:
-            del weights[k]  # FrozenBN / GroupNorm have no place for BN statistics
+        drop_unused_norm_stats(weights, self.model.state_dict())
         backbone_only = checkpoint.pop('__mpvit_backbone_only__', False)
+        core = checkpoint.pop('__mpvit_core__', D2_BACKBONE_PREFIX)
         if backbone_only and self.heads_must_fit:
             raise CheckpointError('the checkpoint holds MPViT backbone weights only (a classification or other-task '
                                   'checkpoint): no detector to evaluate')
@@ -118,6 +122,6 @@ class MPViTCheckpointer(DetectionCheckpointer):
                                    f"the data ({self.dataset_meta.get('dataset')})", CheckpointError)
         check_fit(weights, self.model,
                   what=f"checkpoint ({'MPViT backbone only' if backbone_only else 'detector'})",
-                  scope=D2_BACKBONE_PREFIX if backbone_only else '',
+                  scope=core if backbone_only else '',
                   shape_may_differ=lambda key: not self.heads_must_fit and not key.startswith('backbone.bottom_up.'))
         return super()._load_model(checkpoint)

@@ -1,6 +1,5 @@
-"""The detector's class count follows the data (``follow_dataset_classes``), the class names travel in the
-checkpoints (``dataset_meta``), and what a dataset evaluated was goes into ``eval_metrics.json``
-(``dataset_record``).
+"""The detector's class count follows the data (``follow_dataset_classes``), and the class names travel in the
+checkpoints (``dataset_meta``).
 
 ``UNSET`` is put in ``MODEL.ROI_HEADS.NUM_CLASSES`` / ``MODEL.RETINANET.NUM_CLASSES`` before the user's
 config is merged: a key still ``UNSET`` afterwards was not set by the user, and takes the data's count.
@@ -16,9 +15,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 
-from mpvit import model_zoo
-from mpvit.coco_checks import is_coco_2017
-from mpvit.errors import InvalidInputError
+from mpvit.errors import InvalidInputError, first_few
 from mpvit.serialization import CheckpointError
 
 _logger = logging.getLogger(__name__)
@@ -78,7 +75,7 @@ def check_same_classes(names: Sequence[str], classes: Sequence[str], names_what:
         return
     differ = [f'{i}: {a!r} vs {b!r}' for i, (a, b) in enumerate(zip(names, classes)) if a != b]
     raise error(f'{names_what} has {len(names)} categories and {classes_what} {len(classes)}, not the same '
-                f'(by contiguous index: {", ".join(differ[:3]) or "one list is longer"}): a label would be '
+                f'(by contiguous index: {first_few(differ, 3) or "one list is longer"}): a label would be '
                 'scored as another class')
 
 
@@ -144,15 +141,3 @@ def check_head_classes(weights: Mapping[str, torch.Tensor], model: torch.nn.Modu
     if theirs is not None and ours is not None and theirs != ours:
         raise CheckpointError(f'{what} has heads for {theirs} classes, the model {ours}: use it with data of its '
                               f'{theirs} categories (DATASETS.TEST, --coco-dataset), or set NUM_CLASSES {theirs}')
-
-
-def dataset_record(name: str, images: int) -> Dict:
-    """``eval_metrics.json``'s ``dataset``: ``coco`` for a set with COCO 2017's 80 categories (ids and names;
-    Detectron2's builtin ``coco_2017_val`` or the same files registered under another name), any other by its
-    registered name; the split is its image folder's name (``val2017``: the paper's rows)."""
-    meta = MetadataCatalog.get(name)
-    image_root, json_file = meta.get('image_root') or '', meta.get('json_file')
-    split = os.path.basename(os.path.normpath(image_root)) if image_root else name
-    is_coco = bool(json_file) and os.path.isfile(json_file) and is_coco_2017(read_coco_json(json_file))
-    return model_zoo.dataset_record('coco' if is_coco else name, split, images, annotations=json_file,
-                                    classes=dataset_classes(name))

@@ -16,8 +16,6 @@ from torch.utils.data import Dataset
 from mpvit.errors import InvalidInputError, MissingFileError
 from mpvit.images import decode_error, is_high_depth, unreadable_error, warn_unreadable
 
-_logger = logging.getLogger(__name__)
-
 
 def build_detr_augmentation(cfg: CfgNode) -> List[T.Augmentation]:
     """DETR's training augmentation: flip, then either a multi-scale resize, or (half of the time)

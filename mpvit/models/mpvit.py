@@ -32,12 +32,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, register_notrace_module, trunc_normal_
+from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, fast_layer_norm, register_notrace_module, trunc_normal_
 from timm.layers import LayerNorm as TimmLayerNorm
-from timm.layers.fast_norm import fast_layer_norm, get_autocast_dtype, is_autocast_enabled
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint
+from timm.models import (
+    FeatureInfo,
+    build_model_with_cfg,
+    checkpoint,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
+from timm.models._features import feature_take_indices  # private (no public export): tests/test_dependencies.py
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from mpvit import model_zoo
@@ -45,7 +50,8 @@ from mpvit.checkpoint import CheckpointError, checkpoint_filter_fn, load_backbon
 from mpvit.errors import InvalidInputError
 from mpvit.weights import HUB_PREFIX
 
-__all__ = ['MPViT', 'MPVIT_ARCHS', 'checkpoint_filter_fn', 'fold_batchnorm', 'mpvit_arch', 'set_fast_ops']
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'MPViTFeatures', 'checkpoint_filter_fn', 'find_mpvit', 'fold_batchnorm',
+           'mpvit_arch', 'set_fast_ops']
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -202,30 +208,30 @@ def set_fast_ops(model: nn.Module, enable: bool = True) -> nn.Module:
     ``torch.jit.script`` / ``torch.compile``, which take the flags as constants.
     """
     for module in model.modules():
-        if isinstance(module, LayerNorm):
-            module._fast_norm = enable
-        elif isinstance(module, (ConvPosEnc, ConvRelPosEnc, FactorAttnConvRelPosEnc, MPViT)):
+        if isinstance(getattr(module, 'fast_ops', None), bool):  # the modules with a fast form of their ops
             module.fast_ops = enable
     return model
 
 
 @register_notrace_module  # fx leaf: fast_layer_norm asks for the autocast state, which a symbolic trace cannot
 class LayerNorm(TimmLayerNorm):
-    """timm's LayerNorm with its fast-norm flag set per module (``fast_ops``) instead of from timm's global.
+    """timm's LayerNorm with its fast-norm choice made per module (``fast_ops``) instead of by timm's global.
 
     Fast, it stays in the autocast dtype: native CUDA autocast runs LayerNorm in
     float32, which writes a float32 copy of the tokens only for the next Linear
     to cast it back. The kernel accumulates in float32 either way.
     """
 
+    fast_ops: Final[bool]
+
     def __init__(self, dim: int, eps: float = 1e-6, fast_ops: bool = True):
         super().__init__(dim, eps=eps)
-        self._fast_norm = fast_ops
+        self.fast_ops = fast_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # no autocast state to ask for (fast_layer_norm would do the same)
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if self._fast_norm and torch.amp.is_autocast_available(x.device.type):  # not on 'meta', say
+        if self.fast_ops and torch.amp.is_autocast_available(x.device.type):  # not on 'meta', say
             return fast_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
@@ -234,9 +240,9 @@ def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax in the autocast dtype (float32 accumulation inside), for the same reason as LayerNorm."""
     if torch.jit.is_scripting():  # TorchScript cannot ask for the autocast state
         return x.softmax(dim)
-    if torch.amp.is_autocast_available(x.device.type) and is_autocast_enabled(x.device.type):
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
-            return x.to(get_autocast_dtype(x.device.type)).softmax(dim)
+            return x.to(torch.get_autocast_dtype(x.device.type)).softmax(dim)
     return x.softmax(dim)
 
 
@@ -672,7 +678,6 @@ class MPViT(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.grad_checkpointing = False
         self.fast_ops = fast_ops
 
         # On the CPU also inside a caller's ``with torch.device('meta')``: the rates are Python floats.
@@ -728,8 +733,8 @@ class MPViT(nn.Module):
         """
         if self.training:
             raise RuntimeError('MPViT.fuse() is for inference: call .eval() first')
-        for module in self.modules():
-            if isinstance(module, (Conv2dBN, DWConv2dBN, InvResBlock, ConvPosEnc, ConvRelPosEnc)):
+        for module in list(self.modules()):  # timm's duck typing: every module that can re-parameterise itself
+            if module is not self and hasattr(module, 'reparameterize'):
                 module.reparameterize()
         return self
 
@@ -745,7 +750,6 @@ class MPViT(nn.Module):
         load_backbone_weights(self, checkpoint_path)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
         for module in self.modules():
             if isinstance(module, MHCAEncoder):
                 module.grad_checkpointing = enable
@@ -826,6 +830,55 @@ class MPViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def find_mpvit(model: nn.Module) -> Tuple[str, 'MPViT']:
+    """The first MPViT inside ``model`` (an adapter, a detector, a segmentor) and its key prefix
+    (``backbone.bottom_up.backbone.`` in a Detectron2 FPN detector); ``model`` itself gives ``''``."""
+    for name, module in model.named_modules():
+        if isinstance(module, MPViT):
+            return (name + '.' if name else ''), module
+    raise CheckpointError(f'{type(model).__name__} has no MPViT inside to load MPViT weights into')
+
+
+class MPViTFeatures(nn.Module):
+    """The stage maps of a ``features_only`` MPViT (timm's default feature class for it).
+
+    Does what timm's getter wrapper does (the unused stages and the head pruned, the
+    maps from ``forward_intermediates``), and keeps the model's own methods that a
+    feature extractor needs: ``fuse()`` for inference and ``set_grad_checkpointing``.
+    Keys stay ``model.<classification key>``, as with timm's wrappers.
+    """
+
+    def __init__(self, model: 'MPViT', out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
+                 out_map: Optional[Sequence] = None, return_dict: bool = False, output_fmt: str = 'NCHW',
+                 norm: bool = False, prune: bool = True):
+        super().__init__()
+        if output_fmt != 'NCHW':
+            raise InvalidInputError(f"output_fmt={output_fmt!r}: MPViT's stage maps are NCHW")
+        if out_map is not None or return_dict:  # timm's getter wrapper takes them but does not support them either
+            raise InvalidInputError('features_only MPViT returns a list of maps: out_map / return_dict are not '
+                                    "supported (use feature_cls='hook' for a dict)")
+        if prune:
+            out_indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm)
+        else:
+            out_indices, _ = feature_take_indices(len(model.mhca_stages), out_indices)
+        self.feature_info = FeatureInfo(model.feature_info, out_indices)
+        self.model = model
+        self.out_indices = list(out_indices)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.forward_intermediates(x, indices=self.out_indices, norm=self.norm, intermediates_only=True)
+
+    @torch.no_grad()
+    def fuse(self) -> 'MPViTFeatures':
+        """:meth:`MPViT.fuse` of the wrapped model (in place; returns self)."""
+        self.model.fuse()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
 def _pretrained_source(variant: str, kwargs: Dict) -> Dict:
     """The ``pretrained_cfg_overlay`` that sends every pretrained source through this repository's loader.
 
@@ -881,7 +934,7 @@ def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),  # timm takes out_indices= over this
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls=MPViTFeatures),  # timm takes out_indices= over this
         **dict(arch, **kwargs),
     )
 

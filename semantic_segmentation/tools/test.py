@@ -5,10 +5,13 @@
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
+
 import argparse
 import logging
 import os
 import os.path as osp
+import sys
 
 from mmengine.config import DictAction
 from mmengine.dist import is_main_process
@@ -16,10 +19,18 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from mpvit import model_zoo
-from mpvit.checkpoint import check_fit, local_checkpoint, read_checkpoint, require_task_weights, unwrap_checkpoint
+from mpvit.checkpoint import local_checkpoint, read_checkpoint
 from mpvit.errors import MissingFileError
-from mpvit.mmseg import eval_dataset_record, load_run_config
+from mpvit.mmseg import load_segmentor_weights
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
+
+HERE = osp.dirname(osp.abspath(__file__))
+if HERE not in sys.path:  # run as a script it is there already; imported (the tests), it is not
+    sys.path.append(HERE)
+from mmseg_run_config import eval_dataset_record, load_run_config  # noqa: E402
+
+sys.path.append(osp.join(osp.dirname(osp.dirname(HERE)), 'tools'))
+import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,16 +61,15 @@ def warn_other_class_names(checkpoint: dict, metainfo: dict, what: str) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_run_config(args.config, args.launcher, args.cfg_options, args.work_dir)
-    cfg.load_from = local_checkpoint(model_zoo.resolve(args.checkpoint, args.config))
-    checkpoint = read_checkpoint(cfg.load_from)
-    state = unwrap_checkpoint(checkpoint)
-    require_task_weights(state, 'decode_head.', str(cfg.load_from), 'segmentor')
-    # The backbone's ImageNet init is pointless before loading a whole segmentor.
+    weights = local_checkpoint(model_zoo.resolve(args.checkpoint, args.config))
+    checkpoint = read_checkpoint(weights)
+    # The weights are loaded here, strictly (load_segmentor_weights), not by the Runner (load_from), which
+    # would read the file again and load it non-strictly. The backbone's ImageNet init is pointless before
+    # loading a whole segmentor.
+    cfg.load_from, cfg.resume = None, False
     cfg.model.backbone.pop('init_cfg', None)
     if args.show_dir:
-        hook = cfg.default_hooks.visualization
-        hook.draw = True
-        hook.interval = 1
+        cfg.default_hooks.visualization = dict(type='SegVisualizationHook', draw=True, interval=1)
         cfg.visualizer.save_dir = args.show_dir
         # The visualizer is a named singleton: a fixed name would reuse an earlier one (and its save_dir)
         # in the same process; unnamed, the Runner names it after its timestamped experiment.
@@ -69,14 +79,13 @@ def main(argv=None) -> dict:
         raise MissingFileError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
     ensure_writable_dir(cfg.work_dir, 'work directory')
     runner = Runner.from_cfg(cfg)
-    # mmengine loads non-strictly: a head of another class count would be left random and give a wrong mIoU.
-    model = getattr(runner.model, 'module', runner.model)
-    check_fit(state, model, what=str(cfg.load_from))
-    warn_other_class_names(checkpoint, runner.test_dataloader.dataset.metainfo, cfg.load_from)
+    load_segmentor_weights(getattr(runner.model, 'module', runner.model), checkpoint, weights)
+    print_log(f'loaded the segmentor weights of {weights}', logger='current')
+    warn_other_class_names(checkpoint, runner.test_dataloader.dataset.metainfo, weights)
     metrics = runner.test()
     if is_main_process():
         dataset = runner.test_dataloader.dataset
-        model_zoo.write_eval_metrics(osp.join(cfg.work_dir, 'eval_metrics.json'), 'mmseg', metrics,
+        eval_results.write_eval_metrics(osp.join(cfg.work_dir, 'eval_metrics.json'), 'mmseg', metrics,
                                      config=args.config, model=cfg.model.backbone.get('arch'),
                                      dataset=eval_dataset_record(dataset))
     return metrics

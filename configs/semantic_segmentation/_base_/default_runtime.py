@@ -10,6 +10,6 @@ log_level = 'INFO'
 load_from = None
 resume = False
 tta_model = dict(type='SegTTAModel')
-# mpvit.mmseg: stop at the first non-finite loss, before a checkpoint of diverged weights is written; refuse a
-# training set of which no image reads, before training starts.
-custom_hooks = [dict(type='StopOnNonFiniteLoss'), dict(type='CheckTrainingImages')]
+# mpvit.mmseg.hooks: stop at the first non-finite loss, before a checkpoint of diverged weights is written; refuse a
+# training set of which no image reads, before training starts; gradients laid out as DDP's buckets expect.
+custom_hooks = [dict(type='StopOnNonFiniteLoss'), dict(type='CheckTrainingImages'), dict(type='AlignGradientStrides')]

@@ -3,8 +3,8 @@
 _base_ = ['./_upernet_custom.py']
 model = dict(
     backbone=dict(
-        arch='small',
+        arch='mpvit_small',
         drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/y3dnmmy8h4npz7a/mpvit_small.pth')),
+        init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_small')),
     decode_head=dict(in_channels=[128, 216, 288, 288]),
     auxiliary_head=dict(in_channels=288))

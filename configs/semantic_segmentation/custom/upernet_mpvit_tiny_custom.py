@@ -3,8 +3,8 @@
 _base_ = ['./_upernet_custom.py']
 model = dict(
     backbone=dict(
-        arch='tiny',
+        arch='mpvit_tiny',
         drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/1cmquqyjmaeeg1n/mpvit_tiny.pth')),
+        init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_tiny')),
     decode_head=dict(in_channels=[96, 176, 216, 216]),
     auxiliary_head=dict(in_channels=216))

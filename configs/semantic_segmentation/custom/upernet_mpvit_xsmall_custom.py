@@ -3,8 +3,8 @@
 _base_ = ['./_upernet_custom.py']
 model = dict(
     backbone=dict(
-        arch='xsmall',
+        arch='mpvit_xsmall',
         drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint='https://dl.dropbox.com/s/vvpq2m474g8tvyq/mpvit_xsmall.pth')),
+        init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_xsmall')),
     decode_head=dict(in_channels=[128, 192, 256, 256]),
     auxiliary_head=dict(in_channels=256))

@@ -3,10 +3,10 @@ dataset_type = 'ADE20KDataset'
 data_root = 'data/ade/ADEChallengeData2016'
 crop_size = (512, 512)
 train_pipeline = [
-    # mpvit.mmseg_transforms: an unreadable image is left out of training, named in a warning.
+    # mpvit.mmseg.transforms: an unreadable image is left out of training, named in a warning.
     dict(type='CheckedLoadImage', unreadable='leave_out'),
     dict(type='LoadAnnotations', reduce_zero_label=True),
-    # mpvit.mmseg_transforms: one line naming a label PNG of the wrong size, mode or values.
+    # mpvit.mmseg.transforms: one line naming a label PNG of the wrong size, mode or values.
     dict(type='CheckSegMap', num_classes=150),
     dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),

@@ -12,7 +12,7 @@ model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
     pretrained=None,
-    backbone=dict(type='MPViT', arch='small', out_indices=(0, 1, 2, 3), drop_path_rate=0.2, norm_cfg=norm_cfg),
+    backbone=dict(type='MPViT', arch='mpvit_small', out_indices=(0, 1, 2, 3), drop_path_rate=0.2, norm_cfg=norm_cfg),
     decode_head=dict(
         type='UPerHead',
         in_channels=[128, 216, 288, 288],

@@ -19,5 +19,5 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=16000, max_keep_ckpts=3),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='SegVisualizationHook'))
+    sampler_seed=dict(type='DistSamplerSeedHook'))
+# No SegVisualizationHook: it would draw nothing (and say so) unless tools/test.py --show-dir adds it.

@@ -14,10 +14,8 @@ import numpy as np
 from mmcv.transforms import BaseTransform, LoadImageFromFile
 from mmseg.registry import TRANSFORMS
 
-from mpvit.errors import InvalidInputError
+from mpvit.errors import InvalidInputError, first_few
 from mpvit.images import decode_error, unreadable_error, warn_unreadable
-
-_SHOW = 8
 
 
 @TRANSFORMS.register_module()
@@ -57,8 +55,9 @@ class CheckSegMap(BaseTransform):
         num_classes: classes of the dataset (150 for ADE20K).
         ignore_index: the label value the loss and metric ignore.
 
-    The train / test tools set both from the pipeline's dataset (``mpvit.mmseg.fit_to_data``), so the check
-    follows the data's own classes whatever the config wrote here.
+    The train / test tools set both from the pipeline's dataset (``fit_to_data`` of
+    ``semantic_segmentation/tools/mmseg_run_config.py``), so the check follows the data's own classes whatever
+    the config wrote here.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
@@ -80,7 +79,7 @@ class CheckSegMap(BaseTransform):
         bad = values[(values >= self.num_classes) & (values != self.ignore_index)]
         if bad.size:
             stored = bad + 1 if results.get('reduce_zero_label') else bad  # as written in the PNG
-            listing = ', '.join(str(v) for v in stored[:_SHOW]) + (', ...' if bad.size > _SHOW else '')
+            listing = first_few(stored.tolist())
             valid = f'1..{self.num_classes}, 0 = ignored' if results.get('reduce_zero_label') else \
                 f'0..{self.num_classes - 1}, {self.ignore_index} = ignored'
             raise InvalidInputError(f'label {path} holds values {listing} outside the {self.num_classes} classes '

@@ -1,0 +1,171 @@
+"""MPViT as an mmsegmentation 1.x backbone (``type='MPViT'`` in a config), registered with
+``mmseg.registry.MODELS`` on import.
+
+Like every adapter of this repository, the backbone *wraps* the core model (its ``backbone`` attribute, as in
+Detectron2's ``D2MPViT``), but its state dict shows the core model's keys with no name of their own, both
+ways: a segmentor's ``backbone.*`` keys are the classification checkpoint's keys, as in the released UperNet
+checkpoints (``backbone.stem.0.conv.weight``). torch's public state-dict hooks do it, so ``state_dict()``,
+``load_state_dict()``, mmengine's ``load_checkpoint`` / ``load_from`` / resume, and checkpoints the Runner
+saves all use those keys. Module paths (``named_parameters()``, ``named_modules()``) keep the attribute:
+``backbone.backbone.stem...`` in a segmentor.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from mmcv.cnn import build_norm_layer
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import PretrainedInit, initialize
+from mmseg.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mpvit.checkpoint import load_backbone_weights
+from mpvit.errors import InvalidInputError, first_few
+from mpvit.models.mpvit import MPVIT_ARCHS, MPViT, mpvit_arch
+
+_CORE = 'backbone.'  # the attribute holding the core model, as a key prefix
+_ARCH_KEYS = frozenset(next(iter(MPVIT_ARCHS.values())))
+
+
+def _flat_state_dict(module: torch.nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict) -> None:
+    """state_dict post-hook: the core model's keys moved up to the wrapper's own prefix (in place, keeping
+    their order: they are the last keys written)."""
+    nested = prefix + _CORE
+    for key in [k for k in state_dict if k.startswith(nested)]:
+        state_dict[prefix + key[len(nested):]] = state_dict.pop(key)
+
+
+def _nest_loaded_keys(module: torch.nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict,
+                      strict: bool, missing_keys: List[str], unexpected_keys: List[str],
+                      error_msgs: List[str]) -> None:
+    """load_state_dict pre-hook: every key under the wrapper goes to the core model (the wrapper has no
+    tensors of its own); the post-hook names missing and unexpected keys back as they were given."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + _CORE + key[len(prefix):]] = state_dict.pop(key)
+    module._loading_prefix = prefix
+
+
+def _flat_incompatible_keys(module: torch.nn.Module, incompatible_keys: Any) -> None:
+    """load_state_dict post-hook: missing / unexpected keys of the core model under the flat names."""
+    prefix = getattr(module, '_loading_prefix', None)
+    if prefix is None:
+        return
+    nested = prefix + _CORE
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [prefix + k[len(nested):] if k.startswith(nested) else k for k in keys]
+    del module._loading_prefix
+
+
+def resolve_arch(arch: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """MPViT's architecture arguments for a variant name (``mpvit_small``, as timm, Detectron2's
+    MODEL.MPVIT.NAME and Deformable DETR name it; the short ``small`` too) or a dict of those arguments;
+    an unknown name or argument is one line naming it."""
+    if isinstance(arch, str):
+        try:
+            return mpvit_arch(arch)
+        except ValueError as e:
+            raise InvalidInputError(f'model.backbone.arch {e}') from None
+    if isinstance(arch, Mapping):
+        unknown = sorted(set(arch) - _ARCH_KEYS)
+        if unknown:
+            raise InvalidInputError(f'model.backbone.arch has unknown keys {first_few(unknown)}; '
+                                    f'MPViT takes {", ".join(sorted(_ARCH_KEYS))}')
+        return dict(arch)
+    raise InvalidInputError(f'model.backbone.arch {arch!r}: expected a variant name such as mpvit_small, '
+                            'or a dict of MPViT arguments')
+
+
+def _pretrained_checkpoint(init_cfg: Any) -> Tuple[Optional[str], List[Dict]]:
+    """The checkpoint of a ``Pretrained`` init_cfg (if any) and the other init configs."""
+    cfgs = list(init_cfg) if isinstance(init_cfg, (list, tuple)) else [init_cfg] if init_cfg else []
+    pretrained = [c for c in cfgs if c.get('type') in ('Pretrained', PretrainedInit)]
+    others = [c for c in cfgs if c not in pretrained]
+    if not pretrained:
+        return None, others
+    checkpoint = pretrained[-1].get('checkpoint')
+    if len(pretrained) > 1 or not checkpoint:
+        raise InvalidInputError('model.backbone.init_cfg: one Pretrained entry with a checkpoint is expected, got '
+                                f'{pretrained}')
+    return str(checkpoint), others
+
+
+@MODELS.register_module(name='MPViT')
+class MMSegMPViT(BaseModule):
+    """MPViT backbone returning the stage maps at ``out_indices`` (strides 4, 8, 16, 32).
+
+    Args:
+        arch: the variant by its model name, ``'mpvit_tiny'`` | ``'mpvit_xsmall'`` | ``'mpvit_small'`` |
+            ``'mpvit_base'`` (timm's names; the short ``'small'`` ... are accepted too), or a dict of MPViT's
+            own arguments (``num_path``, ``num_layers``, ``embed_dims``, ``mlp_ratio``).
+        out_indices: stages to return.
+        drop_path_rate: stochastic depth.
+        norm_cfg: mmcv norm config for the conv paths (BN / SyncBN / GN ...).
+        norm_eval: keep BN layers in eval mode (frozen statistics) while training.
+        fast_ops: False builds the textbook ops, what FLOP counting needs
+            (``get_flops.py ... --cfg-options model.backbone.fast_ops=False``).
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` takes a classification checkpoint
+            or a released segmentation / detection checkpoint (its backbone part, found whatever its
+            prefix: ``prefix`` is not needed), read by :func:`mpvit.checkpoint.load_backbone_weights`.
+    """
+
+    def __init__(
+            self,
+            arch: Union[str, Dict] = 'mpvit_small',
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            drop_path_rate: float = 0.,
+            norm_cfg: Optional[Dict] = None,
+            norm_eval: bool = False,
+            in_channels: int = 3,
+            fast_ops: bool = True,
+            init_cfg: Optional[Union[Dict, List[Dict]]] = None,
+    ):
+        super().__init__(init_cfg=init_cfg)
+        norm_cfg = dict(norm_cfg or dict(type='BN', requires_grad=True))
+        self.backbone = MPViT(
+            **resolve_arch(arch), in_chans=in_channels, num_classes=0, global_pool='',
+            drop_path_rate=drop_path_rate, norm_layer=lambda channels: build_norm_layer(norm_cfg, channels)[1],
+            fast_ops=fast_ops,
+        )
+        num_stages = len(self.backbone.mhca_stages)
+        if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
+            raise InvalidInputError(f'out_indices {tuple(out_indices)} must be stage indices in 0..{num_stages - 1}')
+        self.out_indices = tuple(out_indices)
+        self.norm_eval = norm_eval
+        self.register_state_dict_post_hook(_flat_state_dict)
+        self.register_load_state_dict_pre_hook(_nest_loaded_keys)
+        self.register_load_state_dict_post_hook(_flat_incompatible_keys)
+
+    def init_weights(self) -> None:
+        """A ``Pretrained`` init_cfg goes through the one extractor of every released format (mmengine's
+        ``PretrainedInit`` would need the keys' prefix and would load non-strictly); any other init_cfg is
+        mmengine's."""
+        checkpoint, others = _pretrained_checkpoint(self.init_cfg)
+        if checkpoint is None:
+            super().init_weights()
+            return
+        if self.is_init:
+            print_log('MPViT: init_weights called again; the pretrained weights are loaded already',
+                      logger='current', level=30)
+            return
+        if others:
+            initialize(self, others)
+        print_log(f'MPViT: loading backbone weights from {checkpoint}', logger='current')
+        load_backbone_weights(self.backbone, checkpoint)
+        self.is_init = True
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return tuple(self.backbone.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True))
+
+    def train(self, mode: bool = True) -> MMSegMPViT:
+        super().train(mode)
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    @property
+    def out_channels(self) -> List[int]:
+        return [self.backbone.feature_info[i]['num_chs'] for i in self.out_indices]

@@ -1,0 +1,80 @@
+"""Checkpoints in mmengine: every read without running code, and the one way a segmentor takes its weights.
+
+Importing this module makes mmengine read every checkpoint (``load_from``, ``--resume``, ``init_cfg`` of any
+module; local files, URLs, and its ``torchvision://`` / ``open-mmlab://`` / ``s3://`` ... schemes) without
+running code from it: local files and URLs through :func:`mpvit.checkpoint.read_checkpoint` (URLs found in the
+weights directory first), and mmengine's two readers underneath its other schemes replaced by safe ones.
+mmengine's own reader falls back to full unpickling when its allowlist refuses a file.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import mmengine
+import mmengine.runner.checkpoint as mmengine_checkpoint
+import torch
+from mmengine.runner.checkpoint import CheckpointLoader
+from mmengine.utils import apply_to
+
+from mpvit.checkpoint import check_fit, read_checkpoint, require_task_weights, unwrap_checkpoint
+from mpvit.serialization import safe_load_stream
+
+__all__ = ['load_segmentor_weights']
+
+
+def _on_device(checkpoint: Any, map_location: Any) -> Any:
+    """Tensors read on the CPU, moved to ``map_location`` if it names a device (a callable one is left to
+    mmengine's own moves)."""
+    if isinstance(map_location, (str, torch.device)) and str(map_location) != 'cpu':
+        checkpoint = apply_to(checkpoint, lambda x: isinstance(x, torch.Tensor), lambda t: t.to(map_location))
+    return checkpoint
+
+
+def _load_without_code(filename: str, map_location: Any = None) -> Any:
+    """mmengine's checkpoint loader for local files, URLs and ``hf-hub:`` ids."""
+    return _on_device(read_checkpoint(filename), map_location)
+
+
+def _safe_torch_load(file: Any, map_location: Any = None, weights_only: Any = None) -> Any:
+    """Stands in for mmengine's ``_safe_torch_load`` (which falls back to full unpickling) under its
+    other schemes: a path as any checkpoint here, a stream (s3, petrel) by the same allowlist."""
+    if isinstance(file, (str, os.PathLike)):
+        return _on_device(read_checkpoint(os.fspath(file)), map_location)
+    return _on_device(safe_load_stream(file), map_location)
+
+
+def _load_url(url: str, model_dir: Any = None, map_location: Any = None, progress: bool = True,
+              check_hash: bool = False, file_name: Any = None) -> Any:
+    """Stands in for mmengine's ``load_url`` (torch.hub's, full unpickling) under ``torchvision://``,
+    ``open-mmlab://``, ``mmcls://`` ...: the URL is found or downloaded as every other one."""
+    return _on_device(read_checkpoint(url), map_location)
+
+
+def _make_mmengine_safe() -> None:
+    for name, safe in (('_safe_torch_load', _safe_torch_load), ('load_url', _load_url)):
+        if not callable(getattr(mmengine_checkpoint, name, None)):  # fail loudly if mmengine changes
+            raise ImportError(f'mmengine {mmengine.__version__} has no mmengine.runner.checkpoint.{name}: '
+                              'mpvit.mmseg cannot make its checkpoint reading safe; use the mmengine version '
+                              'of requirements.txt')
+        setattr(mmengine_checkpoint, name, safe)
+    CheckpointLoader.register_scheme(prefixes=('', 'http://', 'https://', 'hf-hub:'), loader=_load_without_code,
+                                     force=True)
+
+
+_make_mmengine_safe()
+
+
+def load_segmentor_weights(model: torch.nn.Module, checkpoint: Mapping[str, Any], what: str) -> None:
+    """Load a whole segmentor's weights (evaluation, the demo), strictly: a file without a decode head (a
+    backbone-only or classification checkpoint) or one that does not fit ``model`` (another variant or class
+    count) is refused in one line naming ``what``, where mmengine's non-strict load would leave those parts
+    randomly initialised and a wrong mIoU or picture would follow.
+
+    ``checkpoint``: the file's contents (:func:`mpvit.checkpoint.read_checkpoint`), read once by the caller,
+    which also takes its ``meta`` (class names) from it.
+    """
+    state = unwrap_checkpoint(checkpoint)
+    require_task_weights(state, 'decode_head.', what, 'segmentor')
+    check_fit(state, model, what=what)
+    model.load_state_dict(state)
