@@ -181,7 +181,7 @@ def get(name: str) -> ZooEntry:
 
 
 def is_zoo_name(source: object) -> bool:
-    """Whether ``source`` is a ``zoo:<name>`` word (a string; a file whose name starts so is ``./zoo:...``)."""
+    """Whether ``source`` is a ``zoo:<name>`` word (a string; a file whose name starts so is ``./zoo:<file>``)."""
     return isinstance(source, str) and source.startswith(ZOO_PREFIX)
 
 

@@ -321,12 +321,12 @@ def test_colour_label_png_is_named(tmp_path):
 
     path = tmp_path / 'rgb.png'
     Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(path)
-    loaded = LoadAnnotations(reduce_zero_label=True)(
+    loaded = LoadAnnotations()(
         dict(seg_map_path=str(path), reduce_zero_label=True, seg_fields=[], ori_shape=(8, 10)))
     with pytest.raises(ValueError, match='rgb.png has 3 channels'):
         CheckSegMap(num_classes=150)(loaded)
     Image.fromarray(np.full((8, 10), 150, np.uint8)).save(path)  # class 150 of 150 (stored 1..150): valid
-    loaded = LoadAnnotations(reduce_zero_label=True)(
+    loaded = LoadAnnotations()(
         dict(seg_map_path=str(path), reduce_zero_label=True, seg_fields=[], ori_shape=(8, 10)))
     assert CheckSegMap(num_classes=150)(loaded) is not None
 

@@ -5,7 +5,7 @@ crop_size = (512, 512)
 train_pipeline = [
     # mpvit.mmseg.transforms: an unreadable image is left out of training, named in a warning.
     dict(type='CheckedLoadImage', unreadable='leave_out'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='LoadAnnotations'),  # label 0 (other) ignored: ADE20KDataset's reduce_zero_label=True
     # mpvit.mmseg.transforms: one line naming a label PNG of the wrong size, mode or values.
     dict(type='CheckSegMap', num_classes=150),
     dict(type='RandomResize', scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True),
@@ -17,7 +17,7 @@ train_pipeline = [
 test_pipeline = [
     dict(type='CheckedLoadImage', unreadable='refuse'),
     dict(type='Resize', scale=(2048, 512), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='LoadAnnotations'),  # label 0 (other) ignored: ADE20KDataset's reduce_zero_label=True
     dict(type='CheckSegMap', num_classes=150),
     dict(type='PackSegInputs'),
 ]
