@@ -103,7 +103,6 @@ def safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
     return [argparse.Namespace, *_numpy_globals(), *_framework_globals()]
 
 
-
 def _convert_hint(path: str) -> str:
     return (f'to keep its weights and leave such objects out: python tools/convert_checkpoint.py --drop-objects '
             f'{path} {os.path.splitext(os.path.basename(path))[0]}.safetensors')
