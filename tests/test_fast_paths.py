@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 from fidelity import compare, golden, synth_input, synth_state_dict
+from helpers import load_script
 
 import mpvit
 from mpvit.models.mpvit import (
@@ -16,6 +17,7 @@ from mpvit.models.mpvit import (
     FactorAttnConvRelPosEnc,
     LayerNorm,
     MHCAEncoder,
+    MHCAStage,
     _softmax,
     fold_batchnorm,
 )
@@ -31,9 +33,10 @@ def textbook_ops(model: nn.Module) -> Iterator[None]:
 
 
 def _model(variant: str, **kwargs) -> nn.Module:
-    """A model whose norms hold non-trivial statistics, so that folding them is really tested."""
+    """A model whose norms hold non-trivial statistics, so that folding them is really tested; its stages batch
+    their paths (what a GPU runs) on the CPU too."""
     torch.manual_seed(0)
-    model = timm.create_model(f'mpvit_{variant}', **kwargs)
+    model = mpvit.set_batch_paths(timm.create_model(f'mpvit_{variant}', **kwargs), 'always')
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -288,3 +291,104 @@ def test_cuda_autocast_layer_norm_is_bf16():
     with torch.autocast('cuda', dtype=torch.bfloat16):
         assert norm(x).dtype == torch.bfloat16
         assert nn.LayerNorm(64).cuda()(x).dtype == torch.float32  # what native autocast does
+
+
+def _stage_kernels(num_path: int, num_layers: int, train: bool, fast: bool = True) -> int:
+    """Kernels (non-view aten ops) one MHCAStage dispatches for a forward (and backward when ``train``)."""
+    torch.manual_seed(0)
+    stage = MHCAStage(32, 48, num_layers, num_heads=8, mlp_ratio=2., num_path=num_path,
+                      drop_path_list=[0.] * num_layers, fast_ops=fast, batch_paths='always').train(train)
+    inputs = [torch.randn(2, 32, 6, 6, requires_grad=train) for _ in range(num_path)]
+    counter = load_script('tools/count_ops.py').OpCounter()
+    with counter, torch.set_grad_enabled(train):
+        out = stage(inputs)
+        if train:
+            out.sum().backward()
+    return counter.kernels
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_paths_of_a_stage_run_as_one_batch(train):
+    """A layer dispatches the same kernels whatever the number of paths: each path more costs ops once per stage
+    (its weights' share of the merged CRPE kernel), not once per layer."""
+    per_layer = {p: _stage_kernels(p, 3, train) - _stage_kernels(p, 1, train) for p in (2, 3)}
+    assert per_layer[2] == per_layer[3]
+    textbook = {p: _stage_kernels(p, 3, train, fast=False) - _stage_kernels(p, 1, train, fast=False) for p in (2, 3)}
+    assert textbook[3] > textbook[2] > per_layer[2]  # path by path, as the encoders alone run
+
+
+def test_drop_path_draws_per_path_and_sample():
+    """Batched, stochastic depth still drops each path of each sample on its own (as one DropPath per path)."""
+    torch.manual_seed(0)
+    stage = MHCAStage(16, 16, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.5]).train()
+    with torch.no_grad():  # the same weights in every path
+        for encoder in stage.mhca_blks[1:]:
+            for mine, first in zip(encoder.parameters(), stage.mhca_blks[0].parameters()):
+                mine.copy_(first)
+    x = torch.randn(1, 16, 4, 4).expand(64, -1, -1, -1)
+    with torch.no_grad():
+        paths = stage.forward_paths([x, x, x]).unflatten(1, (3, 16))  # [B, P, C, H, W]
+    differs_from_path_0 = [[not torch.equal(paths[b, p], paths[b, 0]) for p in range(3)] for b in range(64)]
+    differs_across_paths = sum(any(row) for row in differs_from_path_0)
+    samples = {tuple(paths[b, 0].flatten()[:4].tolist()) for b in range(64)}
+    assert differs_across_paths > 32 and len(samples) > 1
+
+
+def test_wrapped_or_hooked_path_modules_run_path_by_path():
+    """The batched form reads the paths' parameters: a module it cannot stand for (a LoRA-style wrapper, a
+    forward hook) must still take effect, so the stage then runs its paths through their modules."""
+    torch.manual_seed(0)
+    stage = MHCAStage(32, 32, 2, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0., 0.],
+                      batch_paths='always').eval()
+    inputs = [torch.randn(2, 32, 5, 5) for _ in range(3)]
+    with torch.no_grad():
+        plain = stage(inputs)
+
+    class Scaled(nn.Module):  # a wrapper that keeps .weight / .bias, as adapters do
+        def __init__(self, linear: nn.Linear):
+            super().__init__()
+            self.linear, self.weight, self.bias = linear, linear.weight, linear.bias
+
+        def forward(self, x):
+            return 2 * self.linear(x)
+
+    assert stage.paths_batchable()
+    layer = stage.mhca_blks[1].MHCA_layers[0]
+    fc2 = layer.mlp.fc2
+    layer.mlp.fc2 = Scaled(fc2)
+    assert not stage.paths_batchable()
+    with torch.no_grad():
+        wrapped = stage(inputs)
+        layer.mlp.fc2 = fc2
+        assert stage.paths_batchable()
+        torch.testing.assert_close(stage(inputs), plain)
+        handle = layer.norm1.register_forward_hook(lambda module, args, out: out * 0)
+        hooked = stage(inputs)
+        handle.remove()
+    assert not torch.allclose(wrapped, plain) and not torch.allclose(hooked, plain)
+
+
+def test_meta_device_forward_at_any_batch():
+    """On 'meta' a conv returns a contiguous map, not a channels-last one: the batched layout must not assume it."""
+    model = timm.create_model('mpvit_tiny', device='meta')
+    out = model.forward_intermediates(torch.empty(2, 3, 64, 64, device='meta'), intermediates_only=True)
+    assert [tuple(o.shape) for o in out] == [(2, 96, 16, 16), (2, 176, 8, 8), (2, 216, 4, 4), (2, 216, 2, 2)]
+
+
+def test_paths_batch_on_accelerators_and_when_asked(monkeypatch):
+    """'auto' batches a stage's paths on every device but the CPU (compute-bound: oneDNN's per-path products
+    are faster there); 'always' / 'never' force it; a mode that does not exist is a one-line error."""
+    calls = []
+    batched = MHCAStage.forward_paths
+    monkeypatch.setattr(MHCAStage, 'forward_paths', lambda self, inputs: calls.append(1) or batched(self, inputs))
+    model = timm.create_model('mpvit_tiny').eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        auto = model(x)
+        assert calls == []
+        torch.testing.assert_close(mpvit.set_batch_paths(model, 'always')(x), auto)
+        assert len(calls) == 4
+        mpvit.set_batch_paths(model, 'auto').to('meta')(torch.empty(1, 3, 64, 64, device='meta'))
+    assert len(calls) == 8  # not the CPU: batched
+    with pytest.raises(mpvit.UserError, match="batch_paths must be one of"):
+        mpvit.set_batch_paths(model, 'sometimes')

@@ -247,9 +247,9 @@ def test_factory_kwargs_and_reset_classifier_keep_device_dtype_and_mode():
         timm.create_model('mpvit_tiny', not_an_argument=1)
 
 
-@pytest.mark.parametrize('fast_ops', [True, False])
-def test_torchscript_matches_eager(fast_ops):
-    model = timm.create_model('mpvit_tiny', fast_ops=fast_ops).eval()
+@pytest.mark.parametrize('fast_ops,batch_paths', [(True, 'always'), (True, 'never'), (False, 'auto')])
+def test_torchscript_matches_eager(fast_ops, batch_paths):
+    model = mpvit.set_batch_paths(timm.create_model('mpvit_tiny', fast_ops=fast_ops), batch_paths).eval()
     x = torch.randn(1, 3, 64, 64)
     scripted = torch.jit.script(model)
     with torch.no_grad():
@@ -260,9 +260,10 @@ def test_torchscript_matches_eager(fast_ops):
     assert ('aten::baddbmm' in kinds) == fast_ops and ('aten::einsum' in kinds) != fast_ops
 
 
-def test_grad_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize('batch_paths', ['always', 'never'])
+def test_grad_checkpointing_gives_same_gradients(batch_paths):
     torch.manual_seed(0)
-    model = timm.create_model('mpvit_tiny')
+    model = mpvit.set_batch_paths(timm.create_model('mpvit_tiny'), batch_paths)
     x = torch.randn(2, 3, 64, 64)
     model(x).sum().backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -16,11 +16,14 @@ Two kinds of ratio are printed, both measured, never assumed:
 - ``--impl both`` times MPViT's optimised ops and its textbook ones
   (``mpvit.set_fast_ops(model, False)``: per-head einsum attention, split CRPE convs,
   float32 LayerNorm under autocast, NCHW maps) in the same run, and prints
-  fast / textbook per configuration.
+  fast / textbook per configuration; ``--impl paths`` times the optimised ops with a
+  stage's transformer paths as one batch and path by path (the default form batches
+  them on a GPU, not on the CPU: ``mpvit.set_batch_paths``), and ``all`` the three.
 - ``--reference-file mpvit.py`` (the authors' model file, youngwanLEE/MPViT; not
   shipped here) also times the reference implementation of each MPViT variant in
-  the same run, and divides ours by it. Without it, rows on an H100 at batch 128
-  and 224x224 are divided by the reference's H100 figures of issue #7's table.
+  the same run (with ``--features``, its stem and stages), and divides ours by it.
+  Without it, rows on an H100 at batch 128 and 224x224 are divided by the
+  reference's H100 figures of issue #7's table.
   At those settings the ratios are checked against the speed targets.
 """
 from __future__ import annotations
@@ -54,6 +57,12 @@ REFERENCE_H100 = {
 }
 # Issue #7's targets, as ratios to the reference column they are stated against.
 TARGETS = {'bf16': 2.5, 'bf16_cl': 2.5, 'bf16_cl_compile': 2.0, 'train': 2.0}
+
+# --impl: which of MPViT's formulations are timed, side by side.
+# 'fast' is the default: a stage's paths batched on a GPU, one by one on the CPU (mpvit.set_batch_paths).
+IMPLS = {'fast': ['fast'], 'textbook': ['textbook'], 'per-path': ['per-path'], 'batched': ['batched'],
+         'both': ['textbook', 'fast'], 'paths': ['per-path', 'batched'], 'all': ['textbook', 'per-path', 'batched']}
+FAST = ('fast', 'batched')  # the optimised ops, which the ratios and targets are for
 
 # (mode, amp, channels_last, compile) of each column of the reference table.
 REFERENCE_TABLE_CONFIGS = [
@@ -96,7 +105,7 @@ def reference_column(row: Dict) -> Optional[str]:
 
 def target_column(row: Dict) -> Optional[str]:
     """The reference-table configuration (batch 128, 224x224) a row was timed at, or None."""
-    if row['batch_size'] != 128 or row['img_size'] != [224, 224] or row['features'] or row['impl'] != 'fast':
+    if row['batch_size'] != 128 or row['img_size'] != [224, 224] or row['features'] or row['impl'] not in FAST:
         return None
     if row['mode'] == 'train':
         return 'train' if row['amp'] == 'bf16' and not row['compile'] else None
@@ -129,16 +138,40 @@ def load_reference(path: str) -> ModuleType:
     return module
 
 
+class ReferenceFeatures(torch.nn.Module):
+    """The reference classifier's four stage maps (its stem, patch embeddings and stages; no head), as ours
+    with ``features_only=True``: the backbone the dense tasks time."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        model, maps = self.model, []
+        x = model.stem(x)
+        for embed, stage in zip(model.patch_embed_stages, model.mhca_stages):
+            x = stage(embed(x))
+            maps.append(x)
+        return maps
+
+
+def create(name: str, impl: str, features: bool, reference: Optional[ModuleType] = None) -> torch.nn.Module:
+    """Model ``name`` in one of the formulations of ``--impl`` or the reference's (``features``: the backbone)."""
+    if impl == 'reference':
+        model = getattr(reference, name)()
+        return ReferenceFeatures(model) if features else model
+    model = timm.create_model(name, **(dict(features_only=True) if features else {}))
+    if impl == 'textbook':
+        mpvit.set_fast_ops(model, False)
+    elif impl in ('per-path', 'batched'):
+        mpvit.set_batch_paths(model, 'never' if impl == 'per-path' else 'always')
+    return model
+
+
 def benchmark(name: str, args: argparse.Namespace, mode: str, amp: str, channels_last: bool, compile_model: bool,
               impl: str, reference: Optional[ModuleType] = None) -> Dict:
     device = torch.device(args.device)
-    kwargs = dict(features_only=True) if args.features else {}
-    if impl == 'reference':
-        model = getattr(reference, name)().to(device)
-    else:
-        model = timm.create_model(name, **kwargs).to(device)
-    if impl == 'textbook':
-        mpvit.set_fast_ops(model, False)
+    model = create(name, impl, args.features, reference).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     height, width = args.img_size if len(args.img_size) == 2 else args.img_size * 2
@@ -220,12 +253,15 @@ def add_ratios(rows: List[Dict]) -> None:
                 tuple(r['img_size']))
 
     slow = {(key(r), r['fused']): r for r in rows if r['impl'] == 'textbook'}
+    per_path = {(key(r), r['fused']): r for r in rows if r['impl'] == 'per-path'}
     measured = {key(r): r for r in rows if r['impl'] == 'reference'}  # ours, fused or not, against it
     for row in rows:
-        if row['impl'] != 'fast':
+        if row['impl'] not in FAST:
             continue
         if (key(row), row['fused']) in slow:
             row['vs_textbook'] = row['images_per_s'] / slow[key(row), row['fused']]['images_per_s']
+        if (key(row), row['fused']) in per_path:
+            row['vs_per_path'] = row['images_per_s'] / per_path[key(row), row['fused']]['images_per_s']
         if key(row) in measured:
             column = target_column(row)
             ref_speed, ref_peak = measured[key(row)]['images_per_s'], measured[key(row)]['peak_memory_gib']
@@ -252,7 +288,7 @@ def _ratio(row: Dict, name: str) -> str:
 
 def render(rows: List[Dict]) -> str:
     header = ['model', 'impl', 'mode', 'batch', 'size', 'amp', 'channels_last', 'compile', 'img/s', 'peak GiB',
-              'vs textbook', 'vs reference', 'target']
+              'vs textbook', 'vs per-path', 'vs reference', 'target']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     for r in rows:
         target = ''
@@ -262,7 +298,7 @@ def render(rows: List[Dict]) -> str:
         name = r['model'] + (' (features)' if r['features'] else '') + (' (fused)' if r['fused'] else '')
         cells = [name, r['impl'], r['mode'], str(r['batch_size']), f"{r['img_size'][0]}x{r['img_size'][1]}", r['amp'],
                  str(r['channels_last']), str(r['compile']), f"{r['images_per_s']:.1f}",
-                 f"{r['peak_memory_gib']:.2f}", _ratio(r, 'vs_textbook'),
+                 f"{r['peak_memory_gib']:.2f}", _ratio(r, 'vs_textbook'), _ratio(r, 'vs_per_path'),
                  _ratio(r, 'vs_reference') + (f" ({r['reference_source']})" if 'reference_source' in r else ''),
                  target]
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -281,8 +317,11 @@ def main(argv=None) -> List[Dict]:
     parser.add_argument('--compile-mode', default=None, help="torch.compile mode, e.g. 'max-autotune'")
     parser.add_argument('--fuse', action='store_true', help='inference: fold batch norms into convs (MPViT.fuse)')
     parser.add_argument('--features', action='store_true', help='time the features_only backbone')
-    parser.add_argument('--impl', choices=['fast', 'textbook', 'both'], default='fast',
-                        help="MPViT's ops: the default optimised ones, the textbook ones, or both side by side")
+    parser.add_argument('--impl', choices=list(IMPLS), default='fast',
+                        help="MPViT's ops: the default optimised ones (a stage's paths as one batch on a GPU, one "
+                             "by one on the CPU), the textbook ones, the optimised ones with the paths batched or "
+                             "path by path on any device ('batched', 'per-path'), or several side by side: 'both' "
+                             "(textbook, fast), 'paths' (per-path, batched), 'all'")
     parser.add_argument('--preset', choices=['reference-table'],
                         help="reference-table: issue #7's five columns (overrides --mode/--amp/--channels-last/"
                              "--compile)")
@@ -302,10 +341,8 @@ def main(argv=None) -> List[Dict]:
     else:
         modes = ['infer', 'train'] if args.mode == 'both' else [args.mode]
         configs = [(mode, args.amp, args.channels_last, args.compile) for mode in modes]
-    impls = ['textbook', 'fast'] if args.impl == 'both' else [args.impl]
+    impls = IMPLS[args.impl]
     reference = load_reference(args.reference_file) if args.reference_file else None
-    if reference is not None and args.features:
-        parser.error('--reference-file times the classification models; it does not take --features')
     rows = []
     for name in args.models:
         mpvit_impls = impls + (['reference'] if reference is not None and hasattr(reference, name) else [])

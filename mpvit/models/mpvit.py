@@ -51,7 +51,7 @@ from mpvit.errors import InvalidInputError
 from mpvit.weights import HUB_PREFIX
 
 __all__ = ['MPViT', 'MPVIT_ARCHS', 'MPViTFeatures', 'checkpoint_filter_fn', 'find_mpvit', 'fold_batchnorm',
-           'mpvit_arch', 'set_fast_ops']
+           'mpvit_arch', 'set_batch_paths', 'set_fast_ops']
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -213,6 +213,26 @@ def set_fast_ops(model: nn.Module, enable: bool = True) -> nn.Module:
     return model
 
 
+BATCH_PATHS = ('auto', 'always', 'never')
+
+
+def set_batch_paths(model: nn.Module, mode: str = 'auto') -> nn.Module:
+    """Whether the fast ops run each stage's transformer paths as one batch (see :class:`MHCAStage`) in every
+    MPViT inside ``model``; returns ``model``.
+
+    ``'auto'`` (the default) batches them on every device but the CPU. A GPU is bound by the number of ops
+    it launches, which batching cuts by the number of paths; a CPU is bound by arithmetic, and its
+    per-path products (oneDNN ``linear``) are faster than its batched ones (``baddbmm``). ``'always'`` /
+    ``'never'`` force either (``tools/count_ops.py`` counts the batched form on the CPU this way).
+    """
+    if mode not in BATCH_PATHS:
+        raise InvalidInputError(f'batch_paths must be one of {BATCH_PATHS} (got {mode!r})')
+    for module in model.modules():
+        if isinstance(module, MHCAStage):
+            module.batch_paths = mode
+    return model
+
+
 @register_notrace_module  # fx leaf: fast_layer_norm asks for the autocast state, which a symbolic trace cannot
 class LayerNorm(TimmLayerNorm):
     """timm's LayerNorm with its fast-norm choice made per module (``fast_ops``) instead of by timm's global.
@@ -306,11 +326,15 @@ class ConvRelPosEnc(nn.Module):
             for kernel_size, chs in zip(window, self.channel_splits)
         ])
 
-    def merged_kernel(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """All groups' kernels as one ``[C, 1, k_max, k_max]`` depthwise weight, and the bias."""
+    def max_kernel_size(self) -> int:
+        """The largest kernel of the groups."""
         k_max = 0
         for conv in self.conv_list:
             k_max = max(k_max, conv.kernel_size[0])
+        return k_max
+
+    def padded_kernels(self, k_max: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Each group's kernel zero-padded to ``k_max``, and each group's bias."""
         weights: List[torch.Tensor] = []
         biases: List[torch.Tensor] = []
         for conv in self.conv_list:
@@ -319,6 +343,11 @@ class ConvRelPosEnc(nn.Module):
             bias = conv.bias
             if bias is not None:  # always (the convs have biases); says so to TorchScript
                 biases.append(bias)
+        return weights, biases
+
+    def merged_kernel(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All groups' kernels as one ``[C, 1, k_max, k_max]`` depthwise weight, and the bias."""
+        weights, biases = self.padded_kernels(self.max_kernel_size())
         if len(weights) == 1:
             return weights[0], biases[0]
         return torch.cat(weights), torch.cat(biases)
@@ -420,6 +449,39 @@ class FactorAttnConvRelPosEnc(nn.Module):
         return self.proj(out)
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs products in on ``x``'s device, or None outside autocast."""
+    if torch.jit.is_scripting():  # TorchScript cannot ask for the autocast state
+        return None
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _path_norm(x: torch.Tensor, num_paths: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """Each path's LayerNorm on ``[B, H, W, P, C]`` as one group norm with P groups over the ``P * C`` channels
+    of a token (per-channel affine ``[P * C]``: each path's own); ``[B * H * W, P * C]`` out. In the autocast
+    dtype under autocast, as :class:`LayerNorm`. ``num_paths`` is a Python int, not read off the shape: a
+    traced group count is not a constant to ONNX."""
+    tokens = x.flatten(0, 2).flatten(1)
+    # torch.group_norm: F.group_norm's Python batch-size check turns traced sizes into constants.
+    if torch.jit.is_scripting() or dtype is None:
+        return torch.group_norm(tokens, num_paths, weight, bias, eps, False)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.group_norm(tokens.to(dtype), num_paths, weight, bias, eps, False)
+
+
+def _paths_to_channels(x: torch.Tensor) -> torch.Tensor:
+    """``[P, B, H, W, C]`` -> ``[B, P * C, H, W]`` channels-last (one copy)."""
+    p, b, height, width, c = x.shape
+    return x.permute(1, 2, 3, 0, 4).reshape(b, height, width, p * c).permute(0, 3, 1, 2)
+
+
+NUM_NORM_PARAMS = 4  # MHCALayer.path_params lists the norms' weights and biases first
+
+
 class MHCALayer(nn.Module):
     """One transformer layer of a path: CPE, factorized attention, MLP (pre-norm)."""
 
@@ -447,6 +509,53 @@ class MHCALayer(nn.Module):
         x = self.cpe(x)
         x = x + self.drop_path(self.factoratt_crpe(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def path_params(self) -> List[torch.Tensor]:
+        """The parameters :meth:`forward_paths` takes stacked over the paths, in its order: the norms'
+        (``NUM_NORM_PARAMS``, stacked flat, ``[P * C]``), then the products'."""
+        attn = self.factoratt_crpe
+        return [self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias, attn.qkv.weight,
+                attn.qkv.bias, attn.proj.weight, attn.proj.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
+                self.mlp.fc2.weight, self.mlp.fc2.bias]
+
+    def forward_paths(self, x: torch.Tensor, num_paths: int, params: List[torch.Tensor], cpe_w: torch.Tensor,
+                      cpe_b: torch.Tensor, crpe_w: torch.Tensor, crpe_b: torch.Tensor, head_mask: torch.Tensor,
+                      dtype: Optional[torch.dtype]) -> torch.Tensor:
+        """This layer of every path of the stage at once (:meth:`MHCAStage.forward_paths`), on ``[B, H, W, P, C]``:
+        ``params`` are the paths' :meth:`path_params` stacked. This module (the first path's layer) gives what
+        all paths share: the heads, the norms' epsilon, the drop-path rate."""
+        norm1_w, norm1_b, norm2_w, norm2_b, qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b = params
+        b, height, width, p, c = x.shape
+        n, h = height * width, self.factoratt_crpe.num_heads
+        # CPE: x + depthwise conv(x), residual in the kernel, every path's channels in one conv. The conv
+        # returns channels-last here (then .contiguous() is free), but not on every backend ('meta', say).
+        x = F.conv2d(x.view(b, height, width, p * c).permute(0, 3, 1, 2), cpe_w, cpe_b,
+                     padding=cpe_w.shape[-1] // 2, groups=p * c)
+        x = x.permute(0, 2, 3, 1).contiguous().view(b, height, width, p, c)
+
+        # Factorized attention, path-major: q, k, v [P, B * N, C] from three batched products.
+        y = _path_norm(x, num_paths, norm1_w, norm1_b, self.norm1.eps, dtype).view(b * n, p, c).transpose(0, 1)
+        q_w, k_w, v_w = qkv_w.chunk(3, dim=1)
+        q_b, k_b, v_b = qkv_b.unsqueeze(1).chunk(3, dim=2)
+        q = torch.baddbmm(q_b, y, q_w.transpose(1, 2))
+        k = torch.baddbmm(k_b, y, k_w.transpose(1, 2))
+        v = torch.baddbmm(v_b, y, v_w.transpose(1, 2))
+        context = torch.bmm(_softmax(k.view(p * b, n, c), dim=1).transpose(1, 2), v.view(p * b, n, c))
+        context = (context.view(p * b, h, c // h, h, c // h) * head_mask).view(p * b, c, c)  # each head's block
+        # CRPE: q * depthwise conv(v), every path's channels in one conv.
+        conv_v = F.conv2d(_paths_to_channels(v.view(p, b, height, width, c)), crpe_w, crpe_b,
+                          padding=crpe_w.shape[-1] // 2, groups=p * c)
+        conv_v = conv_v.permute(0, 2, 3, 1).reshape(b, height, width, p, c).permute(3, 0, 1, 2, 4)
+        crpe = (q.view(p, b, height, width, c) * conv_v).reshape(p * b, n, c)
+        out = torch.baddbmm(crpe, q.view(p * b, n, c), context.to(q.dtype))
+        out = torch.baddbmm(proj_b.unsqueeze(1), out.view(p, b * n, c), proj_w.transpose(1, 2))
+        x = x + self.drop_path(out.view(p * b, height, width, c)).view(p, b, height, width, c).permute(1, 2, 3, 0, 4)
+
+        # MLP.
+        y = _path_norm(x, num_paths, norm2_w, norm2_b, self.norm2.eps, dtype).view(b * n, p, c).transpose(0, 1)
+        hidden = F.gelu(torch.baddbmm(fc1_b.unsqueeze(1), y, fc1_w.transpose(1, 2)))
+        out = torch.baddbmm(fc2_b.unsqueeze(1), hidden, fc2_w.transpose(1, 2))
+        return x + self.drop_path(out.view(p * b, height, width, c)).view(p, b, height, width, c).permute(1, 2, 3, 0, 4)
 
 
 # Alias copies handed out by state_dict(), by id: (a weak reference, the version counter then, the values
@@ -574,8 +683,26 @@ class InvResBlock(nn.Module):
             self.dwconv, self.norm = fused, nn.Identity()
 
 
+@register_notrace_module  # fx leaf: its shape arithmetic is not symbolic (timm's feature_cls='fx')
 class MHCAStage(nn.Module):
-    """One stage: a local path and one transformer path per scale, fused by a 1x1 conv."""
+    """One stage: a local path and one transformer path per scale, fused by a 1x1 conv.
+
+    The transformer paths of a stage have the same width, depth and heads; only
+    their weights and inputs differ. With ``fast_ops`` they run as one batch (on the
+    CPU only if asked for: :func:`set_batch_paths`): per
+    layer one depthwise conv over the paths' concatenated channels for each
+    position encoding, one group norm (each path's LayerNorm), and batched
+    products (``baddbmm`` over the paths' stacked weights) for q, k, v, the output
+    projection and the MLP.
+    The residual stream is ``[B, H, W, P, C]`` (the paths' channels side by side,
+    what the convs and the aggregation want); the products read it as a strided
+    ``[P, B * H * W, C]`` batch and write path-major results. The parameters stay
+    per path (checkpoint keys unchanged) and are stacked once per stage forward.
+    Paths whose modules are wrapped, replaced or hooked run one by one
+    (:meth:`paths_batchable`).
+    """
+    fast_ops: Final[bool]
+    batch_paths: Final[str]
 
     def __init__(
             self,
@@ -588,6 +715,7 @@ class MHCAStage(nn.Module):
             drop_path_list: Sequence[float],
             norm_layer: NormLayer = nn.BatchNorm2d,
             fast_ops: bool = True,
+            batch_paths: str = 'auto',
     ):
         super().__init__()
         self.mhca_blks = nn.ModuleList([
@@ -596,13 +724,125 @@ class MHCAStage(nn.Module):
         ])
         self.InvRes = InvResBlock(dim, norm_layer=norm_layer)
         self.aggregate = Conv2dBN(dim * (num_path + 1), out_dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
+        self.fast_ops = fast_ops
+        self.batch_paths = batch_paths  # see set_batch_paths
+        self.num_norm_params = NUM_NORM_PARAMS  # (TorchScript reads no global constants)
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
 
     def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
         outputs = [self.InvRes(inputs[0])]
-        for i, encoder in enumerate(self.mhca_blks):
-            outputs.append(encoder(inputs[i]))
+        if self.fast_ops and self._batches(inputs[0]) and (torch.jit.is_scripting() or self.paths_batchable()):
+            outputs.append(self.forward_paths(inputs))
+        else:
+            for i, encoder in enumerate(self.mhca_blks):
+                outputs.append(encoder(inputs[i]))
         return self.aggregate(torch.cat(outputs, dim=1))
 
+    def _batches(self, x: torch.Tensor) -> bool:
+        if self.batch_paths == 'auto':
+            return x.device.type != 'cpu'
+        return self.batch_paths == 'always'
+
+    @torch.jit.unused
+    def paths_batchable(self) -> bool:
+        """Whether the batched form stands for the paths' modules: it reads their parameters and runs its own
+        ops, so it does only when they are the plain modules, without hooks. A wrapped or replaced submodule
+        (a LoRA adapter, say) or a forward hook (old-style weight norm, offloading, feature taps) makes the
+        paths run one by one, through their modules' forwards."""
+        for module in self.mhca_blks.modules():
+            if module._forward_hooks or module._forward_pre_hooks:
+                return False
+        for encoder in self.mhca_blks:
+            if not (type(encoder.cpe) is ConvPosEnc and type(encoder.cpe.proj) is nn.Conv2d
+                    and type(encoder.crpe) is ConvRelPosEnc
+                    and all(type(conv) is nn.Conv2d for conv in encoder.crpe.conv_list)):
+                return False
+            for layer in encoder.MHCA_layers:
+                mlp, attn = layer.mlp, layer.factoratt_crpe
+                if not (type(layer) is MHCALayer and type(layer.norm1) is LayerNorm and type(layer.norm2) is LayerNorm
+                        and type(attn) is FactorAttnConvRelPosEnc and type(attn.qkv) is nn.Linear
+                        and type(attn.proj) is nn.Linear and type(mlp) is Mlp and type(mlp.fc1) is nn.Linear
+                        and type(mlp.fc2) is nn.Linear and type(mlp.act) is nn.GELU and mlp.act.approximate == 'none'
+                        and type(mlp.norm) is nn.Identity
+                        and all(type(d) is nn.Identity or (type(d) is nn.Dropout and d.p == 0)
+                                for d in (mlp.drop1, mlp.drop2))
+                        and type(layer.drop_path) in (nn.Identity, DropPath)):
+                    return False
+        return True
+
+    def forward_paths(self, inputs: List[torch.Tensor]) -> torch.Tensor:
+        """All transformer paths as one batch: ``inputs[p]`` ``[B, C, H, W]`` in, ``[B, P * C, H, W]`` out (the
+        paths' outputs side by side, channels-last)."""
+        num_paths = len(self.mhca_blks)
+        x = torch.stack([inputs[i].permute(0, 2, 3, 1) for i in range(num_paths)], dim=3)  # [B, H, W, P, C]
+        dtype = _autocast_dtype(x)
+        layer_params, cpe_w, cpe_b, crpe_w, crpe_b = self._stage_weights(dtype)
+        h = self.num_heads
+        head_mask = torch.eye(h, device=x.device).mul_(self.scale).view(1, h, 1, h, 1)  # float32: scale unrounded
+        checkpointing = self.mhca_blks[0].grad_checkpointing  # set_grad_checkpointing sets every encoder's
+        for i, layer in enumerate(self.mhca_blks[0].MHCA_layers):
+            if checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(layer.forward_paths, x, num_paths, layer_params[i], cpe_w, cpe_b, crpe_w, crpe_b,
+                               head_mask, dtype)
+            else:
+                x = layer.forward_paths(x, num_paths, layer_params[i], cpe_w, cpe_b, crpe_w, crpe_b, head_mask, dtype)
+        return x.flatten(3).permute(0, 3, 1, 2)
+
+    def _stage_weights(self, dtype: Optional[torch.dtype]) -> Tuple[
+            List[List[torch.Tensor]], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every path's parameters, stacked per layer: ``[P, ...]`` per tensor of :meth:`MHCALayer.path_params`
+        (``[P * C]`` for the norms), and the CPE / CRPE kernels of all paths as single depthwise convs.
+
+        One concatenation (and at most one cast) for the whole stage, split into views: its backward is
+        one concatenation of the gradients, whatever the number of layers and paths."""
+        num_paths = len(self.mhca_blks)
+        per_path: List[List[List[torch.Tensor]]] = []  # [path][layer][tensor]
+        k_max = 0
+        for encoder in self.mhca_blks:
+            per_path.append([layer.path_params() for layer in encoder.MHCA_layers])
+            k_max = max(k_max, encoder.crpe.max_kernel_size())
+        num_layers, num_tensors = len(per_path[0]), len(per_path[0][0])
+        pieces: List[torch.Tensor] = []
+        shapes: List[List[int]] = []  # of each layer's tensors, stacked over the paths
+        for j, tensor in enumerate(per_path[0][0]):
+            shape = list(tensor.shape)
+            shapes.append([num_paths * shape[0]] if j < self.num_norm_params else [num_paths] + shape)
+        for i in range(num_layers):
+            for j in range(num_tensors):
+                for path in per_path:
+                    tensor = path[i][j]
+                    pieces.append(tensor if tensor.dim() == 1 else tensor.reshape(-1))  # (views cost dispatches)
+        cpe = self.mhca_blks[0].cpe.proj
+        k = cpe.kernel_size[0]
+        identity = F.pad(cpe.weight.new_ones(cpe.out_channels, 1, 1, 1), [k // 2] * 4)  # +1 at the centre tap
+        for encoder in self.mhca_blks:  # x + conv(x) as one conv, in float32 (before any cast)
+            weight = encoder.cpe.proj.weight
+            pieces.append((weight if encoder.cpe.residual_in_kernel else weight + identity).reshape(-1))
+        for encoder in self.mhca_blks:
+            bias = encoder.cpe.proj.bias
+            assert bias is not None  # always (the conv has a bias); says so to TorchScript
+            pieces.append(bias)
+        crpe_biases: List[torch.Tensor] = []
+        for encoder in self.mhca_blks:
+            weights, biases = encoder.crpe.padded_kernels(k_max)
+            pieces += [w.reshape(-1) for w in weights]
+            crpe_biases += biases
+        pieces += crpe_biases
+        flat = torch.cat(pieces)
+        if dtype is not None:
+            flat = flat.to(dtype)
+        channels = num_paths * cpe.out_channels
+        sizes = [num_paths * t.numel() for t in per_path[0][0]] * num_layers + [
+            channels * k * k, channels, channels * k_max * k_max, channels]
+        split = flat.split(sizes)
+        layer_params: List[List[torch.Tensor]] = []
+        for i in range(num_layers):
+            piece = split[i * num_tensors:(i + 1) * num_tensors]
+            layer_params.append([piece[j] if len(shapes[j]) == 1 else piece[j].view(shapes[j])
+                                 for j in range(num_tensors)])
+        return (layer_params, split[-4].view(channels, 1, k, k), split[-3],
+                split[-2].view(channels, 1, k_max, k_max), split[-1])
 
 GLOBAL_POOLS = ('avg', 'max', 'avgmax', '')  # each keeps the width: pre-logits are num_features wide
 
@@ -727,7 +967,8 @@ class MPViT(nn.Module):
 
         Every batch norm is folded into the conv before it, the CPE residual into
         its kernel, and each CRPE's kernels into one zero-padded conv, so that
-        eager inference runs no weight-preparing kernels. Outputs stay the same
+        eager inference builds no kernels (each stage still concatenates its paths'
+        parameters once per forward, see :class:`MHCAStage`). Outputs stay the same
         up to float rounding; the state dict changes (norm keys go, conv biases
         appear, CRPE has one conv), so fuse after loading weights, not before saving.
         """
