@@ -448,3 +448,17 @@ def test_dict_feature_wrapper_is_refused_clearly():
     with pytest.raises(ValueError, match="feature_cls='dict' .* use the default"):
         timm.create_model('mpvit_tiny', features_only=True, feature_cls='dict')
 
+
+
+def test_count_ops_counts_the_batched_and_per_path_forms():
+    """tools/count_ops.py on a tiny input: the batched form launches fewer ops than path by path, writes its
+    rows as JSON, and measures the weight stacking on the inference row of the batched form."""
+    count_ops = _tool('count_ops')
+    rows = count_ops.main(['--models', 'mpvit_tiny', '--impl', 'paths', '--img-size', '32', '--batch-size', '2',
+                           '--amp', 'bf16'])
+    by = {(r['impl'], r['mode']): r for r in rows}
+    assert set(by) == {(impl, mode) for impl in ('per-path', 'batched') for mode in ('train', 'infer')}
+    for mode in ('train', 'infer'):
+        assert 0 < by['batched', mode]['ops'] < 0.5 * by['per-path', mode]['ops']
+    assert by['batched', 'train']['saved_mib'] > 0 and by['batched', 'infer']['saved_mib'] is None
+    assert by['batched', 'infer']['weight_prep_ops'] > 0 and 'weight_prep_ops' not in by['batched', 'train']
