@@ -392,3 +392,5 @@ def test_paths_batch_on_accelerators_and_when_asked(monkeypatch):
     assert len(calls) == 8  # not the CPU: batched
     with pytest.raises(mpvit.UserError, match="batch_paths must be one of"):
         mpvit.set_batch_paths(model, 'sometimes')
+    with pytest.raises(mpvit.UserError, match="batch_paths must be one of"):
+        MHCAStage(16, 16, 1, num_heads=8, mlp_ratio=2., num_path=2, drop_path_list=[0.], batch_paths='yes')

@@ -216,6 +216,11 @@ def set_fast_ops(model: nn.Module, enable: bool = True) -> nn.Module:
 BATCH_PATHS = ('auto', 'always', 'never')
 
 
+def _check_batch_paths(mode: str) -> None:
+    if mode not in BATCH_PATHS:
+        raise InvalidInputError(f'batch_paths must be one of {BATCH_PATHS} (got {mode!r})')
+
+
 def set_batch_paths(model: nn.Module, mode: str = 'auto') -> nn.Module:
     """Whether the fast ops run each stage's transformer paths as one batch (see :class:`MHCAStage`) in every
     MPViT inside ``model``; returns ``model``.
@@ -225,8 +230,7 @@ def set_batch_paths(model: nn.Module, mode: str = 'auto') -> nn.Module:
     per-path products (oneDNN ``linear``) are faster than its batched ones (``baddbmm``). ``'always'`` /
     ``'never'`` force either (``tools/count_ops.py`` counts the batched form on the CPU this way).
     """
-    if mode not in BATCH_PATHS:
-        raise InvalidInputError(f'batch_paths must be one of {BATCH_PATHS} (got {mode!r})')
+    _check_batch_paths(mode)
     for module in model.modules():
         if isinstance(module, MHCAStage):
             module.batch_paths = mode
@@ -256,14 +260,23 @@ class LayerNorm(TimmLayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs products in on ``x``'s device, or None outside autocast."""
+    if torch.jit.is_scripting():  # TorchScript cannot ask for the autocast state
+        return None
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def _softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax in the autocast dtype (float32 accumulation inside), for the same reason as LayerNorm."""
-    if torch.jit.is_scripting():  # TorchScript cannot ask for the autocast state
+    dtype = _autocast_dtype(x)
+    if torch.jit.is_scripting() or dtype is None:
         return x.softmax(dim)
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return x.to(torch.get_autocast_dtype(x.device.type)).softmax(dim)
-    return x.softmax(dim)
+    with torch.autocast(x.device.type, enabled=False):
+        return x.to(dtype).softmax(dim)
 
 
 @register_notrace_module  # fx leaf: its shape arithmetic is not symbolic (timm's feature_cls='fx')
@@ -447,16 +460,6 @@ class FactorAttnConvRelPosEnc(nn.Module):
         q_map, v_map = (t.transpose(1, 2).reshape(b, height, width, c) for t in (q, v))
         out = self.scale * factor_att.transpose(1, 2).reshape(b, height, width, c) + self.crpe(q_map, v_map)
         return self.proj(out)
-
-
-def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast runs products in on ``x``'s device, or None outside autocast."""
-    if torch.jit.is_scripting():  # TorchScript cannot ask for the autocast state
-        return None
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
 
 
 def _path_norm(x: torch.Tensor, num_paths: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -725,6 +728,7 @@ class MHCAStage(nn.Module):
         self.InvRes = InvResBlock(dim, norm_layer=norm_layer)
         self.aggregate = Conv2dBN(dim * (num_path + 1), out_dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
         self.fast_ops = fast_ops
+        _check_batch_paths(batch_paths)
         self.batch_paths = batch_paths  # see set_batch_paths
         self.num_norm_params = NUM_NORM_PARAMS  # (TorchScript reads no global constants)
         self.num_heads = num_heads
