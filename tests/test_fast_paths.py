@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from fidelity import compare, golden, synth_input, synth_state_dict
 from helpers import load_script
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpvit
 from mpvit.models.mpvit import (
@@ -237,6 +238,77 @@ def test_layer_norm_and_softmax_keep_the_autocast_dtype():
     assert out.dtype == probs.dtype == torch.bfloat16
     torch.testing.assert_close(probs.float(), x.softmax(0), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out.float(), nn.functional.layer_norm(x, (16,), eps=1e-6), rtol=2e-2, atol=2e-2)
+
+
+class _Float32Outputs(TorchDispatchMode):
+    """Shapes of the float32 tensors that ops write (views write nothing) whose first dimension is one of
+    ``batch_dims``."""
+
+    def __init__(self, batch_dims) -> None:
+        super().__init__()
+        self.batch_dims, self.shapes = batch_dims, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in [] if func.is_view else torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() >= 3:
+                if t.shape[0] in self.batch_dims:
+                    self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize('batched', [False, True])
+def test_attention_context_stays_in_the_autocast_dtype(batched):
+    """The head mask is exact in bf16 and the scale goes to the product's alpha: masking the [C, C] context
+    writes no float32 copy of it (nor casts it back)."""
+    torch.manual_seed(0)
+    stage = MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.],
+                      batch_paths='always' if batched else 'never').eval()
+    inputs = [torch.randn(2, 32, 5, 5) for _ in range(3)]
+    with torch.no_grad():
+        exact = stage(inputs)
+        recorder = _Float32Outputs((2, 6))
+        with torch.autocast('cpu', dtype=torch.bfloat16), recorder:
+            if batched:
+                out = stage.forward_paths([x.to(torch.bfloat16) for x in inputs])
+            else:
+                attention = stage.mhca_blks[0].MHCA_layers[0].factoratt_crpe
+                out = attention(inputs[0].permute(0, 2, 3, 1).to(torch.bfloat16))
+        if batched:
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                torch.testing.assert_close(stage(inputs).float(), exact, rtol=0.05, atol=0.05)
+    assert out.dtype == torch.bfloat16 and recorder.shapes == []
+
+
+class _ActivationCopies(TorchDispatchMode):
+    """Counts the clones of ``numel``-sized tensors (a stage's activations, bigger than any weight here)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.count += func is torch.ops.aten.clone.default and out.numel() == self.numel
+        return out
+
+
+def _backward_activation_copies(num_layers: int) -> int:
+    torch.manual_seed(0)
+    stage = MHCAStage(32, 32, num_layers, num_heads=8, mlp_ratio=2., num_path=3,
+                      drop_path_list=[0.2] * num_layers, batch_paths='always').train()
+    inputs = [torch.randn(4, 32, 8, 8).to(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
+    out = stage(inputs).sum()
+    counter = _ActivationCopies(3 * 4 * 32 * 8 * 8)
+    with counter:
+        out.backward()
+    return counter.count
+
+
+def test_batched_residual_gradient_is_not_copied():
+    """Batched with stochastic depth, a layer's backward copies three activation-sized gradients (each norm's
+    and the CRPE conv's, into their layouts), not the residual's: drop path is applied on [P, B, ...] as is."""
+    assert _backward_activation_copies(2) - _backward_activation_copies(1) == 3
 
 
 def test_stage_maps_are_channels_last_and_input_layout_does_not_matter():

@@ -438,12 +438,10 @@ class FactorAttnConvRelPosEnc(nn.Module):
         k = F.linear(x, self.qkv.weight[c:2 * c], self._qkv_bias(c, 2 * c))
         v = F.linear(x, self.qkv.weight[2 * c:], self._qkv_bias(2 * c, 3 * c))
         context = torch.bmm(_softmax(k.reshape(b, n, c), dim=1).transpose(1, 2), v.reshape(b, n, c))
-        # Keep only each head's own block, and apply the scale there, on the small tensor
-        # (a float32 mask: the scale is not rounded to bf16). Out of place: an in-place write
-        # through a view is dropped by torch.onnx's TorchScript exporter (silently wrong outputs).
-        head_mask = torch.eye(h, device=context.device).mul_(self.scale).view(1, h, 1, h, 1)
-        context = (context.view(b, h, c // h, h, c // h) * head_mask).view(b, c, c)
-        out = torch.baddbmm(self.crpe(q, v).reshape(b, n, c), q.reshape(b, n, c), context.to(q.dtype))
+        # Keep only each head's own block. Out of place: an in-place write through a view is
+        # dropped by torch.onnx's TorchScript exporter (silently wrong outputs).
+        context = (context.view(b, h, c // h, h, c // h) * _head_mask(h, context.dtype, context.device)).view(b, c, c)
+        out = torch.baddbmm(self.crpe(q, v).reshape(b, n, c), q.reshape(b, n, c), context, alpha=self.scale)
         return self.proj(out.view(b, height, width, c))
 
     def _qkv_bias(self, start: int, end: int) -> Optional[torch.Tensor]:
@@ -460,6 +458,13 @@ class FactorAttnConvRelPosEnc(nn.Module):
         q_map, v_map = (t.transpose(1, 2).reshape(b, height, width, c) for t in (q, v))
         out = self.scale * factor_att.transpose(1, 2).reshape(b, height, width, c) + self.crpe(q_map, v_map)
         return self.proj(out)
+
+
+def _head_mask(num_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1 on each head's own block of a ``[C, C]`` context viewed ``[B, h, Ch, h, Ch]``, else 0: exact in the
+    context's dtype, so that masking writes no float32 copy; the scale goes to the next product's ``alpha``
+    (applied to its float32 accumulator: not rounded to bf16 first)."""
+    return torch.eye(num_heads, dtype=dtype, device=device).view(1, num_heads, 1, num_heads, 1)
 
 
 def _path_norm(x: torch.Tensor, num_paths: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -487,6 +492,7 @@ NUM_NORM_PARAMS = 4  # MHCALayer.path_params lists the norms' weights and biases
 
 class MHCALayer(nn.Module):
     """One transformer layer of a path: CPE, factorized attention, MLP (pre-norm)."""
+    has_drop_path: Final[bool]
 
     def __init__(
             self,
@@ -505,6 +511,7 @@ class MHCALayer(nn.Module):
         self.factoratt_crpe = FactorAttnConvRelPosEnc(dim, num_heads, shared_crpe, fast_ops=fast_ops)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.has_drop_path = drop_path > 0.
         self.norm1 = LayerNorm(dim, eps=1e-6, fast_ops=fast_ops)
         self.norm2 = LayerNorm(dim, eps=1e-6, fast_ops=fast_ops)
 
@@ -550,15 +557,25 @@ class MHCALayer(nn.Module):
                           padding=crpe_w.shape[-1] // 2, groups=p * c)
         conv_v = conv_v.permute(0, 2, 3, 1).reshape(b, height, width, p, c).permute(3, 0, 1, 2, 4)
         crpe = (q.view(p, b, height, width, c) * conv_v).reshape(p * b, n, c)
-        out = torch.baddbmm(crpe, q.view(p * b, n, c), context.to(q.dtype))
+        out = torch.baddbmm(crpe, q.view(p * b, n, c), context, alpha=self.factoratt_crpe.scale)
         out = torch.baddbmm(proj_b.unsqueeze(1), out.view(p, b * n, c), proj_w.transpose(1, 2))
-        x = x + self.drop_path(out.view(p * b, height, width, c)).view(p, b, height, width, c).permute(1, 2, 3, 0, 4)
+        x = x + self._drop_paths(out.view(p, b, height, width, c)).permute(1, 2, 3, 0, 4)
 
         # MLP.
         y = _path_norm(x, num_paths, norm2_w, norm2_b, self.norm2.eps, dtype).view(b * n, p, c).transpose(0, 1)
         hidden = F.gelu(torch.baddbmm(fc1_b.unsqueeze(1), y, fc1_w.transpose(1, 2)))
         out = torch.baddbmm(fc2_b.unsqueeze(1), hidden, fc2_w.transpose(1, 2))
-        return x + self.drop_path(out.view(p * b, height, width, c)).view(p, b, height, width, c).permute(1, 2, 3, 0, 4)
+        return x + self._drop_paths(out.view(p, b, height, width, c)).permute(1, 2, 3, 0, 4)
+
+    def _drop_paths(self, x: torch.Tensor) -> torch.Tensor:
+        """Stochastic depth on ``[P, B, ...]``, per path and sample: this layer's ``drop_path`` draws a ``[P * B]``
+        mask (as it would on the merged batch: the same draws). Applied to ``x`` as is: merging P and B into the
+        module's batch would make the backward copy the residual's gradient into that layout."""
+        if not (self.has_drop_path and self.training):
+            return x
+        p, b = x.shape[0], x.shape[1]
+        mask = self.drop_path(x.new_ones(p * b, 1, 1, 1))
+        return x * mask.view(p, b, 1, 1, 1)
 
 
 # Alias copies handed out by state_dict(), by id: (a weak reference, the version counter then, the values
@@ -732,7 +749,6 @@ class MHCAStage(nn.Module):
         self.batch_paths = batch_paths  # see set_batch_paths
         self.num_norm_params = NUM_NORM_PARAMS  # (TorchScript reads no global constants)
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
 
     def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
         outputs = [self.InvRes(inputs[0])]
@@ -771,7 +787,7 @@ class MHCAStage(nn.Module):
                         and type(mlp.norm) is nn.Identity
                         and all(type(d) is nn.Identity or (type(d) is nn.Dropout and d.p == 0)
                                 for d in (mlp.drop1, mlp.drop2))
-                        and type(layer.drop_path) in (nn.Identity, DropPath)):
+                        and type(layer.drop_path) is (DropPath if layer.has_drop_path else nn.Identity)):
                     return False
         return True
 
@@ -782,8 +798,7 @@ class MHCAStage(nn.Module):
         x = torch.stack([inputs[i].permute(0, 2, 3, 1) for i in range(num_paths)], dim=3)  # [B, H, W, P, C]
         dtype = _autocast_dtype(x)
         layer_params, cpe_w, cpe_b, crpe_w, crpe_b = self._stage_weights(dtype)
-        h = self.num_heads
-        head_mask = torch.eye(h, device=x.device).mul_(self.scale).view(1, h, 1, h, 1)  # float32: scale unrounded
+        head_mask = _head_mask(self.num_heads, x.dtype if dtype is None else dtype, x.device)
         checkpointing = self.mhca_blks[0].grad_checkpointing  # set_grad_checkpointing sets every encoder's
         for i, layer in enumerate(self.mhca_blks[0].MHCA_layers):
             if checkpointing and not torch.jit.is_scripting():
