@@ -274,9 +274,11 @@ def test_attention_context_stays_in_the_autocast_dtype(batched):
             else:
                 attention = stage.mhca_blks[0].MHCA_layers[0].factoratt_crpe
                 out = attention(inputs[0].permute(0, 2, 3, 1).to(torch.bfloat16))
-        if batched:
-            with torch.autocast('cpu', dtype=torch.bfloat16):
-                torch.testing.assert_close(stage(inputs).float(), exact, rtol=0.05, atol=0.05)
+        if not batched:
+            exact = attention.forward_per_head(inputs[0].permute(0, 2, 3, 1))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        approx = stage(inputs) if batched else out
+    torch.testing.assert_close(approx.float(), exact, rtol=0.05, atol=0.05)
     assert out.dtype == torch.bfloat16 and recorder.shapes == []
 
 
@@ -293,10 +295,10 @@ class _ActivationCopies(TorchDispatchMode):
         return out
 
 
-def _backward_activation_copies(num_layers: int) -> int:
+def _backward_activation_copies(num_layers: int, drop_path: float) -> int:
     torch.manual_seed(0)
     stage = MHCAStage(32, 32, num_layers, num_heads=8, mlp_ratio=2., num_path=3,
-                      drop_path_list=[0.2] * num_layers, batch_paths='always').train()
+                      drop_path_list=[drop_path] * num_layers, batch_paths='always').train()
     inputs = [torch.randn(4, 32, 8, 8).to(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
     out = stage(inputs).sum()
     counter = _ActivationCopies(3 * 4 * 32 * 8 * 8)
@@ -305,10 +307,33 @@ def _backward_activation_copies(num_layers: int) -> int:
     return counter.count
 
 
-def test_batched_residual_gradient_is_not_copied():
-    """Batched with stochastic depth, a layer's backward copies three activation-sized gradients (each norm's
-    and the CRPE conv's, into their layouts), not the residual's: drop path is applied on [P, B, ...] as is."""
-    assert _backward_activation_copies(2) - _backward_activation_copies(1) == 3
+def test_batched_stochastic_depth_copies_no_gradient():
+    """Batched, stochastic depth applies its [P * B] mask on [P, B, ...] as is: a layer's backward copies no more
+    activation-sized gradients with it than without (merging P and B copied the residual's gradient twice)."""
+    per_layer = {rate: _backward_activation_copies(2, rate) - _backward_activation_copies(1, rate)
+                 for rate in (0., 0.2)}
+    assert per_layer[0.2] == per_layer[0.]
+
+
+def test_batched_stochastic_depth_follows_the_drop_path_modules():
+    """The batched form draws through each layer's DropPath in that module's own mode (as the per-path forward
+    does), and still batches when a DropPath was swapped for an Identity to turn it off."""
+    torch.manual_seed(0)
+    stage = MHCAStage(16, 16, 1, num_heads=8, mlp_ratio=2., num_path=2, drop_path_list=[0.5],
+                      batch_paths='always').eval()
+    inputs = [torch.randn(8, 16, 4, 4) for _ in range(2)]
+    with torch.no_grad():
+        plain = stage(inputs)
+        for encoder in stage.mhca_blks:
+            encoder.MHCA_layers[0].drop_path.train()  # stochastic depth at inference, on purpose
+        assert stage.paths_batchable()
+        assert not torch.equal(stage(inputs), plain)
+        for encoder in stage.mhca_blks:
+            encoder.MHCA_layers[0].drop_path = nn.Identity()
+        stage.train()
+        assert stage.paths_batchable()
+        batched = stage(inputs)
+        torch.testing.assert_close(mpvit.set_batch_paths(stage, 'never')(inputs), batched)
 
 
 def test_stage_maps_are_channels_last_and_input_layout_does_not_matter():

@@ -571,7 +571,7 @@ class MHCALayer(nn.Module):
         """Stochastic depth on ``[P, B, ...]``, per path and sample: this layer's ``drop_path`` draws a ``[P * B]``
         mask (as it would on the merged batch: the same draws). Applied to ``x`` as is: merging P and B into the
         module's batch would make the backward copy the residual's gradient into that layout."""
-        if not (self.has_drop_path and self.training):
+        if not (self.has_drop_path and self.drop_path.training):  # the module's own mode, as its forward reads
             return x
         p, b = x.shape[0], x.shape[1]
         mask = self.drop_path(x.new_ones(p * b, 1, 1, 1))
@@ -787,7 +787,8 @@ class MHCAStage(nn.Module):
                         and type(mlp.norm) is nn.Identity
                         and all(type(d) is nn.Identity or (type(d) is nn.Dropout and d.p == 0)
                                 for d in (mlp.drop1, mlp.drop2))
-                        and type(layer.drop_path) is (DropPath if layer.has_drop_path else nn.Identity)):
+                        and (type(layer.drop_path) is nn.Identity
+                             or (type(layer.drop_path) is DropPath and layer.has_drop_path))):
                     return False
         return True
 
