@@ -282,37 +282,49 @@ def test_attention_context_stays_in_the_autocast_dtype(batched):
     assert out.dtype == torch.bfloat16 and recorder.shapes == []
 
 
-class _ActivationCopies(TorchDispatchMode):
-    """Counts the clones of ``numel``-sized tensors (a stage's activations, bigger than any weight here)."""
+class _ActivationWrites(TorchDispatchMode):
+    """Counts the ops of kind ``op`` that write ``numel``-sized tensors (a stage's activations, bigger than any
+    weight here)."""
 
-    def __init__(self, numel: int) -> None:
+    def __init__(self, op: torch._ops.OpOverload, numel: int) -> None:
         super().__init__()
-        self.numel, self.count = numel, 0
+        self.op, self.numel, self.count = op, numel, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.count += func is torch.ops.aten.clone.default and out.numel() == self.numel
+        self.count += func is self.op and out.numel() == self.numel
         return out
 
 
-def _backward_activation_copies(num_layers: int, drop_path: float) -> int:
+def _backward_activation_writes(op: torch._ops.OpOverload, num_layers: int, drop_path: float = 0.) -> int:
     torch.manual_seed(0)
     stage = MHCAStage(32, 32, num_layers, num_heads=8, mlp_ratio=2., num_path=3,
                       drop_path_list=[drop_path] * num_layers, batch_paths='always').train()
     inputs = [torch.randn(4, 32, 8, 8).to(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
     out = stage(inputs).sum()
-    counter = _ActivationCopies(3 * 4 * 32 * 8 * 8)
+    counter = _ActivationWrites(op, 3 * 4 * 32 * 8 * 8)
     with counter:
         out.backward()
     return counter.count
 
 
+def _per_layer(op: torch._ops.OpOverload, drop_path: float = 0.) -> int:
+    return _backward_activation_writes(op, 2, drop_path) - _backward_activation_writes(op, 1, drop_path)
+
+
 def test_batched_stochastic_depth_copies_no_gradient():
     """Batched, stochastic depth applies its [P * B] mask on [P, B, ...] as is: a layer's backward copies no more
     activation-sized gradients with it than without (merging P and B copied the residual's gradient twice)."""
-    per_layer = {rate: _backward_activation_copies(2, rate) - _backward_activation_copies(1, rate)
-                 for rate in (0., 0.2)}
-    assert per_layer[0.2] == per_layer[0.]
+    clones = torch.ops.aten.clone.default
+    assert _per_layer(clones, drop_path=0.2) == _per_layer(clones)
+
+
+def test_batched_qkv_gradient_accumulates_in_place():
+    """Batched, the gradient of the normed tokens is one product and two in-place accumulations over q, k and v:
+    a layer's backward adds activation-sized tensors only where a tensor has two consumers (the residual twice,
+    q and v: attention and CRPE), not for the three products' gradients (two adds more)."""
+    assert _per_layer(torch.ops.aten.add.Tensor) == 4
+    assert _per_layer(torch.ops.aten.baddbmm_.default) == 2
 
 
 def test_batched_stochastic_depth_follows_the_drop_path_modules():

@@ -481,6 +481,44 @@ def _path_norm(x: torch.Tensor, num_paths: int, weight: torch.Tensor, bias: torc
         return torch.group_norm(tokens.to(dtype), num_paths, weight, bias, eps, False)
 
 
+def _qkv_products(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
+    """q, k and v of every path, ``[P, M, C]`` each: three batched products of ``y`` ``[P, M, C]`` with the
+    paths' stacked ``[P, 3 * C, C]`` qkv weights. Three products rather than one and three strided views:
+    q, k and v come out contiguous, which the softmax and the CRPE conv would otherwise copy to get."""
+    weights = weight.chunk(3, dim=1)
+    biases = bias.unsqueeze(1).chunk(3, dim=2)
+    return [torch.baddbmm(biases[i], y, weights[i].transpose(1, 2)) for i in range(3)]
+
+
+class _QKVProducts(torch.autograd.Function):
+    """:func:`_qkv_products` whose backward accumulates ``y``'s gradient in place (one ``bmm``, two ``baddbmm_``)
+    instead of three products and two adds of activation-sized tensors."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        ctx.save_for_backward(y, weight)
+        return tuple(_qkv_products(y, weight, bias))
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
+        y, weight = ctx.saved_tensors
+        grads, weights = (grad_q, grad_k, grad_v), weight.chunk(3, dim=1)
+        grad_y = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_y = torch.bmm(grad_q, weights[0]).baddbmm_(grad_k, weights[1]).baddbmm_(grad_v, weights[2])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.cat([torch.bmm(g.transpose(1, 2), y) for g in grads], dim=1)
+        if ctx.needs_input_grad[2]:
+            grad_bias = torch.cat([g.sum(1) for g in grads], dim=1)
+        return grad_y, grad_weight, grad_bias
+
+
+@torch.jit.unused
+def _qkv_products_accumulating(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
+    """:func:`_qkv_products` for training (an autograd function: not for TorchScript or tracing)."""
+    return list(_QKVProducts.apply(y, weight, bias))
+
+
 def _paths_to_channels(x: torch.Tensor) -> torch.Tensor:
     """``[P, B, H, W, C]`` -> ``[B, P * C, H, W]`` channels-last (one copy)."""
     p, b, height, width, c = x.shape
@@ -545,11 +583,10 @@ class MHCALayer(nn.Module):
 
         # Factorized attention, path-major: q, k, v [P, B * N, C] from three batched products.
         y = _path_norm(x, num_paths, norm1_w, norm1_b, self.norm1.eps, dtype).view(b * n, p, c).transpose(0, 1)
-        q_w, k_w, v_w = qkv_w.chunk(3, dim=1)
-        q_b, k_b, v_b = qkv_b.unsqueeze(1).chunk(3, dim=2)
-        q = torch.baddbmm(q_b, y, q_w.transpose(1, 2))
-        k = torch.baddbmm(k_b, y, k_w.transpose(1, 2))
-        v = torch.baddbmm(v_b, y, v_w.transpose(1, 2))
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or not torch.is_grad_enabled():
+            q, k, v = _qkv_products(y, qkv_w, qkv_b)
+        else:
+            q, k, v = _qkv_products_accumulating(y, qkv_w, qkv_b)
         context = torch.bmm(_softmax(k.view(p * b, n, c), dim=1).transpose(1, 2), v.view(p * b, n, c))
         context = (context.view(p * b, h, c // h, h, c // h) * head_mask).view(p * b, c, c)  # each head's block
         # CRPE: q * depthwise conv(v), every path's channels in one conv.
