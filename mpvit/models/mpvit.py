@@ -492,12 +492,18 @@ def _qkv_products(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 
 class _QKVProducts(torch.autograd.Function):
     """:func:`_qkv_products` whose backward accumulates ``y``'s gradient in place (one ``bmm``, two ``baddbmm_``)
-    instead of three products and two adds of activation-sized tensors."""
+    instead of three products and two adds of activation-sized tensors. (Forward and ``setup_context`` apart,
+    so that torch.func's transforms accept it.)"""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-        ctx.save_for_backward(y, weight)
+    def forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
         return tuple(_qkv_products(y, weight, bias))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        y, weight, _ = inputs
+        ctx.save_for_backward(y, weight)
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
