@@ -265,19 +265,18 @@ def test_attention_context_stays_in_the_autocast_dtype(batched):
     stage = MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.],
                       batch_paths='always' if batched else 'never').eval()
     inputs = [torch.randn(2, 32, 5, 5) for _ in range(3)]
+    attention = stage.mhca_blks[0].MHCA_layers[0].factoratt_crpe
+    tokens = inputs[0].permute(0, 2, 3, 1)
+    recorder = _Float32Outputs((2, 6))
     with torch.no_grad():
-        exact = stage(inputs)
-        recorder = _Float32Outputs((2, 6))
-        with torch.autocast('cpu', dtype=torch.bfloat16), recorder:
-            if batched:
-                out = stage.forward_paths([x.to(torch.bfloat16) for x in inputs])
-            else:
-                attention = stage.mhca_blks[0].MHCA_layers[0].factoratt_crpe
-                out = attention(inputs[0].permute(0, 2, 3, 1).to(torch.bfloat16))
-        if not batched:
-            exact = attention.forward_per_head(inputs[0].permute(0, 2, 3, 1))
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        approx = stage(inputs) if batched else out
+        exact = stage(inputs) if batched else attention.forward_per_head(tokens)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            with recorder:
+                if batched:
+                    out = stage.forward_paths([x.to(torch.bfloat16) for x in inputs])
+                else:
+                    out = attention(tokens.to(torch.bfloat16))
+            approx = stage(inputs) if batched else out
     torch.testing.assert_close(approx.float(), exact, rtol=0.05, atol=0.05)
     assert out.dtype == torch.bfloat16 and recorder.shapes == []
 

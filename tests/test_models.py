@@ -449,7 +449,6 @@ def test_dict_feature_wrapper_is_refused_clearly():
         timm.create_model('mpvit_tiny', features_only=True, feature_cls='dict')
 
 
-
 def test_count_ops_counts_the_batched_and_per_path_forms():
     """tools/count_ops.py on a tiny input: the batched form launches fewer ops than path by path, writes its
     rows as JSON, and measures the weight stacking on the inference row of the batched form."""
