@@ -326,6 +326,102 @@ def test_batched_qkv_gradient_accumulates_in_place():
     assert _per_layer(torch.ops.aten.baddbmm_.default) == 2
 
 
+def test_batched_crpe_gradient_is_written_in_the_conv_layout():
+    """Batched, the CRPE product writes its conv operand's gradient in the conv's channel layout: a layer's
+    backward copies only the two norms' gradients into the norms' layout (it copied the CRPE conv's as well)."""
+    assert _per_layer(torch.ops.aten.clone.default) == 2
+
+
+class _WeightShapedClones(TorchDispatchMode):
+    """The shapes of the copies (``clone``) written in the shape of one of ``shapes``."""
+
+    def __init__(self, shapes: set) -> None:
+        super().__init__()
+        self.shapes, self.found = shapes, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.clone.default and tuple(out.shape) in self.shapes:
+            self.found.append(tuple(out.shape))
+        return out
+
+
+def test_batched_linear_weight_gradients_come_in_their_own_layout():
+    """Batched, the products' weight gradients are written ``[P, out, in]``, the stacked weights' layout: none is
+    copied on its way back to the parameters (autograd's product backward wrote ``[P, in, out]``)."""
+    torch.manual_seed(0)
+    stage = MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.],
+                      batch_paths='always').train()
+    inputs = [torch.randn(4, 32, 8, 8).to(memory_format=torch.channels_last) for _ in range(3)]
+    layer = stage.mhca_blks[0].MHCA_layers[0]
+    weights = [layer.factoratt_crpe.qkv.weight, layer.factoratt_crpe.proj.weight, layer.mlp.fc1.weight,
+               layer.mlp.fc2.weight]
+    shapes = {(3,) + tuple(w.shape) for w in weights} | {(3,) + tuple(w.shape[::-1]) for w in weights}
+    shapes |= {(3, 32, 32)}  # q's, k's and v's thirds of qkv
+    out = stage(inputs).sum()
+    recorder = _WeightShapedClones(shapes)
+    with recorder:
+        out.backward()
+    assert recorder.found == []
+    assert all(w.grad is not None for encoder in stage.mhca_blks for w in encoder.parameters())
+
+
+def _stacking_bytes() -> tuple:
+    """Bytes one stage's parameter stacking writes under bf16 autocast (forward; backward from given gradients),
+    the number of elements stacked, and how many of those are conv kernels (their preparation writes extra)."""
+    torch.manual_seed(0)
+    stage = MHCAStage(32, 32, 2, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.] * 2,
+                      batch_paths='always').train()
+    counter = load_script('tools/count_ops.py').OpCounter()
+    with torch.autocast('cpu', dtype=torch.bfloat16), counter:
+        layer_params, *kernels = stage._stage_weights(torch.bfloat16)
+    stacked = [t for params in layer_params for t in params] + kernels
+    assert all(t.dtype == torch.bfloat16 for t in stacked)
+    forward = counter.bytes_written
+    grads = [torch.randn_like(t) for t in stacked]
+    params = list(stage.mhca_blks.parameters())
+    counter = load_script('tools/count_ops.py').OpCounter()
+    with counter:
+        param_grads = torch.autograd.grad(stacked, params, grads)
+    assert all(g.dtype == torch.float32 for g in param_grads)
+    return forward, counter.bytes_written, sum(t.numel() for t in stacked), sum(t.numel() for t in kernels)
+
+
+def test_stacked_weights_are_written_once_each_way():
+    """Under autocast the stacked parameters are written once, in bf16 (not a float32 concatenation, then its
+    cast), and their gradients once, in float32 (not a bf16 concatenation, then its cast). The CPE / CRPE
+    kernels' preparation (identity tap, padding to the merged kernel) writes a little more, in float32."""
+    forward, backward, numel, kernel_numel = _stacking_bytes()
+    assert 2 * numel <= forward <= 2 * numel + 8 * kernel_numel
+    assert 4 * numel <= backward <= 4 * numel + 4 * kernel_numel
+
+
+def test_batched_training_composes_with_torch_func_and_double_backward():
+    """The batched form's autograd functions build differentiable backwards when asked (``torch.func.grad``,
+    ``create_graph=True``): the same gradients as the paths one by one."""
+    torch.manual_seed(0)
+    stages = {mode: MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.],
+                              batch_paths=mode) for mode in ('always', 'never')}
+    stages['never'].load_state_dict(stages['always'].state_dict())
+    inputs = [torch.randn(2, 32, 5, 5) for _ in range(3)]
+    results = {}
+    for mode, stage in stages.items():
+        stage.train()
+        stage.InvRes.eval()  # the batch norms in eval: no buffer updates (torch.func)
+        stage.aggregate.eval()
+        params = {k: v.detach() for k, v in stage.named_parameters()}
+        func_grads = torch.func.grad(
+            lambda p: torch.func.functional_call(stage, p, (inputs,)).square().sum())(params)  # noqa: B023
+        x = [t.clone().requires_grad_() for t in inputs]
+        input_grads = torch.autograd.grad(stage(x).square().sum(), x, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in input_grads), list(stage.parameters()),
+                                     allow_unused=True, materialize_grads=True)
+        results[mode] = (list(func_grads.values()), list(second))
+    for batched, one_by_one in zip(*results.values()):
+        for a, b in zip(batched, one_by_one):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 def test_batched_stochastic_depth_follows_the_drop_path_modules():
     """The batched form draws through each layer's DropPath in that module's own mode (as the per-path forward
     does), and still batches when a DropPath was swapped for an Identity to turn it off."""

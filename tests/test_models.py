@@ -449,6 +449,19 @@ def test_dict_feature_wrapper_is_refused_clearly():
         timm.create_model('mpvit_tiny', features_only=True, feature_cls='dict')
 
 
+def test_count_ops_counts_bytes_written_in_place():
+    """The op counter counts what an op writes into its arguments, also for ops that return nothing (the in-place
+    foreach ops), once per tensor written."""
+    counter = _tool('count_ops').OpCounter()
+    a, b = torch.zeros(10), torch.ones(10)
+    with counter:
+        a.add_(b)
+        torch.add(a, b, out=a)
+        torch._foreach_copy_([a[:4], a[4:]], [b[:4], b[4:]])
+    assert counter.kernels == 3
+    assert dict(counter.bytes_by_op) == {'add_': 40, 'add': 40, '_foreach_copy_': 40}
+
+
 def test_count_ops_counts_the_batched_and_per_path_forms():
     """tools/count_ops.py on a tiny input: the batched form launches fewer ops than path by path, writes its
     rows as JSON, and measures the weight stacking on the inference row of the batched form."""

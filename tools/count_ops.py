@@ -13,7 +13,8 @@ under autocast:
 - ``ops``: the aten ops that are not views (each runs a kernel: the count the
   targets are stated in);
 - ``dispatched``: every aten op, views included (each also costs dispatcher time);
-- ``MiB written``: the bytes of the ops' outputs;
+- ``MiB written``: the bytes the ops write, outputs and arguments written in place
+  (the in-place foreach ops return nothing);
 - ``saved MiB``: activations autograd keeps for the backward (distinct storages,
   the parameters themselves excluded), for the training step.
 
@@ -76,11 +77,25 @@ class OpCounter(TorchDispatchMode):
         self.dispatched[name] += 1
         if not _is_view(func):
             self.kernels += 1
-            for t in torch.utils._pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self.bytes_written += t.numel() * t.element_size()
-                    self.bytes_by_op[name] += t.numel() * t.element_size()
+            for t in _written(func, args, kwargs or {}, out):
+                self.bytes_written += t.numel() * t.element_size()
+                self.bytes_by_op[name] += t.numel() * t.element_size()
         return out
+
+
+def _written(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> List[torch.Tensor]:
+    """The tensors an op writes: its outputs and the arguments it mutates (``_foreach_copy_`` and the other
+    in-place foreach ops return nothing), each once."""
+    mutated = []
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            mutated.append(kwargs[argument.name] if argument.name in kwargs else
+                           args[i] if i < len(args) else None)
+    written: Dict[int, torch.Tensor] = {}
+    for t in torch.utils._pytree.tree_leaves([out, mutated]):
+        if isinstance(t, torch.Tensor):
+            written[id(t)] = t
+    return list(written.values())
 
 
 def _autocast(device: torch.device, amp: str):

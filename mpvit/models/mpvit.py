@@ -519,6 +519,111 @@ class _QKVProducts(torch.autograd.Function):
         return grad_y, grad_weight, grad_bias
 
 
+def _path_linear(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Each path's Linear on ``y`` ``[P, M, in]``: one batched product with the stacked ``[P, out, in]`` weights."""
+    return torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
+
+
+class _PathLinear(torch.autograd.Function):
+    """:func:`_path_linear` whose weight gradient is written ``[P, out, in]``, the weight's own layout (autograd's
+    ``baddbmm`` backward writes the transposed operand's ``[P, in, out]``, which then takes a copy to get back)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return _path_linear(y, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        y, weight, _ = inputs
+        ctx.save_for_backward(y, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, weight = ctx.saved_tensors
+        grad_y = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), y) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(1) if ctx.needs_input_grad[2] else None
+        return grad_y, grad_weight, grad_bias
+
+
+@torch.jit.unused
+def _path_linear_own_layout(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`_path_linear` for training (an autograd function: not for TorchScript or tracing)."""
+    return _PathLinear.apply(y, weight, bias)
+
+
+class _MulInOwnLayouts(torch.autograd.Function):
+    """``a * b`` (same shape) whose backward writes each operand's gradient in that operand's own memory layout.
+    Autograd's ``mul`` backward writes both in the output's, and a permuted view's gradient then takes a copy
+    back (the CRPE conv's output, read path-major, is one)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = _mul_into_layout(grad, b, a) if ctx.needs_input_grad[0] else None
+        grad_b = _mul_into_layout(grad, a, b) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def _mul_into_layout(x: torch.Tensor, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x * y`` written in ``like``'s memory layout. A backward that builds a graph (double backward, torch.func)
+    gets the plain product (``out=`` is not differentiable), and so does torch.compile (which chooses layouts
+    itself, and whose Dynamo refuses a strided ``out=``)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return x * y
+    return torch.mul(x, y, out=torch.empty_like(like))
+
+
+@torch.jit.unused
+def _mul_in_own_layouts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:class:`_MulInOwnLayouts` (an autograd function: not for TorchScript or tracing)."""
+    return _MulInOwnLayouts.apply(a, b)
+
+
+class _StackParams(torch.autograd.Function):
+    """``torch.cat(pieces).to(dtype).split(sizes)`` writing each element once each way: one fused copy-and-cast
+    over all the pieces (``torch._foreach_copy_``, a few kernels on CUDA) into one buffer, and in the backward
+    the gradients likewise into one buffer of the pieces' dtype, handed back as views of it. (The composite
+    writes the float32 concatenation, then its cast; the backward concatenates, then casts.)"""
+
+    @staticmethod
+    def forward(dtype: torch.dtype, sizes: List[int], *pieces: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        numels = [piece.numel() for piece in pieces]
+        flat = pieces[0].new_empty(sum(numels), dtype=dtype)
+        torch._foreach_copy_(flat.split(numels), pieces)
+        return flat.split(sizes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, sizes, *pieces = inputs
+        ctx.sizes, ctx.numels, ctx.dtype = sizes, [piece.numel() for piece in pieces], pieces[0].dtype
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        if torch.is_grad_enabled():  # a backward that builds a graph (double backward, torch.func): plain ops
+            flat = torch.cat(grads).to(ctx.dtype)
+        else:
+            flat = grads[0].new_empty(sum(ctx.numels), dtype=ctx.dtype)
+            torch._foreach_copy_(flat.split(ctx.sizes), grads)
+        return (None, None) + flat.split(ctx.numels)
+
+
+@torch.jit.unused
+def _stack_params(pieces: List[torch.Tensor], sizes: List[int], dtype: torch.dtype) -> List[torch.Tensor]:
+    """:class:`_StackParams` (an autograd function: not for TorchScript or tracing)."""
+    return list(_StackParams.apply(dtype, sizes, *pieces))
+
+
 @torch.jit.unused
 def _qkv_products_accumulating(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
     """:func:`_qkv_products` for training (an autograd function: not for TorchScript or tracing)."""
@@ -589,25 +694,26 @@ class MHCALayer(nn.Module):
 
         # Factorized attention, path-major: q, k, v [P, B * N, C] from three batched products.
         y = _path_norm(x, num_paths, norm1_w, norm1_b, self.norm1.eps, dtype).view(b * n, p, c).transpose(0, 1)
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or not torch.is_grad_enabled():
-            q, k, v = _qkv_products(y, qkv_w, qkv_b)
-        else:
-            q, k, v = _qkv_products_accumulating(y, qkv_w, qkv_b)
+        # Training uses autograd functions whose backwards write less (TorchScript and tracing: plain ops).
+        plain = torch.jit.is_scripting() or torch.jit.is_tracing() or not torch.is_grad_enabled()
+        q, k, v = _qkv_products(y, qkv_w, qkv_b) if plain else _qkv_products_accumulating(y, qkv_w, qkv_b)
         context = torch.bmm(_softmax(k.view(p * b, n, c), dim=1).transpose(1, 2), v.view(p * b, n, c))
         context = (context.view(p * b, h, c // h, h, c // h) * head_mask).view(p * b, c, c)  # each head's block
         # CRPE: q * depthwise conv(v), every path's channels in one conv.
         conv_v = F.conv2d(_paths_to_channels(v.view(p, b, height, width, c)), crpe_w, crpe_b,
                           padding=crpe_w.shape[-1] // 2, groups=p * c)
         conv_v = conv_v.permute(0, 2, 3, 1).reshape(b, height, width, p, c).permute(3, 0, 1, 2, 4)
-        crpe = (q.view(p, b, height, width, c) * conv_v).reshape(p * b, n, c)
+        q5 = q.view(p, b, height, width, c)
+        crpe = (q5 * conv_v if plain else _mul_in_own_layouts(q5, conv_v)).reshape(p * b, n, c)
         out = torch.baddbmm(crpe, q.view(p * b, n, c), context, alpha=self.factoratt_crpe.scale)
-        out = torch.baddbmm(proj_b.unsqueeze(1), out.view(p, b * n, c), proj_w.transpose(1, 2))
+        out = out.view(p, b * n, c)
+        out = _path_linear(out, proj_w, proj_b) if plain else _path_linear_own_layout(out, proj_w, proj_b)
         x = x + self._drop_paths(out.view(p, b, height, width, c)).permute(1, 2, 3, 0, 4)
 
         # MLP.
         y = _path_norm(x, num_paths, norm2_w, norm2_b, self.norm2.eps, dtype).view(b * n, p, c).transpose(0, 1)
-        hidden = F.gelu(torch.baddbmm(fc1_b.unsqueeze(1), y, fc1_w.transpose(1, 2)))
-        out = torch.baddbmm(fc2_b.unsqueeze(1), hidden, fc2_w.transpose(1, 2))
+        hidden = F.gelu(_path_linear(y, fc1_w, fc1_b) if plain else _path_linear_own_layout(y, fc1_w, fc1_b))
+        out = _path_linear(hidden, fc2_w, fc2_b) if plain else _path_linear_own_layout(hidden, fc2_w, fc2_b)
         return x + self._drop_paths(out.view(p, b, height, width, c)).permute(1, 2, 3, 0, 4)
 
     def _drop_paths(self, x: torch.Tensor) -> torch.Tensor:
@@ -857,8 +963,9 @@ class MHCAStage(nn.Module):
         """Every path's parameters, stacked per layer: ``[P, ...]`` per tensor of :meth:`MHCALayer.path_params`
         (``[P * C]`` for the norms), and the CPE / CRPE kernels of all paths as single depthwise convs.
 
-        One concatenation (and at most one cast) for the whole stage, split into views: its backward is
-        one concatenation of the gradients, whatever the number of layers and paths."""
+        One fused copy (and cast) for the whole stage into one buffer, split into views; its backward writes
+        the gradients into one buffer in the parameters' dtype, whatever the number of layers and paths
+        (:class:`_StackParams`)."""
         num_paths = len(self.mhca_blks)
         per_path: List[List[List[torch.Tensor]]] = []  # [path][layer][tensor]
         k_max = 0
@@ -892,13 +999,14 @@ class MHCAStage(nn.Module):
             pieces += [w.reshape(-1) for w in weights]
             crpe_biases += biases
         pieces += crpe_biases
-        flat = torch.cat(pieces)
-        if dtype is not None:
-            flat = flat.to(dtype)
         channels = num_paths * cpe.out_channels
         sizes = [num_paths * t.numel() for t in per_path[0][0]] * num_layers + [
             channels * k * k, channels, channels * k_max * k_max, channels]
-        split = flat.split(sizes)
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            flat = torch.cat(pieces)
+            split = (flat if dtype is None else flat.to(dtype)).split(sizes)
+        else:
+            split = _stack_params(pieces, sizes, pieces[0].dtype if dtype is None else dtype)
         layer_params: List[List[torch.Tensor]] = []
         for i in range(num_layers):
             piece = split[i * num_tensors:(i + 1) * num_tensors]
