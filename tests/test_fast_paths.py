@@ -20,6 +20,7 @@ from mpvit.models.mpvit import (
     MHCAEncoder,
     MHCAStage,
     _softmax,
+    _stack_params_once,
     fold_batchnorm,
 )
 
@@ -398,7 +399,8 @@ def test_stacked_weights_are_written_once_each_way():
 
 def test_batched_training_composes_with_torch_func_and_double_backward():
     """The batched form's autograd functions build differentiable backwards when asked (``torch.func.grad``,
-    ``create_graph=True``): the same gradients as the paths one by one."""
+    ``create_graph=True``) and run under ``torch.func.vmap`` (per-sample gradients): the same gradients as the
+    paths one by one."""
     torch.manual_seed(0)
     stages = {mode: MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.],
                               batch_paths=mode) for mode in ('always', 'never')}
@@ -416,10 +418,22 @@ def test_batched_training_composes_with_torch_func_and_double_backward():
         input_grads = torch.autograd.grad(stage(x).square().sum(), x, create_graph=True)
         second = torch.autograd.grad(sum(g.square().sum() for g in input_grads), list(stage.parameters()),
                                      allow_unused=True, materialize_grads=True)
-        results[mode] = (list(func_grads.values()), list(second))
+
+        def sample_loss(p, *x):
+            return torch.func.functional_call(stage, p, ([t.unsqueeze(0) for t in x],)).square().sum()  # noqa: B023
+        per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0, 0))(params, *inputs)
+        results[mode] = (list(func_grads.values()), list(second), list(per_sample.values()))
     for batched, one_by_one in zip(*results.values()):
         for a, b in zip(batched, one_by_one):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_stacking_parameters_of_mixed_dtypes_promotes_them():
+    """Parameters of mixed dtypes are stacked as ``torch.cat`` promotes them, not cast to the first one's."""
+    pieces = [torch.randn(4, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)]
+    out = _stack_params_once(pieces, [2, 5], None)
+    assert [t.dtype for t in out] == [torch.float64] * 2
+    assert torch.equal(torch.cat(out), torch.cat([pieces[0].double(), pieces[1]]))
 
 
 def test_batched_stochastic_depth_follows_the_drop_path_modules():

@@ -14,7 +14,8 @@ under autocast:
   targets are stated in);
 - ``dispatched``: every aten op, views included (each also costs dispatcher time);
 - ``MiB written``: the bytes the ops write, outputs and arguments written in place
-  (the in-place foreach ops return nothing);
+  (the in-place foreach ops return nothing), as the ops' schemas declare them (batch
+  norm's running-statistics updates are not declared: not counted, on either side);
 - ``saved MiB``: activations autograd keeps for the backward (distinct storages,
   the parameters themselves excluded), for the training step.
 

@@ -511,7 +511,11 @@ class _QKVProducts(torch.autograd.Function):
         grads, weights = (grad_q, grad_k, grad_v), weight.chunk(3, dim=1)
         grad_y = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_y = torch.bmm(grad_q, weights[0]).baddbmm_(grad_k, weights[1]).baddbmm_(grad_v, weights[2])
+            grad_y = torch.bmm(grad_q, weights[0])
+            if torch.is_grad_enabled():  # a backward that builds a graph: out of place (vmap has no in-place rule)
+                grad_y = torch.baddbmm(torch.baddbmm(grad_y, grad_k, weights[1]), grad_v, weights[2])
+            else:
+                grad_y = grad_y.baddbmm_(grad_k, weights[1]).baddbmm_(grad_v, weights[2])
         if ctx.needs_input_grad[1]:
             grad_weight = torch.cat([torch.bmm(g.transpose(1, 2), y) for g in grads], dim=1)
         if ctx.needs_input_grad[2]:
@@ -609,6 +613,14 @@ class _StackParams(torch.autograd.Function):
         ctx.sizes, ctx.numels, ctx.dtype = sizes, [piece.numel() for piece in pieces], pieces[0].dtype
 
     @staticmethod
+    def vmap(info, in_dims, dtype: torch.dtype, sizes: List[int], *pieces: torch.Tensor):
+        """Under ``torch.func.vmap`` (per-sample gradients, say): the composite, per sample."""
+        pieces = tuple(piece.movedim(dim, 0) if dim is not None else piece.expand(info.batch_size, -1)
+                       for piece, dim in zip(pieces, in_dims[2:]))
+        outputs = torch.cat(pieces, dim=1).to(dtype).split(sizes, dim=1)
+        return outputs, (0,) * len(outputs)
+
+    @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         if torch.is_grad_enabled():  # a backward that builds a graph (double backward, torch.func): plain ops
             flat = torch.cat(grads).to(ctx.dtype)
@@ -618,10 +630,20 @@ class _StackParams(torch.autograd.Function):
         return (None, None) + flat.split(ctx.numels)
 
 
+def _stack_params(pieces: List[torch.Tensor], sizes: List[int], dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
+    """The 1-D ``pieces`` concatenated, cast to ``dtype`` (if given) and split into ``sizes``."""
+    flat = torch.cat(pieces)
+    return list((flat if dtype is None else flat.to(dtype)).split(sizes))
+
+
 @torch.jit.unused
-def _stack_params(pieces: List[torch.Tensor], sizes: List[int], dtype: torch.dtype) -> List[torch.Tensor]:
-    """:class:`_StackParams` (an autograd function: not for TorchScript or tracing)."""
-    return list(_StackParams.apply(dtype, sizes, *pieces))
+def _stack_params_once(pieces: List[torch.Tensor], sizes: List[int],
+                       dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
+    """:func:`_stack_params` by :class:`_StackParams` (an autograd function: not for TorchScript or tracing).
+    Pieces of mixed dtypes take the composite, which promotes them as ``torch.cat`` does."""
+    if any(piece.dtype != pieces[0].dtype for piece in pieces):
+        return _stack_params(pieces, sizes, dtype)
+    return list(_StackParams.apply(pieces[0].dtype if dtype is None else dtype, sizes, *pieces))
 
 
 @torch.jit.unused
@@ -1003,10 +1025,9 @@ class MHCAStage(nn.Module):
         sizes = [num_paths * t.numel() for t in per_path[0][0]] * num_layers + [
             channels * k * k, channels, channels * k_max * k_max, channels]
         if torch.jit.is_scripting() or torch.jit.is_tracing():
-            flat = torch.cat(pieces)
-            split = (flat if dtype is None else flat.to(dtype)).split(sizes)
+            split = _stack_params(pieces, sizes, dtype)
         else:
-            split = _stack_params(pieces, sizes, pieces[0].dtype if dtype is None else dtype)
+            split = _stack_params_once(pieces, sizes, dtype)
         layer_params: List[List[torch.Tensor]] = []
         for i in range(num_layers):
             piece = split[i * num_tensors:(i + 1) * num_tensors]
