@@ -373,7 +373,8 @@ def _stacking_bytes() -> tuple:
     torch.manual_seed(0)
     stage = MHCAStage(32, 32, 2, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.] * 2,
                       batch_paths='always').train()
-    counter = load_script('tools/count_ops.py').OpCounter()
+    op_counter = load_script('tools/count_ops.py').OpCounter
+    counter = op_counter()
     with torch.autocast('cpu', dtype=torch.bfloat16), counter:
         layer_params, *kernels = stage._stage_weights(torch.bfloat16)
     stacked = [t for params in layer_params for t in params] + kernels
@@ -381,7 +382,7 @@ def _stacking_bytes() -> tuple:
     forward = counter.bytes_written
     grads = [torch.randn_like(t) for t in stacked]
     params = list(stage.mhca_blks.parameters())
-    counter = load_script('tools/count_ops.py').OpCounter()
+    counter = op_counter()
     with counter:
         param_grads = torch.autograd.grad(stacked, params, grads)
     assert all(g.dtype == torch.float32 for g in param_grads)

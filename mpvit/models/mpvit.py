@@ -481,10 +481,14 @@ def _path_norm(x: torch.Tensor, num_paths: int, weight: torch.Tensor, bias: torc
         return torch.group_norm(tokens.to(dtype), num_paths, weight, bias, eps, False)
 
 
-def _qkv_products(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
+def _qkv_products(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  training: bool = False) -> List[torch.Tensor]:
     """q, k and v of every path, ``[P, M, C]`` each: three batched products of ``y`` ``[P, M, C]`` with the
     paths' stacked ``[P, 3 * C, C]`` qkv weights. Three products rather than one and three strided views:
-    q, k and v come out contiguous, which the softmax and the CRPE conv would otherwise copy to get."""
+    q, k and v come out contiguous, which the softmax and the CRPE conv would otherwise copy to get.
+    ``training``: by :class:`_QKVProducts`."""
+    if training:
+        return _qkv_products_accumulating(y, weight, bias)
     weights = weight.chunk(3, dim=1)
     biases = bias.unsqueeze(1).chunk(3, dim=2)
     return [torch.baddbmm(biases[i], y, weights[i].transpose(1, 2)) for i in range(3)]
@@ -523,8 +527,11 @@ class _QKVProducts(torch.autograd.Function):
         return grad_y, grad_weight, grad_bias
 
 
-def _path_linear(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Each path's Linear on ``y`` ``[P, M, in]``: one batched product with the stacked ``[P, out, in]`` weights."""
+def _path_linear(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, training: bool = False) -> torch.Tensor:
+    """Each path's Linear on ``y`` ``[P, M, in]``: one batched product with the stacked ``[P, out, in]`` weights.
+    ``training``: by :class:`_PathLinear`."""
+    if training:
+        return _path_linear_own_layout(y, weight, bias)
     return torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
 
 
@@ -717,8 +724,8 @@ class MHCALayer(nn.Module):
         # Factorized attention, path-major: q, k, v [P, B * N, C] from three batched products.
         y = _path_norm(x, num_paths, norm1_w, norm1_b, self.norm1.eps, dtype).view(b * n, p, c).transpose(0, 1)
         # Training uses autograd functions whose backwards write less (TorchScript and tracing: plain ops).
-        plain = torch.jit.is_scripting() or torch.jit.is_tracing() or not torch.is_grad_enabled()
-        q, k, v = _qkv_products(y, qkv_w, qkv_b) if plain else _qkv_products_accumulating(y, qkv_w, qkv_b)
+        training = torch.is_grad_enabled() and not (torch.jit.is_scripting() or torch.jit.is_tracing())
+        q, k, v = _qkv_products(y, qkv_w, qkv_b, training)
         context = torch.bmm(_softmax(k.view(p * b, n, c), dim=1).transpose(1, 2), v.view(p * b, n, c))
         context = (context.view(p * b, h, c // h, h, c // h) * head_mask).view(p * b, c, c)  # each head's block
         # CRPE: q * depthwise conv(v), every path's channels in one conv.
@@ -726,16 +733,15 @@ class MHCALayer(nn.Module):
                           padding=crpe_w.shape[-1] // 2, groups=p * c)
         conv_v = conv_v.permute(0, 2, 3, 1).reshape(b, height, width, p, c).permute(3, 0, 1, 2, 4)
         q5 = q.view(p, b, height, width, c)
-        crpe = (q5 * conv_v if plain else _mul_in_own_layouts(q5, conv_v)).reshape(p * b, n, c)
+        crpe = (_mul_in_own_layouts(q5, conv_v) if training else q5 * conv_v).reshape(p * b, n, c)
         out = torch.baddbmm(crpe, q.view(p * b, n, c), context, alpha=self.factoratt_crpe.scale)
-        out = out.view(p, b * n, c)
-        out = _path_linear(out, proj_w, proj_b) if plain else _path_linear_own_layout(out, proj_w, proj_b)
+        out = _path_linear(out.view(p, b * n, c), proj_w, proj_b, training)
         x = x + self._drop_paths(out.view(p, b, height, width, c)).permute(1, 2, 3, 0, 4)
 
         # MLP.
         y = _path_norm(x, num_paths, norm2_w, norm2_b, self.norm2.eps, dtype).view(b * n, p, c).transpose(0, 1)
-        hidden = F.gelu(_path_linear(y, fc1_w, fc1_b) if plain else _path_linear_own_layout(y, fc1_w, fc1_b))
-        out = _path_linear(hidden, fc2_w, fc2_b) if plain else _path_linear_own_layout(hidden, fc2_w, fc2_b)
+        hidden = F.gelu(_path_linear(y, fc1_w, fc1_b, training))
+        out = _path_linear(hidden, fc2_w, fc2_b, training)
         return x + self._drop_paths(out.view(p, b, height, width, c)).permute(1, 2, 3, 0, 4)
 
     def _drop_paths(self, x: torch.Tensor) -> torch.Tensor:
