@@ -296,13 +296,15 @@ def _read_safetensors(path: str, header_only: bool = False) -> Dict[str, torch.T
         raise CheckpointError(f'{path} is not a readable safetensors file ({e}; truncated download?)') from None
 
 
-def safe_load(path: str) -> Any:
-    """Load a local checkpoint file on the CPU without running code from it (see the module docstring).
+def safe_load(path: Union[str, os.PathLike]) -> Any:
+    """Load a local checkpoint file (a path or ``pathlib.Path``, as ``torch.load`` takes) on the CPU without
+    running code from it (see the module docstring).
 
     ``.safetensors`` and Detectron2 ``.pkl`` files are recognised by name; anything else is read as a
     PyTorch file. Raises :class:`CheckpointError` (one line, naming the file) for a damaged file or one
     that asks to build objects outside the allowlist.
     """
+    path = os.fspath(path)
     kind = check_container(path)
     if kind == 'safetensors':
         return _read_safetensors(path)

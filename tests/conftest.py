@@ -9,6 +9,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (tools/test.sh), each worker and the processes it starts get an equal share of the
+    cores' threads: two workers with a thread per core each would make every torch op wait on the other's."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1 and 'OMP_NUM_THREADS' not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ['OMP_NUM_THREADS'] = str(threads)  # the processes tests start
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope='session')
 def _private_weights_dir(tmp_path_factory):
     """Weights found or downloaded by the tests go to a folder of their own, never the user's cache

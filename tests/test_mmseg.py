@@ -21,6 +21,7 @@ from mmseg.utils import register_all_modules  # noqa: E402
 
 import mpvit.mmseg  # noqa: E402,F401
 from mpvit import CheckpointError  # noqa: E402
+from mpvit.serialization import safe_load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs' / 'semantic_segmentation'
@@ -382,7 +383,7 @@ def test_divergence_stops_before_a_checkpoint_is_written(tmp_path):
                                               r'iteration [1-3]\); stopped before saving it'):
         Runner.from_cfg(cfg).train()
     for path in (tmp_path / 'work').glob('iter_*.pth'):
-        weights = torch.load(path, weights_only=False)['state_dict']
+        weights = safe_load(path)['state_dict']
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), path
     # A finite loss whose step made the weights non-finite: the checkpoint is refused.
     from types import SimpleNamespace

@@ -15,6 +15,14 @@ echo "[demo] evaluating the saved checkpoint"
 "$PY" classification/main.py -c configs/classification/demo_shapes.yaml --data-path "$data" --output-dir "$out" \
     --eval --resume "$out/checkpoint.pth"
 echo "[demo] metrics: $out/eval_metrics.json, training log: $out/log.txt"
+# The recipe learns the shapes (colour is uninformative): a run that does not is a bug, and fails here.
+"$PY" - "$out/eval_metrics.json" <<'EOF'
+import json, sys
+acc1 = json.load(open(sys.argv[1]))['acc1']
+if acc1 < 90:
+    sys.exit(f'[demo] FAILED: MPViT-T reached {acc1:.1f}% top-1 on the shapes, the recipe reaches at least 90%')
+print(f'[demo] MPViT-T learned the shapes: {acc1:.1f}% top-1 (at least 90% expected)')
+EOF
 
 echo "[demo] detection: Mask R-CNN MPViT-T on COCO-format shapes (Detectron2), backbone from the run above"
 coco=output/demo/shapes_coco
