@@ -31,15 +31,16 @@ from mpvit.errors import InvalidInputError
 from mpvit.training import user_errors_in_one_line
 
 
-def build(name: str, weights: str = '', features_only: bool = False) -> torch.nn.Module:
+def build(name: str, weights: str = '', features_only: bool = False, **model_kwargs) -> torch.nn.Module:
     """The model to export, eval mode, batch norms folded. A classifier needs a checkpoint with its classifier;
-    a feature extractor takes the backbone of any released format (as timm's ``pretrained=True``)."""
+    a feature extractor takes the backbone of any released format (as timm's ``pretrained=True``).
+    ``model_kwargs`` go to ``timm.create_model``."""
     if features_only:
         file = local_checkpoint(model_zoo.resolve(weights, model=name)) if weights else None
         model = timm.create_model(name, features_only=True, pretrained=bool(file),
-                                  pretrained_cfg_overlay=dict(file=file) if file else None)
+                                  pretrained_cfg_overlay=dict(file=file) if file else None, **model_kwargs)
     else:
-        model = timm.create_model(name)
+        model = timm.create_model(name, **model_kwargs)
         if weights:
             load_backbone_weights(model, model_zoo.resolve(weights, model=name), head='require')
     return reparameterize_model(model.eval())
