@@ -12,9 +12,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 def pytest_configure(config):
     """Under pytest-xdist (tools/test.sh), each worker and the processes it starts get an equal share of the
     cores' threads: two workers with a thread per core each would make every torch op wait on the other's."""
+    from mpvit.training import usable_cpus  # the CPUs this process may run on, as xdist's -n auto counts them
+
     workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
-    if workers > 1 and 'OMP_NUM_THREADS' not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+    if workers > 1 and 'OMP_NUM_THREADS' not in os.environ:  # a thread count the user set is kept
+        threads = max(1, usable_cpus() // workers)
         os.environ['OMP_NUM_THREADS'] = str(threads)  # the processes tests start
         torch.set_num_threads(threads)
 

@@ -62,7 +62,7 @@ TARGETS = {'bf16': 2.5, 'bf16_cl': 2.5, 'bf16_cl_compile': 2.0, 'train': 2.0}
 # 'fast' is the default: a stage's paths batched on a GPU, one by one on the CPU (mpvit.set_batch_paths).
 IMPLS = {'fast': ['fast'], 'textbook': ['textbook'], 'per-path': ['per-path'], 'batched': ['batched'],
          'both': ['textbook', 'fast'], 'paths': ['per-path', 'batched'], 'all': ['textbook', 'per-path', 'batched']}
-FAST = ('fast', 'batched')  # the optimised ops, which the ratios and targets are for
+FAST = ('fast', 'batched')  # the optimised ops, which the targets are for (per-path rows get ratios only)
 
 # (mode, amp, channels_last, compile) of each column of the reference table.
 REFERENCE_TABLE_CONFIGS = [
@@ -247,7 +247,8 @@ def render_profile(row: Dict) -> str:
 
 def add_ratios(rows: List[Dict]) -> None:
     """Fill ``vs_textbook`` and ``vs_reference`` (``reference_source``: 'same run' or issue #7's H100 table),
-    and ``target`` / ``meets_target`` at the settings the targets are stated for."""
+    and ``target`` / ``meets_target`` at the settings the targets are stated for. Per-path rows (the CPU's
+    default form) get ``vs_reference`` against a reference timed in the same run, and no target."""
     def key(r: Dict) -> Tuple:
         return (r['model'], r['mode'], r['amp'], r['channels_last'], r['compile'], r['features'], r['batch_size'],
                 tuple(r['img_size']))
