@@ -45,7 +45,13 @@ from torchvision.datasets import ImageFolder
 
 import mpvit
 from mpvit import model_zoo
-from mpvit.checkpoint import checkpoint_filter_fn, load_backbone_weights, local_checkpoint, read_checkpoint
+from mpvit.checkpoint import (
+    check_usable,
+    checkpoint_filter_fn,
+    load_backbone_weights,
+    local_checkpoint,
+    read_checkpoint,
+)
 from mpvit.errors import InvalidInputError, MissingFileError, first_few
 from mpvit.images import check_some_readable, open_rgb, warn_unreadable
 from mpvit.training import (
@@ -601,6 +607,7 @@ def wrap_models(args, run: Training, ema_state: Optional[Dict]) -> None:
     if args.model_ema:
         run.ema = ModelEmaV3(run.model, decay=args.model_ema_decay)
         if ema_state is not None:
+            check_usable(ema_state, run.ema.module, "the resumed checkpoint's model_ema")
             run.ema.module.load_state_dict(ema_state)
     train_model = run.model
     if args.distributed:

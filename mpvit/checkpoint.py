@@ -32,8 +32,8 @@ from mpvit.errors import first_few
 from mpvit.serialization import CheckpointError, ensure_checkpoint_file, safe_load
 from mpvit.weights import fetch, is_url
 
-__all__ = ['BACKBONE_PREFIXES', 'CheckpointError', 'backbone_prefix', 'check_fit', 'checkpoint_filter_fn',
-           'checkpoint_tensors', 'drop_unused_norm_stats',
+__all__ = ['BACKBONE_PREFIXES', 'CheckpointError', 'backbone_prefix', 'check_fit', 'check_usable',
+           'checkpoint_filter_fn', 'checkpoint_tensors', 'drop_unused_norm_stats',
            'ensure_checkpoint_file', 'is_url', 'load_backbone_weights', 'local_checkpoint',
            'read_checkpoint', 'require_task_weights', 'unwrap_checkpoint']
 
@@ -111,7 +111,8 @@ def drop_unused_norm_stats(weights: Dict[str, Any], own: Mapping[str, Any]) -> N
 
 def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: str = 'checkpoint', *,
               scope: str = '', shape_may_differ: Callable[[str], bool] = lambda key: False) -> None:
-    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys (first few, with counts).
+    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys (first few, with counts),
+    then the first weight that is no usable weight (:func:`check_usable`).
 
     ``scope``: only the model's keys under this prefix must be present (a backbone-only checkpoint of a
     detector). ``shape_may_differ(key)``: keys whose shape may differ (heads reset for fine-tuning).
@@ -135,6 +136,46 @@ def check_fit(state_dict: Mapping[str, torch.Tensor], model: nn.Module, what: st
         target = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
         raise CheckpointError(f'{what} does not fit {target}; ' + '; '.join(problems)
                               + '. Is it a checkpoint of another variant?')
+    check_usable(state_dict, own, what)
+
+
+_FLOAT_SLOTS = ('weight', 'bias', 'running_mean', 'running_var')
+
+
+def check_usable(state_dict: Mapping[str, Any], own: Mapping[str, torch.Tensor] | nn.Module | None,
+                 what: str = 'checkpoint') -> None:
+    """Refuse weights a model cannot use, in one line naming the first such key: a tensor without data (meta),
+    not dense, not finite, or not floating where the model's is (an int / bool tensor would be cast silently).
+
+    ``own``: the model (or its state dict) the weights are for; ``None`` (a file converted without a model):
+    keys named like parameters (``*.weight``, ``*.bias``, norm statistics) must be floating.
+    """
+    if isinstance(own, nn.Module):
+        own = own.state_dict()
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            if not hasattr(value, '__array__'):
+                continue
+            try:
+                value = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise CheckpointError(f'{what}: {key} is a {type(value).__name__} that is no tensor') from None
+        if value.is_meta or value.layout != torch.strided:
+            raise CheckpointError(f'{what}: {key} is a {"meta" if value.is_meta else str(value.layout)} tensor '
+                                  f'{tuple(value.shape)} with no data to load (saved from a model not yet '
+                                  'materialised?)')
+        target = own.get(key) if own is not None else None
+        wants_float = (target.is_floating_point() if isinstance(target, torch.Tensor)
+                       else own is None and key.rsplit('.', 1)[-1] in _FLOAT_SLOTS)
+        if wants_float and not value.is_floating_point():
+            theirs = f'the model\'s {target.dtype}' if isinstance(target, torch.Tensor) else 'a floating-point one'
+            raise CheckpointError(f'{what}: {key} is {value.dtype} where {theirs} belongs: not weights of this '
+                                  'model (an integer tensor would be cast silently)')
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            bad = (~torch.isfinite(value)).sum().item()
+            raise CheckpointError(f'{what}: {key} holds {bad:,} non-finite value{"s" * (bad > 1)} (NaN or inf) of '
+                                  f'{value.numel():,}: weights of a diverged or damaged run, which would predict '
+                                  'nothing but NaN')
 
 
 def _classes(head: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> str:
@@ -203,8 +244,14 @@ def checkpoint_tensors(checkpoint: Any, what: str = 'checkpoint') -> Dict[str, t
     pickle's ``blobs``) as tensors, keys unchanged: numpy arrays converted, other values left out."""
     if isinstance(checkpoint, Mapping) and 'model' not in checkpoint and isinstance(checkpoint.get('blobs'), Mapping):
         checkpoint = checkpoint['blobs']
-    tensors = {k: torch.as_tensor(v) for k, v in unwrap_checkpoint(checkpoint).items()
-               if isinstance(v, torch.Tensor) or hasattr(v, '__array__')}
+    tensors = {}
+    for key, value in unwrap_checkpoint(checkpoint).items():
+        if isinstance(value, torch.Tensor) or hasattr(value, '__array__'):
+            try:
+                tensors[key] = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError):  # numpy data of a type torch has none for (str)
+                raise CheckpointError(f'{what}: {key} is {type(value).__name__} data of a type that is no tensor '
+                                      f'({getattr(value, "dtype", "?")})') from None
     if not tensors:
         raise CheckpointError(f'{what} holds no tensors')
     return tensors

@@ -22,16 +22,19 @@ evaluated (torch's reader does not check them).
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import pickle
 import re
 import tempfile
 import zipfile
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Tuple, Union
 
 import torch
 
+from mpvit import safe_numpy
 from mpvit.errors import MissingFileError, UserError
 
 __all__ = ['CheckpointError', 'atomic_file', 'check_container', 'ensure_checkpoint_file', 'load_dropping_objects',
@@ -43,27 +46,9 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def _numpy_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
-    """numpy arrays, scalars and dtypes as pickled by numpy 1.x (``numpy.core``) and 2.x (``numpy._core``)."""
-    import numpy as np
-
-    core = np._core if hasattr(np, '_core') else np.core
-    found: List[Union[Callable, Tuple[Callable, str]]] = [np.ndarray, np.dtype]
-    for name in ('_reconstruct', 'scalar'):
-        fn = getattr(core.multiarray, name)
-        found += [fn, (fn, f'numpy.core.multiarray.{name}'), (fn, f'numpy._core.multiarray.{name}')]
-    # A dtype is rebuilt as numpy.dtype(...) and then given its state, which the unpickler allows for the
-    # allowlisted classes of dtype instances: every numpy.dtypes.*DType (str, object, datetime, ...).
-    found += _numpy_dtype_classes()
-    return found
-
-
-def _numpy_dtype_classes() -> List[type]:
-    import numpy as np
-
-    dtypes = getattr(np, 'dtypes', None)
-    if dtypes is not None:  # numpy >= 1.25
-        return [cls for name, cls in vars(dtypes).items() if name.endswith('DType') and isinstance(cls, type)]
-    return list({type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDGSUVOMm'})
+    """numpy arrays, scalars and dtypes, as numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) pickle them,
+    through the checking stand-ins of :mod:`mpvit.safe_numpy` (never numpy's own functions)."""
+    return list(safe_numpy.PICKLE_GLOBALS)
 
 
 _RECORD_CLASSES: List[type] = []
@@ -187,7 +172,7 @@ def ensure_checkpoint_file(path: str) -> None:
         try:  # the same unpickler as the load, tensors mapped rather than read
             _read_torch(path, mmap=True)
         except CheckpointError as e:
-            if 'asks to unpickle' in str(e):
+            if 'asks to unpickle' in str(e) or 'refused, as numpy' in str(e):
                 raise
             _read_torch(path)  # members compressed by a zip tool, or no mmap here: read it as the load will
     elif kind == 'safetensors':
@@ -200,21 +185,21 @@ def ensure_checkpoint_file(path: str) -> None:
 
 
 # Detectron2 / Caffe2 model-zoo pickles hold numpy arrays in plain containers.
-_PICKLE_DATA_GLOBALS = {
-    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('collections', 'OrderedDict'), ('_codecs', 'encode'),
-    *((core, name) for core in ('numpy.core.multiarray', 'numpy._core.multiarray') for name in ('_reconstruct',
-                                                                                                'scalar')),
+_PICKLE_DATA_GLOBALS: Dict[Tuple[str, str], Any] = {
+    ('collections', 'OrderedDict'): OrderedDict, ('_codecs', 'encode'): codecs.encode,
+    **{tuple(name.rsplit('.', 1)): stand_in for stand_in, name in safe_numpy.PICKLE_GLOBALS},
 }
 
 
 class _DataUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, scalars and containers; any other global is refused, never imported."""
+    """Unpickles numpy arrays, scalars and containers (numpy's through :mod:`mpvit.safe_numpy`); any other
+    global is refused, never imported."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == '__builtin__':  # protocol 2 names builtins as Python 2 did (bytes() of an empty array)
+            module = 'builtins'
         if (module, name) in _PICKLE_DATA_GLOBALS:
-            return super().find_class(module, name)
-        if module == 'numpy.dtypes' and '.' not in name and name.endswith('DType'):
-            return super().find_class(module, name)
+            return _PICKLE_DATA_GLOBALS[module, name]
         raise _RefusedGlobal(f'{module}.{name}')
 
 
@@ -225,7 +210,9 @@ class _RefusedGlobal(pickle.UnpicklingError):
 def _read_pickle(path: str) -> Any:
     try:
         with open(path, 'rb') as f:
-            return _DataUnpickler(f, encoding='latin1').load()
+            return safe_numpy.finish(_DataUnpickler(f, encoding='latin1').load())
+    except safe_numpy.RefusedData as e:
+        raise _data_refusal(path, e) from None
     except _RefusedGlobal as e:
         raise _refusal(path, [str(e)]) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, ImportError,
@@ -248,7 +235,9 @@ def _read_torch(path: str, mmap: bool = False) -> Any:
     allowlist = safe_globals()
     with torch.serialization.safe_globals(allowlist):
         try:
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+            return safe_numpy.finish(torch.load(path, map_location='cpu', weights_only=True, mmap=mmap))
+        except safe_numpy.RefusedData as e:
+            raise _data_refusal(path, e) from None
         except pickle.UnpicklingError as e:
             message = str(e)
             if 'Weights only load failed' not in message:
@@ -267,7 +256,9 @@ def safe_load_stream(stream: Any, what: str = 'the checkpoint stream') -> Any:
     """A checkpoint from an open binary stream (an object store's bytes), by the same allowlist."""
     with torch.serialization.safe_globals(safe_globals()):
         try:
-            return torch.load(stream, map_location='cpu', weights_only=True)
+            return safe_numpy.finish(torch.load(stream, map_location='cpu', weights_only=True))
+        except safe_numpy.RefusedData as e:
+            raise _data_refusal(what, e) from None
         except pickle.UnpicklingError as e:
             names = _unsafe_globals('', str(e))
         except (RuntimeError, EOFError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError,
@@ -280,6 +271,12 @@ def _refusal(path: str, names: List[str], hint: bool = True) -> CheckpointError:
     what = ', '.join(names) if names else 'a Python object that is not a tensor or a known data type'
     return CheckpointError(f'{path} asks to unpickle {what}: refused, as loading it could run code '
                            '(only tensors and plain data are read)' + (f'; {_convert_hint(path)}' if hint else ''))
+
+
+def _data_refusal(path: str, error: safe_numpy.RefusedData) -> CheckpointError:
+    return CheckpointError(f'{path} holds {error}: refused, only numpy data of bool, number, bytes and str types '
+                           'is read (other or edited dtypes make numpy take the file\'s bytes as memory addresses); '
+                           'get the file from a source you trust')
 
 
 def _read_safetensors(path: str, header_only: bool = False) -> Dict[str, torch.Tensor]:
@@ -384,7 +381,9 @@ def load_dropping_objects(path: str) -> Tuple[Any, List[str]]:
         try:
             with open(path, 'rb') as f:
                 unpickler = _DroppingUnpickler(f, encoding='latin1')
-                return unpickler.load(), sorted(unpickler.dropped)
+                return safe_numpy.finish(unpickler.load()), sorted(unpickler.dropped)
+        except safe_numpy.RefusedData as e:
+            raise _data_refusal(path, e) from None
         except _RefusedGlobal as e:
             raise _refusal(path, [str(e)], hint=False) from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
@@ -394,7 +393,9 @@ def load_dropping_objects(path: str) -> Tuple[Any, List[str]]:
     while True:  # each round stands in for the types the last one was refused (a zip file names all at once)
         with torch.serialization.safe_globals([*safe_globals(), *((t, n) for n, t in dropped.items())]):
             try:
-                return torch.load(path, map_location='cpu', weights_only=True), sorted(dropped)
+                return safe_numpy.finish(torch.load(path, map_location='cpu', weights_only=True)), sorted(dropped)
+            except safe_numpy.RefusedData as e:
+                raise _data_refusal(path, e) from None
             except pickle.UnpicklingError as e:
                 names = [n for n in _unsafe_globals(path, str(e)) if n not in dropped]
                 if not names or any(n.split('.')[0] in _NEVER_READ for n in names):

@@ -8,6 +8,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,20 @@ def assert_scores(metrics: Mapping[str, Any], *keys: str, high: float = 100.0) -
     for key in keys:
         value = metrics[key]
         assert isinstance(value, (int, float)) and 0.0 <= value <= high, f'{key} = {value!r} not in [0, {high}]'
+
+
+class ForgedDtype:
+    """An object dtype whose pickled flags were cleared: numpy would take the file's bytes as object pointers
+    (a segmentation fault when the array is touched, or any address a crafted file aims at)."""
+
+    def __reduce__(self):
+        return np.dtype, ('O8', False, True), (3, '|', None, None, None, -1, -1, 0)
+
+
+class ForgedArray:
+    def __init__(self, dtype=None, data: bytes = b'A' * 16):
+        self.dtype, self.data = dtype or ForgedDtype(), data
+
+    def __reduce__(self):
+        return ((np._core if hasattr(np, '_core') else np.core).multiarray._reconstruct,
+                (np.ndarray, (0,), b'b'), (1, (len(self.data) // 8,), self.dtype, False, self.data))

@@ -102,6 +102,21 @@ def test_checkpoint_errors_and_backbone_init(tmp_path):
         build_deformable_detr('mpvit_huge')
 
 
+def test_weights_that_are_none_are_refused_head_and_backbone(tmp_path):
+    """NaN, integer and meta tensors used to load (cast, or a torch traceback) and predict nothing."""
+    model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
+    state = model.state_dict()
+    head = next(k for k in state if k.startswith('class_embed.') and k.endswith('.weight'))
+    for key, bad, match in ((head, torch.full_like(state[head], float('nan')), 'non-finite values'),
+                            (head, state[head].long(), "is torch.int64 where the model's torch.float32 belongs"),
+                            (head, torch.empty(state[head].shape, device='meta'), 'is a meta tensor')):
+        for new_head in (False, True):  # --eval / --resume, and --pretrained (fine-tuning)
+            with pytest.raises(CheckpointError, match=rf'{re.escape(key)} .*{match}'):
+                load_detector_weights(model, {'model': {**state, key: bad}}, new_head=new_head)
+            with pytest.raises(CheckpointError, match=rf'{re.escape(key)} .*{match}'):
+                load_detector_weights(model, {'model': {**state, key: bad}}, strict=False, new_head=new_head)
+
+
 def _layouts(weights):
     """The same backbone weights in every released wrapper, with another task's head beside them."""
     return {

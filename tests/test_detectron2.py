@@ -167,6 +167,22 @@ def test_cascade_configs_build(variant, drop_path):
     assert type(model.roi_heads).__name__ == 'CascadeROIHeads' and len(model.roi_heads.box_predictor) == 3
 
 
+def test_weights_that_are_none_are_refused_in_the_heads_too(tmp_path):
+    """MODEL.WEIGHTS / --resume / --eval-only: NaN, integer and meta tensors used to load (cast, or a torch
+    traceback) and give an AP of NaN weights."""
+    model = build_model(_cfg('retinanet_mpvit_tiny_1x.yaml'))
+    state = model.state_dict()
+    for key in ('head.cls_score.weight', 'backbone.bottom_up.backbone.stem.0.conv.weight'):
+        for name, bad, match in (('nan', torch.full_like(state[key], float('nan')), 'non-finite values'),
+                                 ('int', state[key].long(), "is torch.int64 where the model's torch.float32"),
+                                 ('meta', torch.empty(state[key].shape, device='meta'), 'is a meta tensor')):
+            path = tmp_path / f'{name}.pth'
+            torch.save({'model': {**state, key: bad}}, path)
+            for must_fit in (False, True):
+                with pytest.raises(CheckpointError, match=rf'{name}.pth: .*{re.escape(key)} .*{match}'):
+                    MPViTCheckpointer(model, heads_must_fit=must_fit).load(str(path))
+
+
 def _released_checkpoint(tmp_path, detector, variant):
     path = tmp_path / f'{detector}_mpvit_{variant}.pth'
     weights = synth_state_dict(golden(f'manifest_d2_{detector}_mpvit_{variant}.json')['tensors'])

@@ -397,6 +397,24 @@ def test_divergence_stops_before_a_checkpoint_is_written(tmp_path):
                                                                'meta': {'iter': 4}})
 
 
+def test_weights_that_are_none_are_refused_by_load_from_and_test(tmp_path):
+    """load_from used to copy NaN / integer weights in (cast silently) and train on; test.py to score them."""
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016', train=1, val=1)
+    cfg = _small_run_cfg(data_root, tmp_path / 'work', max_iters=1)
+    state = MODELS.build(cfg.model).state_dict()
+    key = 'decode_head.conv_seg.weight'
+    torch.save({'state_dict': {**state, key: torch.full_like(state[key], float('nan'))}}, tmp_path / 'nan.pth')
+    torch.save({'state_dict': {**state, key: state[key].long()}}, tmp_path / 'int.pth')
+    cfg.load_from = str(tmp_path / 'nan.pth')
+    with pytest.raises(CheckpointError, match=rf'nan.pth: {key} holds [\d,]+ non-finite values'):
+        Runner.from_cfg(cfg).train()
+    assert not list((tmp_path / 'work').glob('iter_*.pth'))
+    with pytest.raises(CheckpointError, match=rf"int.pth: {key} is torch.int64 where the model's torch.float32"):
+        _tool('test').main([str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), str(tmp_path / 'int.pth'),
+                            '--work-dir', str(tmp_path / 'test'), *_test_tool_args(data_root)])
+    assert not (tmp_path / 'test' / 'eval_metrics.json').exists()
+
+
 def test_config_syntax_error_and_nccl_without_cuda_are_named(tmp_path):
     load_run_config = _tool('mmseg_run_config').load_run_config
 

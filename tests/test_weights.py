@@ -25,7 +25,7 @@ import timm
 import torch
 import torch.nn as nn
 from fidelity import compare, golden, synth_input, synth_state_dict
-from helpers import REPO, load_script
+from helpers import REPO, ForgedArray, load_script
 
 from mpvit import MPViT, model_zoo
 from mpvit.checkpoint import read_checkpoint
@@ -127,9 +127,18 @@ def test_harmless_training_metadata_loads_without_full_unpickling(tmp_path):
     loaded = read_checkpoint(str(deit))
     assert loaded['args'].lr == 5e-4 and loaded['meta']['seed'] == 3 and loaded['meta']['hist'].tolist() == [0, 1, 2]
     numpy_data = tmp_path / 'numpy_data.pth'
-    torch.save({'classes': np.array(['cat', 'dog']), 'objects': np.array([1, 'a'], dtype=object),
-                'name': np.str_('x'), 'when': np.datetime64('2022-06-01')}, numpy_data)
-    assert read_checkpoint(str(numpy_data))['classes'].tolist() == ['cat', 'dog']
+    torch.save({'classes': np.array(['cat', 'dog']), 'raw': np.array([b'ab']), 'name': np.str_('x'),
+                'big_endian': np.arange(4, dtype='>i4'), 'empty': np.zeros((0, 3)), 'flag': np.array([True])},
+               numpy_data)
+    loaded = read_checkpoint(str(numpy_data))
+    assert loaded['classes'].tolist() == ['cat', 'dog'] and loaded['big_endian'].tolist() == [0, 1, 2, 3]
+    assert all(type(loaded[k]) is np.ndarray for k in ('classes', 'raw', 'big_endian', 'empty', 'flag'))
+    # Objects and dates are no plain numbers or strings: refused, as an edited object dtype would be.
+    for name, value, dtype in (('objects', np.array([1, 'a'], dtype=object), 'O8'),
+                               ('when', np.datetime64('2022-06-01'), 'M8')):
+        torch.save({name: value}, tmp_path / f'{name}.pth')
+        with pytest.raises(CheckpointError, match=f"{name}.pth holds a numpy dtype '{dtype}': refused"):
+            read_checkpoint(str(tmp_path / f'{name}.pth'))
     pkl = tmp_path / 'zoo.pkl'
     with open(pkl, 'wb') as f:
         pickle.dump({'model': {'w': np.ones((2, 2), np.float32)}, '__author__': 'Detectron2 Model Zoo'}, f, protocol=2)
@@ -276,6 +285,9 @@ PAYLOAD_PATHS = {
     'deformable_detr --pretrained': lambda p, k, t, d: (_detr(d['coco'], t / 'o', '--pretrained', str(p)), p),
     'deformable_detr --auto-resume': lambda p, k, t, d: (
         _detr(d['coco'], t / 'o', '--auto-resume'), _plant(p, t / 'o' / 'checkpoint.pth')),
+    'deformable_detr/demo.py --weights': lambda p, k, t, d: (
+        ['deformable_detr/demo.py', str(next((d['coco'] / 'val').iterdir())), '--weights', str(p), '-c',
+         'configs/deformable_detr/mpvit_tiny.yaml', '--output', str(t / 'vis')], p),
     'convert_deformable_detr.py': lambda p, k, t, d: (['tools/convert_deformable_detr.py', str(p), str(t / 'c.pth')],
                                                       p),
     'convert_checkpoint.py': lambda p, k, t, d: (
@@ -308,6 +320,28 @@ def test_no_loading_path_runs_a_checkpoints_code(case, data, tmp_path):
     proc = _run(*argv)
     assert not marker.exists(), f'{case}: the payload ran'
     _one_line_refusal(proc, named)
+
+
+# The paths of PAYLOAD_PATHS that read numpy data (class names, metadata, Detectron2 pickles) or re-export files.
+FORGED_DTYPE_PATHS = ('classification --eval --resume', 'predict.py --weights', 'detectron2 MODEL.WEIGHTS .pkl',
+                      'mmseg load_from', 'deformable_detr --eval --resume', 'deformable_detr/demo.py --weights',
+                      'convert_checkpoint.py --drop-objects', 'export_hub.py')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', FORGED_DTYPE_PATHS)
+def test_no_loading_path_builds_numpy_data_of_a_forged_dtype(case, data, tmp_path):
+    """Beside weights that are never touched it used to load as if clean; where touched, a segmentation fault."""
+    forged = tmp_path / 'forged.pth'
+    torch.save({'model': {'stem.0.conv.weight': torch.zeros(1)}, 'meta': {'classes': ForgedArray()}}, forged)
+    pkl = tmp_path / 'forged.pkl'
+    with open(pkl, 'wb') as f:
+        pickle.dump({'model': {'w': np.zeros(2)}, '__author__': 'x', 'names': ForgedArray()}, f, protocol=2)
+    argv, named = PAYLOAD_PATHS[case](forged, pkl, tmp_path, data)
+    proc = _run(*argv)
+    assert proc.returncode > 0, f'{case}: rc {proc.returncode}\n{proc.stderr[-2000:]}'  # < 0: killed by a signal
+    _one_line_refusal(proc, named, "holds a numpy dtype 'O8': refused")
+    assert not list(tmp_path.glob('c.*')) and not (tmp_path / 'hub').exists(), f'{case} wrote a file'
 
 
 # ------------------------------------------------------------------------------------------ framework writers

@@ -22,7 +22,7 @@ import argparse
 import os
 from typing import Sequence
 
-from mpvit.checkpoint import checkpoint_tensors, local_checkpoint
+from mpvit.checkpoint import check_usable, checkpoint_tensors, local_checkpoint
 from mpvit.serialization import check_container, load_dropping_objects, safe_load, save_safetensors
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
 from mpvit.weights import fetch, file_sha256
@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         path = local_checkpoint(args.src)
         checkpoint = safe_load(path)
     tensors = checkpoint_tensors(checkpoint, args.src)
+    check_usable(tensors, None, path)  # no file is written from weights no model could use
     ensure_writable_dir(os.path.dirname(os.path.abspath(args.dst)), 'output folder')
     save_safetensors(tensors, args.dst, metadata={'format': 'pt', 'source': os.path.basename(path),
                                                   'source_sha256': file_sha256(path)})

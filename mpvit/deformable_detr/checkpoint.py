@@ -8,7 +8,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from mpvit.checkpoint import CheckpointError, check_fit, checkpoint_filter_fn, unwrap_checkpoint
+from mpvit.checkpoint import CheckpointError, check_fit, check_usable, checkpoint_filter_fn, unwrap_checkpoint
 from mpvit.deformable_detr.backbone import BACKBONE_KEY, core_model
 from mpvit.errors import first_few
 
@@ -115,8 +115,10 @@ def load_detector_weights(model: nn.Module, checkpoint: Mapping, strict: bool = 
             raise CheckpointError(f'backbone weights: {e}') from None
         core.load_state_dict(weights)
         return [k for k in own if not k.startswith(BACKBONE_KEY)]
-    if strict:  # names missing, unexpected and mis-shaped keys
+    if strict:  # names missing, unexpected and mis-shaped keys, then weights that are none
         check_fit(state, model, shape_may_differ=lambda k: new_head and k.startswith('class_embed.'))
+    else:
+        check_usable(state, own)
     missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
     return missing

@@ -1,5 +1,5 @@
 """MPViT on mmsegmentation 1.x, split by role as mmseg projects are: ``backbone`` (``type='MPViT'``),
-``transforms`` (``CheckedLoadImage``, ``CheckSegMap``), ``hooks`` (``StopOnNonFiniteLoss``,
+``transforms`` (``CheckedLoadImage``, ``CheckSegMap``), ``hooks`` (``StopOnNonFiniteLoss``, ``CheckLoadedWeights``,
 ``CheckTrainingImages``), ``metrics`` (``CheckedIoUMetric``) and ``checkpoint`` (mmengine's checkpoint
 reading made safe, :func:`load_segmentor_weights`).
 
@@ -54,11 +54,16 @@ with _without_printed_line('Could not import OneDL'):
 
 from mpvit.mmseg.backbone import MMSegMPViT, resolve_arch  # noqa: E402
 from mpvit.mmseg.checkpoint import load_segmentor_weights  # noqa: E402
-from mpvit.mmseg.hooks import AlignGradientStrides, CheckTrainingImages, StopOnNonFiniteLoss  # noqa: E402
+from mpvit.mmseg.hooks import (  # noqa: E402
+    AlignGradientStrides,
+    CheckLoadedWeights,
+    CheckTrainingImages,
+    StopOnNonFiniteLoss,
+)
 from mpvit.mmseg.metrics import CheckedIoUMetric  # noqa: E402
 from mpvit.mmseg.transforms import CheckedLoadImage, CheckSegMap  # noqa: E402
 
 __all__ = [
-    'AlignGradientStrides', 'CheckSegMap', 'CheckTrainingImages', 'CheckedIoUMetric', 'CheckedLoadImage', 'MMSegMPViT',
-    'StopOnNonFiniteLoss', 'load_segmentor_weights', 'resolve_arch',
+    'AlignGradientStrides', 'CheckLoadedWeights', 'CheckSegMap', 'CheckTrainingImages', 'CheckedIoUMetric',
+    'CheckedLoadImage', 'MMSegMPViT', 'StopOnNonFiniteLoss', 'load_segmentor_weights', 'resolve_arch',
 ]

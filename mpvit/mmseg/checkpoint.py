@@ -20,7 +20,20 @@ from mmengine.utils import apply_to
 from mpvit.checkpoint import check_fit, read_checkpoint, require_task_weights, unwrap_checkpoint
 from mpvit.serialization import safe_load_stream
 
-__all__ = ['load_segmentor_weights']
+__all__ = ['last_read', 'load_segmentor_weights']
+
+_LAST_READ = ['']
+
+
+def last_read() -> str:
+    """The checkpoint mmengine read last through this module (for messages of the hooks that check it)."""
+    return _LAST_READ[0]
+
+
+def _read(source: str, map_location: Any) -> Any:
+    checkpoint = _on_device(read_checkpoint(source), map_location)
+    _LAST_READ[0] = source
+    return checkpoint
 
 
 def _on_device(checkpoint: Any, map_location: Any) -> Any:
@@ -33,14 +46,15 @@ def _on_device(checkpoint: Any, map_location: Any) -> Any:
 
 def _load_without_code(filename: str, map_location: Any = None) -> Any:
     """mmengine's checkpoint loader for local files, URLs and ``hf-hub:`` ids."""
-    return _on_device(read_checkpoint(filename), map_location)
+    return _read(filename, map_location)
 
 
 def _safe_torch_load(file: Any, map_location: Any = None, weights_only: Any = None) -> Any:
     """Stands in for mmengine's ``_safe_torch_load`` (which falls back to full unpickling) under its
     other schemes: a path as any checkpoint here, a stream (s3, petrel) by the same allowlist."""
     if isinstance(file, (str, os.PathLike)):
-        return _on_device(read_checkpoint(os.fspath(file)), map_location)
+        return _read(os.fspath(file), map_location)
+    _LAST_READ[0] = 'the checkpoint stream'
     return _on_device(safe_load_stream(file), map_location)
 
 
@@ -48,7 +62,7 @@ def _load_url(url: str, model_dir: Any = None, map_location: Any = None, progres
               check_hash: bool = False, file_name: Any = None) -> Any:
     """Stands in for mmengine's ``load_url`` (torch.hub's, full unpickling) under ``torchvision://``,
     ``open-mmlab://``, ``mmcls://`` ...: the URL is found or downloaded as every other one."""
-    return _on_device(read_checkpoint(url), map_location)
+    return _read(url, map_location)
 
 
 def _make_mmengine_safe() -> None:

@@ -1,5 +1,6 @@
 """The configs' mmengine hooks (``custom_hooks``), registered with ``mmseg.registry.HOOKS`` on import:
-the drivers' divergence rule and a training set that cannot be read, both stopped in one line."""
+the drivers' divergence rule, weights that are no usable weights (``load_from``, ``--resume``) and a
+training set that cannot be read, each stopped in one line."""
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -7,7 +8,9 @@ from typing import Any, Dict
 from mmengine.hooks import Hook
 from mmseg.registry import HOOKS
 
+from mpvit.checkpoint import check_usable, unwrap_checkpoint
 from mpvit.images import check_some_readable
+from mpvit.mmseg.checkpoint import last_read
 from mpvit.training import LossWatch, align_gradient_strides
 
 
@@ -32,6 +35,19 @@ class StopOnNonFiniteLoss(Hook):
         # A finite loss may still have been followed by a step that made the weights non-finite.
         where = f"iteration {checkpoint.get('meta', {}).get('iter', runner.iter)}"
         self.watch.check_weights(checkpoint.get('state_dict', {}), where)
+
+
+@HOOKS.register_module()
+class CheckLoadedWeights(Hook):
+    """``load_from`` / ``--resume``: refuse a checkpoint whose weights are not finite, hold no data or are
+    integers where the model has floats (:func:`mpvit.checkpoint.check_usable`), before mmengine copies
+    them into the model (its ``load_state_dict`` would cast them silently)."""
+
+    priority = 'VERY_HIGH'
+
+    def after_load_checkpoint(self, runner, checkpoint: Dict) -> None:
+        model = getattr(runner.model, 'module', runner.model)
+        check_usable(unwrap_checkpoint(checkpoint), model.state_dict(), last_read() or 'the loaded checkpoint')
 
 
 @HOOKS.register_module()
