@@ -102,7 +102,7 @@ def test_checkpoint_errors_and_backbone_init(tmp_path):
         build_deformable_detr('mpvit_huge')
 
 
-def test_weights_that_are_none_are_refused_head_and_backbone(tmp_path):
+def test_weights_that_are_none_are_refused_head_and_backbone(tmp_path, released):
     """NaN, integer and meta tensors used to load (cast, or a torch traceback) and predict nothing."""
     model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
     state = model.state_dict()
@@ -115,6 +115,12 @@ def test_weights_that_are_none_are_refused_head_and_backbone(tmp_path):
                 load_detector_weights(model, {'model': {**state, key: bad}}, new_head=new_head)
             with pytest.raises(CheckpointError, match=rf'{re.escape(key)} .*{match}'):
                 load_detector_weights(model, {'model': {**state, key: bad}}, strict=False, new_head=new_head)
+    original = torch.load(released, weights_only=True)['model']
+    key = next(k for k in original if k.startswith('transformer.') and k.endswith('.weight'))
+    torch.save({'model': {**original, key: original[key].int()}}, tmp_path / 'int.pth')
+    with pytest.raises(CheckpointError, match=r'int.pth: \S+ is torch.int32 where a floating-point one belongs'):
+        load_script('tools/convert_deformable_detr.py').main([str(tmp_path / 'int.pth'), str(tmp_path / 'c.pth')])
+    assert not list(tmp_path.glob('c.*'))
 
 
 def _layouts(weights):

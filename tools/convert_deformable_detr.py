@@ -12,11 +12,9 @@ import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this 
 
 import argparse
 
-import torch
-
-from mpvit.checkpoint import CheckpointError, read_checkpoint, unwrap_checkpoint
+from mpvit.checkpoint import CheckpointError, check_usable, read_checkpoint, unwrap_checkpoint
 from mpvit.deformable_detr.checkpoint import convert_original_state_dict, is_original_layout
-from mpvit.training import user_errors_in_one_line
+from mpvit.training import save_atomic, user_errors_in_one_line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     if not is_original_layout(state):
         raise CheckpointError(f'{args.src} is not in the original Deformable DETR layout (no transformer.* keys)')
     converted = convert_original_state_dict(state)
-    torch.save({'model': converted}, args.dst)
+    check_usable(converted, None, args.src)  # no file is written from weights no model could use
+    save_atomic({'model': converted}, args.dst)
     print(f'{len(state)} tensors -> {len(converted)} tensors: {args.dst}')
 
 
