@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-__all__ = ['DivergenceError', 'InvalidInputError', 'MissingFileError', 'UnknownNameError', 'UserError', 'first_few']
+__all__ = ['CheckpointError', 'DivergenceError', 'InvalidInputError', 'MissingFileError', 'UnknownNameError',
+           'UserError', 'first_few']
 
 
 def first_few(items: Iterable[object], show: int = 5) -> str:
@@ -39,6 +40,10 @@ class UnknownNameError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ''
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read, may not be read, or whose tensors do not fit the model."""
 
 
 class DivergenceError(UserError, FloatingPointError):

@@ -35,14 +35,10 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Mapping, Tuple
 import torch
 
 from mpvit import safe_numpy
-from mpvit.errors import MissingFileError, UserError
+from mpvit.errors import CheckpointError, MissingFileError
 
 __all__ = ['CheckpointError', 'atomic_file', 'check_container', 'ensure_checkpoint_file', 'load_dropping_objects',
            'safe_load', 'safe_load_stream', 'safe_globals', 'save_safetensors', 'tensors_for_safetensors', 'verify_zip']
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be read, may not be read, or whose tensors do not fit the model."""
 
 
 def _numpy_globals() -> List[Union[Callable, Tuple[Callable, str]]]:

@@ -68,3 +68,20 @@ def test_the_authors_registry_import_still_resolves():
         warnings.simplefilter('ignore', FutureWarning)
         import timm.models.registry as registry
     assert callable(registry.register_model)
+
+
+def test_the_network_file_imports_no_weights_code():
+    """``mpvit/models/mpvit.py`` is the paper's network: torch, timm and the project's small layers at module level
+    (the weights code is imported only inside timm's ``load_pretrained`` hook), so ``models/`` does not sit above
+    the weights code."""
+    tree = ast.parse((REPO / 'mpvit/models/mpvit.py').read_text(encoding='utf-8'))
+    imported = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            imported.add('.' * node.level + (node.module or ''))
+            imported |= {f'{node.module}.{alias.name}' for alias in node.names if node.module == 'mpvit'}
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+    allowed = {'mpvit.errors', '._aliases'}
+    ours = {name for name in imported if name.startswith(('mpvit', '.'))}
+    assert ours <= allowed, ours - allowed

@@ -13,6 +13,7 @@ from helpers import load_script
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpvit
+from mpvit.models.batched_paths import BatchedMHCAStage, _stack_params_once, paths_batchable
 from mpvit.models.mpvit import (
     ConvRelPosEnc,
     FactorAttnConvRelPosEnc,
@@ -20,7 +21,6 @@ from mpvit.models.mpvit import (
     MHCAEncoder,
     MHCAStage,
     _softmax,
-    _stack_params_once,
     fold_batchnorm,
 )
 
@@ -47,6 +47,13 @@ def _model(variant: str, **kwargs) -> nn.Module:
                 module.weight.normal_(1, 0.1)
                 module.bias.normal_(0, 0.05)
     return model
+
+
+def _batched_stage(*args, **kwargs) -> MHCAStage:
+    """An MHCAStage with the batched execution installed."""
+    stage = mpvit.set_batch_paths(MHCAStage(*args, **kwargs), 'always')
+    assert type(stage) is BatchedMHCAStage
+    return stage
 
 
 def _assert_close(fast: torch.Tensor, slow: torch.Tensor) -> None:
@@ -263,8 +270,8 @@ def test_attention_context_stays_in_the_autocast_dtype(batched):
     """The head mask is exact in bf16 and the scale goes to the product's alpha: masking the [C, C] context
     writes no float32 copy of it (nor casts it back)."""
     torch.manual_seed(0)
-    stage = MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.],
-                      batch_paths='always' if batched else 'never').eval()
+    stage = mpvit.set_batch_paths(MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.]),
+                                  'always' if batched else 'never').eval()
     inputs = [torch.randn(2, 32, 5, 5) for _ in range(3)]
     attention = stage.mhca_blks[0].MHCA_layers[0].factoratt_crpe
     tokens = inputs[0].permute(0, 2, 3, 1)
@@ -298,8 +305,8 @@ class _ActivationWrites(TorchDispatchMode):
 
 def _backward_activation_writes(op: torch._ops.OpOverload, num_layers: int, drop_path: float = 0.) -> int:
     torch.manual_seed(0)
-    stage = MHCAStage(32, 32, num_layers, num_heads=8, mlp_ratio=2., num_path=3,
-                      drop_path_list=[drop_path] * num_layers, batch_paths='always').train()
+    stage = _batched_stage(32, 32, num_layers, num_heads=8, mlp_ratio=2., num_path=3,
+                      drop_path_list=[drop_path] * num_layers).train()
     inputs = [torch.randn(4, 32, 8, 8).to(memory_format=torch.channels_last).requires_grad_() for _ in range(3)]
     out = stage(inputs).sum()
     counter = _ActivationWrites(op, 3 * 4 * 32 * 8 * 8)
@@ -351,8 +358,7 @@ def test_batched_linear_weight_gradients_come_in_their_own_layout():
     """Batched, the products' weight gradients are written ``[P, out, in]``, the stacked weights' layout: none is
     copied on its way back to the parameters (autograd's product backward wrote ``[P, in, out]``)."""
     torch.manual_seed(0)
-    stage = MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.],
-                      batch_paths='always').train()
+    stage = _batched_stage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.]).train()
     inputs = [torch.randn(4, 32, 8, 8).to(memory_format=torch.channels_last) for _ in range(3)]
     layer = stage.mhca_blks[0].MHCA_layers[0]
     weights = [layer.factoratt_crpe.qkv.weight, layer.factoratt_crpe.proj.weight, layer.mlp.fc1.weight,
@@ -371,8 +377,7 @@ def _stacking_bytes() -> tuple:
     """Bytes one stage's parameter stacking writes under bf16 autocast (forward; backward from given gradients),
     the number of elements stacked, and how many of those are conv kernels (their preparation writes extra)."""
     torch.manual_seed(0)
-    stage = MHCAStage(32, 32, 2, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.] * 2,
-                      batch_paths='always').train()
+    stage = _batched_stage(32, 32, 2, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.] * 2).train()
     op_counter = load_script('tools/count_ops.py').OpCounter
     counter = op_counter()
     with torch.autocast('cpu', dtype=torch.bfloat16), counter:
@@ -403,8 +408,8 @@ def test_batched_training_composes_with_torch_func_and_double_backward():
     ``create_graph=True``) and run under ``torch.func.vmap`` (per-sample gradients): the same gradients as the
     paths one by one."""
     torch.manual_seed(0)
-    stages = {mode: MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.],
-                              batch_paths=mode) for mode in ('always', 'never')}
+    stages = {mode: mpvit.set_batch_paths(MHCAStage(32, 32, 1, num_heads=8, mlp_ratio=2., num_path=3,
+                                                    drop_path_list=[0.]), mode) for mode in ('always', 'never')}
     stages['never'].load_state_dict(stages['always'].state_dict())
     inputs = [torch.randn(2, 32, 5, 5) for _ in range(3)]
     results = {}
@@ -441,19 +446,17 @@ def test_batched_stochastic_depth_follows_the_drop_path_modules():
     """The batched form draws through each layer's DropPath in that module's own mode (as the per-path forward
     does), and still batches when a DropPath was swapped for an Identity to turn it off."""
     torch.manual_seed(0)
-    stage = MHCAStage(16, 16, 1, num_heads=8, mlp_ratio=2., num_path=2, drop_path_list=[0.5],
-                      batch_paths='always').eval()
+    stage = _batched_stage(16, 16, 1, num_heads=8, mlp_ratio=2., num_path=2, drop_path_list=[0.5]).eval()
     inputs = [torch.randn(8, 16, 4, 4) for _ in range(2)]
     with torch.no_grad():
         plain = stage(inputs)
         for encoder in stage.mhca_blks:
             encoder.MHCA_layers[0].drop_path.train()  # stochastic depth at inference, on purpose
-        assert stage.paths_batchable()
         assert not torch.equal(stage(inputs), plain)
         for encoder in stage.mhca_blks:
             encoder.MHCA_layers[0].drop_path = nn.Identity()
         stage.train()
-        assert stage.paths_batchable()
+        assert paths_batchable(stage) == ''
         batched = stage(inputs)
         torch.testing.assert_close(mpvit.set_batch_paths(stage, 'never')(inputs), batched)
 
@@ -516,8 +519,8 @@ def test_cuda_autocast_layer_norm_is_bf16():
 def _stage_kernels(num_path: int, num_layers: int, train: bool, fast: bool = True) -> int:
     """Kernels (non-view aten ops) one MHCAStage dispatches for a forward (and backward when ``train``)."""
     torch.manual_seed(0)
-    stage = MHCAStage(32, 48, num_layers, num_heads=8, mlp_ratio=2., num_path=num_path,
-                      drop_path_list=[0.] * num_layers, fast_ops=fast, batch_paths='always').train(train)
+    stage = _batched_stage(32, 48, num_layers, num_heads=8, mlp_ratio=2., num_path=num_path,
+                      drop_path_list=[0.] * num_layers, fast_ops=fast).train(train)
     inputs = [torch.randn(2, 32, 6, 6, requires_grad=train) for _ in range(num_path)]
     counter = load_script('tools/count_ops.py').OpCounter()
     with counter, torch.set_grad_enabled(train):
@@ -540,7 +543,7 @@ def test_paths_of_a_stage_run_as_one_batch(train):
 def test_drop_path_draws_per_path_and_sample():
     """Batched, stochastic depth still drops each path of each sample on its own (as one DropPath per path)."""
     torch.manual_seed(0)
-    stage = MHCAStage(16, 16, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.5]).train()
+    stage = _batched_stage(16, 16, 1, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.5]).train()
     with torch.no_grad():  # the same weights in every path
         for encoder in stage.mhca_blks[1:]:
             for mine, first in zip(encoder.parameters(), stage.mhca_blks[0].parameters()):
@@ -554,12 +557,11 @@ def test_drop_path_draws_per_path_and_sample():
     assert differs_across_paths > 32 and len(samples) > 1
 
 
-def test_wrapped_or_hooked_path_modules_run_path_by_path():
+def test_wrapped_or_hooked_path_modules_keep_the_stage_per_path():
     """The batched form reads the paths' parameters: a module it cannot stand for (a LoRA-style wrapper, a
-    forward hook) must still take effect, so the stage then runs its paths through their modules."""
+    forward hook) must still take effect, so installing it leaves such a stage per-path, with a warning."""
     torch.manual_seed(0)
-    stage = MHCAStage(32, 32, 2, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0., 0.],
-                      batch_paths='always').eval()
+    stage = MHCAStage(32, 32, 2, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0., 0.]).eval()
     inputs = [torch.randn(2, 32, 5, 5) for _ in range(3)]
     with torch.no_grad():
         plain = stage(inputs)
@@ -572,19 +574,23 @@ def test_wrapped_or_hooked_path_modules_run_path_by_path():
         def forward(self, x):
             return 2 * self.linear(x)
 
-    assert stage.paths_batchable()
     layer = stage.mhca_blks[1].MHCA_layers[0]
     fc2 = layer.mlp.fc2
     layer.mlp.fc2 = Scaled(fc2)
-    assert not stage.paths_batchable()
+    with pytest.warns(UserWarning, match=r'mhca_blks\.1\.MHCA_layers\.0 has a module that is wrapped'):
+        mpvit.set_batch_paths(stage, 'always')
+    assert type(stage) is MHCAStage
     with torch.no_grad():
         wrapped = stage(inputs)
         layer.mlp.fc2 = fc2
-        assert stage.paths_batchable()
-        torch.testing.assert_close(stage(inputs), plain)
         handle = layer.norm1.register_forward_hook(lambda module, args, out: out * 0)
+        with pytest.warns(UserWarning, match='has a forward hook'):
+            mpvit.set_batch_paths(stage, 'always')
+        assert type(stage) is MHCAStage
         hooked = stage(inputs)
         handle.remove()
+        assert type(mpvit.set_batch_paths(stage, 'always')) is BatchedMHCAStage
+        torch.testing.assert_close(stage(inputs), plain)
     assert not torch.allclose(wrapped, plain) and not torch.allclose(hooked, plain)
 
 
@@ -595,22 +601,28 @@ def test_meta_device_forward_at_any_batch():
     assert [tuple(o.shape) for o in out] == [(2, 96, 16, 16), (2, 176, 8, 8), (2, 216, 4, 4), (2, 216, 2, 2)]
 
 
-def test_paths_batch_on_accelerators_and_when_asked(monkeypatch):
-    """'auto' batches a stage's paths on every device but the CPU (compute-bound: oneDNN's per-path products
-    are faster there); 'always' / 'never' force it; a mode that does not exist is a one-line error."""
+def test_paths_run_one_by_one_unless_batching_is_installed(monkeypatch):
+    """Per-path on every device by default and with 'auto' (the batched form was never measured faster on a
+    GPU); 'always' installs it on every stage, keeping the parameters, keys and outputs, and 'never' removes
+    it; a mode that does not exist is a one-line error."""
     calls = []
-    batched = MHCAStage.forward_paths
-    monkeypatch.setattr(MHCAStage, 'forward_paths', lambda self, inputs: calls.append(1) or batched(self, inputs))
+    batched = BatchedMHCAStage.forward_paths
+    monkeypatch.setattr(BatchedMHCAStage, 'forward_paths',
+                        lambda self, inputs: calls.append(1) or batched(self, inputs))
     model = timm.create_model('mpvit_tiny').eval()
+    stages = list(model.mhca_stages)
+    state = model.state_dict()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        auto = model(x)
-        assert calls == []
-        torch.testing.assert_close(mpvit.set_batch_paths(model, 'always')(x), auto)
-        assert len(calls) == 4
+        plain = model(x)
+        assert calls == [] and {type(s) for s in model.mhca_stages} == {MHCAStage}
+        torch.testing.assert_close(mpvit.set_batch_paths(model, 'always')(x), plain)
+        assert len(calls) == 4 and {type(s) for s in model.mhca_stages} == {BatchedMHCAStage}
+        assert list(model.mhca_stages) == stages  # the same modules, swapped in place
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
         mpvit.set_batch_paths(model, 'auto').to('meta')(torch.empty(1, 3, 64, 64, device='meta'))
-    assert len(calls) == 8  # not the CPU: batched
+    assert len(calls) == 4 and {type(s) for s in model.mhca_stages} == {MHCAStage}  # not on 'meta' either
+    assert mpvit.set_batch_paths(model, 'never') is model and {type(s) for s in model.mhca_stages} == {MHCAStage}
     with pytest.raises(mpvit.UserError, match="batch_paths must be one of"):
         mpvit.set_batch_paths(model, 'sometimes')
-    with pytest.raises(mpvit.UserError, match="batch_paths must be one of"):
-        MHCAStage(16, 16, 1, num_heads=8, mlp_ratio=2., num_path=2, drop_path_list=[0.], batch_paths='yes')

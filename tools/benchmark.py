@@ -18,7 +18,7 @@ Two kinds of ratio are printed, both measured, never assumed:
   float32 LayerNorm under autocast, NCHW maps) in the same run, and prints
   fast / textbook per configuration; ``--impl paths`` times the optimised ops with a
   stage's transformer paths as one batch and path by path (the default form batches
-  them on a GPU, not on the CPU: ``mpvit.set_batch_paths``), and ``all`` the three.
+  them nowhere until a GPU run shows it faster: ``mpvit.set_batch_paths``), and ``all`` the three.
 - ``--reference-file mpvit.py`` (the authors' model file, youngwanLEE/MPViT; not
   shipped here) also times the reference implementation of each MPViT variant in
   the same run (with ``--features``, its stem and stages), and divides ours by it.
@@ -59,7 +59,7 @@ REFERENCE_H100 = {
 TARGETS = {'bf16': 2.5, 'bf16_cl': 2.5, 'bf16_cl_compile': 2.0, 'train': 2.0}
 
 # --impl: which of MPViT's formulations are timed, side by side.
-# 'fast' is the default: a stage's paths batched on a GPU, one by one on the CPU (mpvit.set_batch_paths).
+# 'fast' is the default: a stage's paths one by one on every device (batched only if installed: mpvit.set_batch_paths).
 IMPLS = {'fast': ['fast'], 'textbook': ['textbook'], 'per-path': ['per-path'], 'batched': ['batched'],
          'both': ['textbook', 'fast'], 'paths': ['per-path', 'batched'], 'all': ['textbook', 'per-path', 'batched']}
 FAST = ('fast', 'batched')  # the optimised ops, which the targets are for (per-path rows get ratios only)

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mpvit.models.mpvit import MHCAStage, _autocast_dtype
+from mpvit.models.batched_paths import BatchedMHCAStage
+from mpvit.models.mpvit import _autocast_dtype
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from benchmark import FAST, IMPLS, create, load_reference  # noqa: E402  (tools/, beside this file)
@@ -146,7 +147,7 @@ def weight_preparation(model: torch.nn.Module, x: torch.Tensor, amp: str) -> Dic
     with torch.no_grad(), _autocast(x.device, amp):
         dtype = _autocast_dtype(x)
         with counter:
-            for stage in (m for m in model.modules() if isinstance(m, MHCAStage) and m.fast_ops and m._batches(x)):
+            for stage in (m for m in model.modules() if isinstance(m, BatchedMHCAStage) and m.fast_ops):
                 stage._stage_weights(dtype)
     return dict(weight_prep_ops=counter.kernels, weight_prep_mib=counter.bytes_written / 2 ** 20)
 
@@ -213,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument('--features', action='store_true', help='the features_only backbone (dense-task shapes)')
     parser.add_argument('--impl', choices=list(IMPLS), default='batched',
                         help="MPViT's formulations to count, as tools/benchmark.py's --impl (default: the paths "
-                             "batched, the form a GPU runs)")
+                             "batched: the opt-in form, mpvit.set_batch_paths)")
     parser.add_argument('--reference-file', help="the authors' mpvit.py: count its variants in the same run")
     parser.add_argument('--top', action='store_true', help='also print the most frequent ops of each row')
     parser.add_argument('--device', default='cpu')

@@ -20,38 +20,30 @@ forms add multiply-by-zero work) and what ``set_fast_ops(model, False)``
 switches back to. Tracing runs whichever form the flags say.
 ``MPViT.fuse()`` re-parameterises a model for inference.
 
+Beside it: ``factory.py`` (timm registration, pretrained configs), ``_aliases.py``
+(the alias keys' state-dict hooks) and ``batched_paths.py`` (a stage's paths as
+one batch: opt-in, installed by ``mpvit.set_batch_paths``).
+
 Paper: https://arxiv.org/abs/2112.11010
 """
 
-import os
-import weakref
 from contextlib import nullcontext
 from typing import Callable, Dict, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, fast_layer_norm, register_notrace_module, trunc_normal_
 from timm.layers import LayerNorm as TimmLayerNorm
-from timm.models import (
-    FeatureInfo,
-    build_model_with_cfg,
-    checkpoint,
-    generate_default_cfgs,
-    register_model,
-    resolve_pretrained_cfg,
-)
+from timm.models import FeatureInfo, checkpoint
 from timm.models._features import feature_take_indices  # private (no public export): tests/test_dependencies.py
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from mpvit import model_zoo
-from mpvit.checkpoint import CheckpointError, checkpoint_filter_fn, load_backbone_weights, local_checkpoint
-from mpvit.errors import InvalidInputError
-from mpvit.weights import HUB_PREFIX
+from mpvit.errors import CheckpointError, InvalidInputError
 
-__all__ = ['MPViT', 'MPVIT_ARCHS', 'MPViTFeatures', 'checkpoint_filter_fn', 'find_mpvit', 'fold_batchnorm',
-           'mpvit_arch', 'set_batch_paths', 'set_fast_ops']
+from ._aliases import copy_shared_aliases, resolve_alias_copies
+
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'MPViTFeatures', 'find_mpvit', 'fold_batchnorm', 'mpvit_arch', 'set_fast_ops']
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -109,7 +101,13 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module) -> Optional[nn.Conv2d]:
 
 
 class Conv2dBN(nn.Module):
-    """Conv (no bias) -> norm -> optional activation (``conv``, ``bn`` in checkpoints)."""
+    """Conv (no bias) -> norm -> optional activation (``conv``, ``bn`` in checkpoints).
+
+    Args:
+        in_chs, out_chs, kernel_size, stride, padding: the conv's.
+        norm_layer: factory ``(num_channels) -> module`` of the norm (BatchNorm2d by default).
+        act_layer: activation factory, or None for none.
+    """
 
     def __init__(
             self,
@@ -138,7 +136,14 @@ class Conv2dBN(nn.Module):
 
 
 class DWConv2dBN(nn.Module):
-    """Depthwise kxk -> pointwise 1x1 -> norm -> Hardswish: one step of a patch-embedding chain."""
+    """Depthwise kxk -> pointwise 1x1 -> norm -> Hardswish: one step of a patch-embedding chain.
+
+    Args:
+        in_chs, out_chs: channels (the depthwise conv has ``out_chs`` groups).
+        kernel_size, stride: the depthwise conv's (padding keeps the size at stride 1).
+        norm_layer: factory ``(num_channels) -> module`` of the norm (BatchNorm2d by default).
+        act_layer: activation factory.
+    """
 
     def __init__(
             self,
@@ -169,6 +174,14 @@ class DWConv2dBN(nn.Module):
 
 
 class DWCPatchEmbed(nn.Module):
+    """One patch embedding (``patch_conv`` in checkpoints): a depthwise-separable 3x3 conv-BN.
+
+    Args:
+        dim: channels in and out.
+        stride: 2 for the first embedding of a downsampling stage, else 1.
+        norm_layer: factory ``(num_channels) -> module`` of the norm (BatchNorm2d by default).
+    """
+
     def __init__(self, dim: int, stride: int = 1, norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
         self.patch_conv = DWConv2dBN(dim, dim, 3, stride, norm_layer=norm_layer)
@@ -182,6 +195,12 @@ class PatchEmbedStage(nn.Module):
 
     Path j sees j + 1 stacked 3x3 convs (receptive field 3, 5, 7, ...), which is
     how the paper gets coarse-to-fine token scales at equal sequence length.
+
+    Args:
+        dim: channels in and out.
+        num_path: paths (outputs).
+        downsample: stride 2 in the first conv (every stage but the first).
+        norm_layer: factory ``(num_channels) -> module`` of the norm (BatchNorm2d by default).
     """
 
     def __init__(self, dim: int, num_path: int, downsample: bool, norm_layer: NormLayer = nn.BatchNorm2d):
@@ -213,30 +232,6 @@ def set_fast_ops(model: nn.Module, enable: bool = True) -> nn.Module:
     return model
 
 
-BATCH_PATHS = ('auto', 'always', 'never')
-
-
-def _check_batch_paths(mode: str) -> None:
-    if mode not in BATCH_PATHS:
-        raise InvalidInputError(f'batch_paths must be one of {BATCH_PATHS} (got {mode!r})')
-
-
-def set_batch_paths(model: nn.Module, mode: str = 'auto') -> nn.Module:
-    """Whether the fast ops run each stage's transformer paths as one batch (see :class:`MHCAStage`) in every
-    MPViT inside ``model``; returns ``model``.
-
-    ``'auto'`` (the default) batches them on every device but the CPU. A GPU is bound by the number of ops
-    it launches, which batching cuts by the number of paths; a CPU is bound by arithmetic, and its
-    per-path products (oneDNN ``linear``) are faster than its batched ones (``baddbmm``). ``'always'`` /
-    ``'never'`` force either (``tools/count_ops.py`` counts the batched form on the CPU this way).
-    """
-    _check_batch_paths(mode)
-    for module in model.modules():
-        if isinstance(module, MHCAStage):
-            module.batch_paths = mode
-    return model
-
-
 @register_notrace_module  # fx leaf: fast_layer_norm asks for the autocast state, which a symbolic trace cannot
 class LayerNorm(TimmLayerNorm):
     """timm's LayerNorm with its fast-norm choice made per module (``fast_ops``) instead of by timm's global.
@@ -244,6 +239,11 @@ class LayerNorm(TimmLayerNorm):
     Fast, it stays in the autocast dtype: native CUDA autocast runs LayerNorm in
     float32, which writes a float32 copy of the tokens only for the next Linear
     to cast it back. The kernel accumulates in float32 either way.
+
+    Args:
+        dim: normalised width.
+        eps: added to the variance.
+        fast_ops: the autocast-dtype kernel (True) or the textbook ``F.layer_norm``.
     """
 
     fast_ops: Final[bool]
@@ -285,6 +285,11 @@ class ConvPosEnc(nn.Module):
 
     The residual is folded into the kernel (+1 at the centre tap), which is the
     same sum in one pass over memory instead of a conv and an add.
+
+    Args:
+        dim: channels.
+        kernel_size: of the depthwise conv.
+        fast_ops: the residual in the kernel (True) or a conv and an add.
     """
     fast_ops: Final[bool]
 
@@ -325,6 +330,12 @@ class ConvRelPosEnc(nn.Module):
     (``window`` maps kernel size -> number of heads). The groups run as one
     depthwise conv whose smaller kernels are zero-padded to the largest size:
     the same math, without splitting and re-concatenating the channels.
+
+    Args:
+        head_dim: channels per head.
+        num_heads: heads, all covered by ``window``.
+        window: kernel size -> heads that use it (the reference's ``{3: 2, 5: 3, 7: 3}``).
+        fast_ops: one zero-padded conv (True) or one conv per group.
     """
     fast_ops: Final[bool]
 
@@ -406,6 +417,13 @@ class FactorAttnConvRelPosEnc(nn.Module):
     and the output is one batched matmul that also adds the CRPE term. The
     extra FLOPs go to tensor cores; the copies it avoids were memory traffic,
     which is what bounds this model on a GPU.
+
+    Args:
+        dim: width.
+        num_heads: heads.
+        shared_crpe: the encoder's CRPE (shared by its layers; ``crpe`` in checkpoints).
+        qkv_bias: bias of the q / k / v projection.
+        fast_ops: the block-diagonal form (True) or the per-head einsums.
     """
 
     fast_ops: Final[bool]
@@ -467,209 +485,17 @@ def _head_mask(num_heads: int, dtype: torch.dtype, device: torch.device) -> torc
     return torch.eye(num_heads, dtype=dtype, device=device).view(1, num_heads, 1, num_heads, 1)
 
 
-def _path_norm(x: torch.Tensor, num_paths: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """Each path's LayerNorm on ``[B, H, W, P, C]`` as one group norm with P groups over the ``P * C`` channels
-    of a token (per-channel affine ``[P * C]``: each path's own); ``[B * H * W, P * C]`` out. In the autocast
-    dtype under autocast, as :class:`LayerNorm`. ``num_paths`` is a Python int, not read off the shape: a
-    traced group count is not a constant to ONNX."""
-    tokens = x.flatten(0, 2).flatten(1)
-    # torch.group_norm: F.group_norm's Python batch-size check turns traced sizes into constants.
-    if torch.jit.is_scripting() or dtype is None:
-        return torch.group_norm(tokens, num_paths, weight, bias, eps, False)
-    with torch.autocast(x.device.type, enabled=False):
-        return torch.group_norm(tokens.to(dtype), num_paths, weight, bias, eps, False)
-
-
-def _qkv_products(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  training: bool = False) -> List[torch.Tensor]:
-    """q, k and v of every path, ``[P, M, C]`` each: three batched products of ``y`` ``[P, M, C]`` with the
-    paths' stacked ``[P, 3 * C, C]`` qkv weights. Three products rather than one and three strided views:
-    q, k and v come out contiguous, which the softmax and the CRPE conv would otherwise copy to get.
-    ``training``: by :class:`_QKVProducts`."""
-    if training:
-        return _qkv_products_accumulating(y, weight, bias)
-    weights = weight.chunk(3, dim=1)
-    biases = bias.unsqueeze(1).chunk(3, dim=2)
-    return [torch.baddbmm(biases[i], y, weights[i].transpose(1, 2)) for i in range(3)]
-
-
-class _QKVProducts(torch.autograd.Function):
-    """:func:`_qkv_products` whose backward accumulates ``y``'s gradient in place (one ``bmm``, two ``baddbmm_``)
-    instead of three products and two adds of activation-sized tensors. (Forward and ``setup_context`` apart,
-    so that torch.func's transforms accept it.)"""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-        return tuple(_qkv_products(y, weight, bias))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        y, weight, _ = inputs
-        ctx.save_for_backward(y, weight)
-
-    @staticmethod
-    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
-        y, weight = ctx.saved_tensors
-        grads, weights = (grad_q, grad_k, grad_v), weight.chunk(3, dim=1)
-        grad_y = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_y = torch.bmm(grad_q, weights[0])
-            if torch.is_grad_enabled():  # a backward that builds a graph: out of place (vmap has no in-place rule)
-                grad_y = torch.baddbmm(torch.baddbmm(grad_y, grad_k, weights[1]), grad_v, weights[2])
-            else:
-                grad_y = grad_y.baddbmm_(grad_k, weights[1]).baddbmm_(grad_v, weights[2])
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.cat([torch.bmm(g.transpose(1, 2), y) for g in grads], dim=1)
-        if ctx.needs_input_grad[2]:
-            grad_bias = torch.cat([g.sum(1) for g in grads], dim=1)
-        return grad_y, grad_weight, grad_bias
-
-
-def _path_linear(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, training: bool = False) -> torch.Tensor:
-    """Each path's Linear on ``y`` ``[P, M, in]``: one batched product with the stacked ``[P, out, in]`` weights.
-    ``training``: by :class:`_PathLinear`."""
-    if training:
-        return _path_linear_own_layout(y, weight, bias)
-    return torch.baddbmm(bias.unsqueeze(1), y, weight.transpose(1, 2))
-
-
-class _PathLinear(torch.autograd.Function):
-    """:func:`_path_linear` whose weight gradient is written ``[P, out, in]``, the weight's own layout (autograd's
-    ``baddbmm`` backward writes the transposed operand's ``[P, in, out]``, which then takes a copy to get back)."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return _path_linear(y, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        y, weight, _ = inputs
-        ctx.save_for_backward(y, weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        y, weight = ctx.saved_tensors
-        grad_y = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.bmm(grad.transpose(1, 2), y) if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(1) if ctx.needs_input_grad[2] else None
-        return grad_y, grad_weight, grad_bias
-
-
-@torch.jit.unused
-def _path_linear_own_layout(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """:func:`_path_linear` for training (an autograd function: not for TorchScript or tracing)."""
-    return _PathLinear.apply(y, weight, bias)
-
-
-class _MulInOwnLayouts(torch.autograd.Function):
-    """``a * b`` (same shape) whose backward writes each operand's gradient in that operand's own memory layout.
-    Autograd's ``mul`` backward writes both in the output's, and a permuted view's gradient then takes a copy
-    back (the CRPE conv's output, read path-major, is one)."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a * b
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        a, b = ctx.saved_tensors
-        grad_a = _mul_into_layout(grad, b, a) if ctx.needs_input_grad[0] else None
-        grad_b = _mul_into_layout(grad, a, b) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
-
-
-def _mul_into_layout(x: torch.Tensor, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``x * y`` written in ``like``'s memory layout. A backward that builds a graph (double backward, torch.func)
-    gets the plain product (``out=`` is not differentiable), and so does torch.compile (which chooses layouts
-    itself, and whose Dynamo refuses a strided ``out=``)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return x * y
-    return torch.mul(x, y, out=torch.empty_like(like))
-
-
-@torch.jit.unused
-def _mul_in_own_layouts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """:class:`_MulInOwnLayouts` (an autograd function: not for TorchScript or tracing)."""
-    return _MulInOwnLayouts.apply(a, b)
-
-
-class _StackParams(torch.autograd.Function):
-    """``torch.cat(pieces).to(dtype).split(sizes)`` writing each element once each way: one fused copy-and-cast
-    over all the pieces (``torch._foreach_copy_``, a few kernels on CUDA) into one buffer, and in the backward
-    the gradients likewise into one buffer of the pieces' dtype, handed back as views of it. (The composite
-    writes the float32 concatenation, then its cast; the backward concatenates, then casts.)"""
-
-    @staticmethod
-    def forward(dtype: torch.dtype, sizes: List[int], *pieces: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        numels = [piece.numel() for piece in pieces]
-        flat = pieces[0].new_empty(sum(numels), dtype=dtype)
-        torch._foreach_copy_(flat.split(numels), pieces)
-        return flat.split(sizes)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        _, sizes, *pieces = inputs
-        ctx.sizes, ctx.numels, ctx.dtype = sizes, [piece.numel() for piece in pieces], pieces[0].dtype
-
-    @staticmethod
-    def vmap(info, in_dims, dtype: torch.dtype, sizes: List[int], *pieces: torch.Tensor):
-        """Under ``torch.func.vmap`` (per-sample gradients, say): the composite, per sample."""
-        pieces = tuple(piece.movedim(dim, 0) if dim is not None else piece.expand(info.batch_size, -1)
-                       for piece, dim in zip(pieces, in_dims[2:]))
-        outputs = torch.cat(pieces, dim=1).to(dtype).split(sizes, dim=1)
-        return outputs, (0,) * len(outputs)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        if torch.is_grad_enabled():  # a backward that builds a graph (double backward, torch.func): plain ops
-            flat = torch.cat(grads).to(ctx.dtype)
-        else:
-            flat = grads[0].new_empty(sum(ctx.numels), dtype=ctx.dtype)
-            torch._foreach_copy_(flat.split(ctx.sizes), grads)
-        return (None, None) + flat.split(ctx.numels)
-
-
-def _stack_params(pieces: List[torch.Tensor], sizes: List[int], dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
-    """The 1-D ``pieces`` concatenated, cast to ``dtype`` (if given) and split into ``sizes``."""
-    flat = torch.cat(pieces)
-    return list((flat if dtype is None else flat.to(dtype)).split(sizes))
-
-
-@torch.jit.unused
-def _stack_params_once(pieces: List[torch.Tensor], sizes: List[int],
-                       dtype: Optional[torch.dtype]) -> List[torch.Tensor]:
-    """:func:`_stack_params` by :class:`_StackParams` (an autograd function: not for TorchScript or tracing).
-    Pieces of mixed dtypes take the composite, which promotes them as ``torch.cat`` does."""
-    if any(piece.dtype != pieces[0].dtype for piece in pieces):
-        return _stack_params(pieces, sizes, dtype)
-    return list(_StackParams.apply(pieces[0].dtype if dtype is None else dtype, sizes, *pieces))
-
-
-@torch.jit.unused
-def _qkv_products_accumulating(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> List[torch.Tensor]:
-    """:func:`_qkv_products` for training (an autograd function: not for TorchScript or tracing)."""
-    return list(_QKVProducts.apply(y, weight, bias))
-
-
-def _paths_to_channels(x: torch.Tensor) -> torch.Tensor:
-    """``[P, B, H, W, C]`` -> ``[B, P * C, H, W]`` channels-last (one copy)."""
-    p, b, height, width, c = x.shape
-    return x.permute(1, 2, 3, 0, 4).reshape(b, height, width, p * c).permute(0, 3, 1, 2)
-
-
-NUM_NORM_PARAMS = 4  # MHCALayer.path_params lists the norms' weights and biases first
-
-
 class MHCALayer(nn.Module):
-    """One transformer layer of a path: CPE, factorized attention, MLP (pre-norm)."""
+    """One transformer layer of a path: CPE, factorized attention, MLP (pre-norm).
+
+    Args:
+        dim: width.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / width.
+        drop_path: stochastic-depth rate.
+        shared_cpe, shared_crpe: the encoder's position encodings.
+        fast_ops: the fast forms of the ops (see :func:`set_fast_ops`).
+    """
     has_drop_path: Final[bool]
 
     def __init__(
@@ -698,133 +524,19 @@ class MHCALayer(nn.Module):
         x = x + self.drop_path(self.factoratt_crpe(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def path_params(self) -> List[torch.Tensor]:
-        """The parameters :meth:`forward_paths` takes stacked over the paths, in its order: the norms'
-        (``NUM_NORM_PARAMS``, stacked flat, ``[P * C]``), then the products'."""
-        attn = self.factoratt_crpe
-        return [self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias, attn.qkv.weight,
-                attn.qkv.bias, attn.proj.weight, attn.proj.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
-                self.mlp.fc2.weight, self.mlp.fc2.bias]
-
-    def forward_paths(self, x: torch.Tensor, num_paths: int, params: List[torch.Tensor], cpe_w: torch.Tensor,
-                      cpe_b: torch.Tensor, crpe_w: torch.Tensor, crpe_b: torch.Tensor, head_mask: torch.Tensor,
-                      dtype: Optional[torch.dtype]) -> torch.Tensor:
-        """This layer of every path of the stage at once (:meth:`MHCAStage.forward_paths`), on ``[B, H, W, P, C]``:
-        ``params`` are the paths' :meth:`path_params` stacked. This module (the first path's layer) gives what
-        all paths share: the heads, the norms' epsilon, the drop-path rate."""
-        norm1_w, norm1_b, norm2_w, norm2_b, qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b = params
-        b, height, width, p, c = x.shape
-        n, h = height * width, self.factoratt_crpe.num_heads
-        # CPE: x + depthwise conv(x), residual in the kernel, every path's channels in one conv. The conv
-        # returns channels-last here (then .contiguous() is free), but not on every backend ('meta', say).
-        x = F.conv2d(x.view(b, height, width, p * c).permute(0, 3, 1, 2), cpe_w, cpe_b,
-                     padding=cpe_w.shape[-1] // 2, groups=p * c)
-        x = x.permute(0, 2, 3, 1).contiguous().view(b, height, width, p, c)
-
-        # Factorized attention, path-major: q, k, v [P, B * N, C] from three batched products.
-        y = _path_norm(x, num_paths, norm1_w, norm1_b, self.norm1.eps, dtype).view(b * n, p, c).transpose(0, 1)
-        # Training uses autograd functions whose backwards write less (TorchScript and tracing: plain ops).
-        training = torch.is_grad_enabled() and not (torch.jit.is_scripting() or torch.jit.is_tracing())
-        q, k, v = _qkv_products(y, qkv_w, qkv_b, training)
-        context = torch.bmm(_softmax(k.view(p * b, n, c), dim=1).transpose(1, 2), v.view(p * b, n, c))
-        context = (context.view(p * b, h, c // h, h, c // h) * head_mask).view(p * b, c, c)  # each head's block
-        # CRPE: q * depthwise conv(v), every path's channels in one conv.
-        conv_v = F.conv2d(_paths_to_channels(v.view(p, b, height, width, c)), crpe_w, crpe_b,
-                          padding=crpe_w.shape[-1] // 2, groups=p * c)
-        conv_v = conv_v.permute(0, 2, 3, 1).reshape(b, height, width, p, c).permute(3, 0, 1, 2, 4)
-        q5 = q.view(p, b, height, width, c)
-        crpe = (_mul_in_own_layouts(q5, conv_v) if training else q5 * conv_v).reshape(p * b, n, c)
-        out = torch.baddbmm(crpe, q.view(p * b, n, c), context, alpha=self.factoratt_crpe.scale)
-        out = _path_linear(out.view(p, b * n, c), proj_w, proj_b, training)
-        x = x + self._drop_paths(out.view(p, b, height, width, c)).permute(1, 2, 3, 0, 4)
-
-        # MLP.
-        y = _path_norm(x, num_paths, norm2_w, norm2_b, self.norm2.eps, dtype).view(b * n, p, c).transpose(0, 1)
-        hidden = F.gelu(_path_linear(y, fc1_w, fc1_b, training))
-        out = _path_linear(hidden, fc2_w, fc2_b, training)
-        return x + self._drop_paths(out.view(p, b, height, width, c)).permute(1, 2, 3, 0, 4)
-
-    def _drop_paths(self, x: torch.Tensor) -> torch.Tensor:
-        """Stochastic depth on ``[P, B, ...]``, per path and sample: this layer's ``drop_path`` draws a ``[P * B]``
-        mask (as it would on the merged batch: the same draws). Applied to ``x`` as is: merging P and B into the
-        module's batch would make the backward copy the residual's gradient into that layout."""
-        if not (self.has_drop_path and self.drop_path.training):  # the module's own mode, as its forward reads
-            return x
-        p, b = x.shape[0], x.shape[1]
-        mask = self.drop_path(x.new_ones(p * b, 1, 1, 1))
-        return x * mask.view(p, b, 1, 1, 1)
-
-
-# Alias copies handed out by state_dict(), by id: (a weak reference, the version counter then, the values
-# then). A copy that comes back unchanged stands for "the shared tensor", as it would have with shared memory.
-# The values catch edits that bypass the version counter (.data, .numpy()); the tensors are small.
-_ALIAS_COPIES: Dict[int, Tuple['weakref.ref[torch.Tensor]', int, torch.Tensor]] = {}
-
-
-def _remember_copy(copy: torch.Tensor) -> None:
-    if copy.is_inference() or copy.device.type == 'meta':  # no version counter / no values to compare
-        return
-    key = id(copy)
-    _ALIAS_COPIES[key] = (weakref.ref(copy, lambda _: _ALIAS_COPIES.pop(key, None)), copy._version, copy.clone())
-
-
-def _is_unchanged_copy(value: object) -> bool:
-    entry = _ALIAS_COPIES.get(id(value))
-    return (entry is not None and entry[0]() is value and entry[1] == value._version
-            and torch.equal(entry[2], value))
-
-
-def _alias_of(relative_key: str) -> Optional[str]:
-    """The encoder's own key for an alias key (``MHCA_layers.3.factoratt_crpe.crpe.conv_list.0.weight`` ->
-    ``crpe.conv_list.0.weight``), or None for a key that is no alias."""
-    parts = relative_key.split('.')
-    if parts[0] != 'MHCA_layers':
-        return None
-    for i, part in enumerate(parts):
-        if part in ('cpe', 'crpe'):
-            return '.'.join(parts[i:])
-    return None
-
-
-def _copy_shared_aliases(module: nn.Module, state_dict: Dict, prefix: str, local_metadata: Dict) -> None:
-    """State-dict post-hook: each layer's ``cpe.*``, ``crpe.*`` and ``factoratt_crpe.crpe.*`` keys (the
-    encoder's own tensors under the reference's alias names) hold copies, so that no two keys of a state
-    dict share memory.
-
-    The released checkpoints keep the aliases, and so do ours, key for key; safetensors (timm's
-    ``save_for_hf``, transformers' ``save_pretrained``) refuses tensors that share memory. With
-    ``keep_vars=True`` the parameters themselves are kept.
-    """
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        value = state_dict[key]
-        if _alias_of(key[len(prefix):]) is not None and not isinstance(value, nn.Parameter):
-            copy = value.clone()
-            _remember_copy(copy)
-            state_dict[key] = copy
-
-
-def _resolve_alias_copies(module: nn.Module, state_dict: Dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: loading writes every key of the shared modules in module order (encoder
-    key, then each layer's alias), the last one winning, as in the reference. An alias that is an unchanged
-    copy from :func:`_copy_shared_aliases` is replaced by the value written before it, as the shared tensor
-    it stands for would be: changing only the encoder's key of a ``state_dict()`` then loads that change."""
-    written: Dict[str, torch.Tensor] = {}
-    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
-    for relative in names:
-        key = prefix + relative
-        if key not in state_dict:
-            continue
-        value = state_dict[key]
-        own = _alias_of(relative) or relative
-        if own in written and _is_unchanged_copy(value):
-            state_dict[key] = written[own]
-        else:
-            written[own] = value
-
 
 class MHCAEncoder(nn.Module):
-    """The transformer encoder of one path; its CPE and CRPE are shared by all its layers."""
+    """The transformer encoder of one path; its CPE and CRPE are shared by all its layers.
+
+    Args:
+        dim: width.
+        num_layers: transformer layers.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / width.
+        drop_path_list: stochastic-depth rate of each layer.
+        crpe_window: CRPE kernel size -> heads (default: the reference's ``{3: 2, 5: 3, 7: 3}``).
+        fast_ops: the fast forms of the ops (see :func:`set_fast_ops`).
+    """
 
     def __init__(
             self,
@@ -844,8 +556,8 @@ class MHCAEncoder(nn.Module):
             for idx in range(num_layers)
         ])
         self.grad_checkpointing = False
-        self.register_state_dict_post_hook(_copy_shared_aliases)
-        self.register_load_state_dict_pre_hook(_resolve_alias_copies)
+        self.register_state_dict_post_hook(copy_shared_aliases)  # the reference's aliases: see _aliases.py
+        self.register_load_state_dict_pre_hook(resolve_alias_copies)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` map in, ``[B, C, H, W]`` map out (a channels-last view)."""
@@ -859,7 +571,12 @@ class MHCAEncoder(nn.Module):
 
 
 class InvResBlock(nn.Module):
-    """The local (convolutional) path: inverted residual with a depthwise 3x3."""
+    """The local (convolutional) path: inverted residual with a depthwise 3x3.
+
+    Args:
+        dim: channels.
+        norm_layer: factory ``(num_channels) -> module`` of the norm (BatchNorm2d by default).
+    """
 
     def __init__(self, dim: int, norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
@@ -884,22 +601,21 @@ class InvResBlock(nn.Module):
 class MHCAStage(nn.Module):
     """One stage: a local path and one transformer path per scale, fused by a 1x1 conv.
 
-    The transformer paths of a stage have the same width, depth and heads; only
-    their weights and inputs differ. With ``fast_ops`` they run as one batch (on the
-    CPU only if asked for: :func:`set_batch_paths`): per
-    layer one depthwise conv over the paths' concatenated channels for each
-    position encoding, one group norm (each path's LayerNorm), and batched
-    products (``baddbmm`` over the paths' stacked weights) for q, k, v, the output
-    projection and the MLP.
-    The residual stream is ``[B, H, W, P, C]`` (the paths' channels side by side,
-    what the convs and the aggregation want); the products read it as a strided
-    ``[P, B * H * W, C]`` batch and write path-major results. The parameters stay
-    per path (checkpoint keys unchanged) and are stacked once per stage forward.
-    Paths whose modules are wrapped, replaced or hooked run one by one
-    (:meth:`paths_batchable`).
+    The paths run one by one, each through its own modules. :func:`mpvit.set_batch_paths` can install the
+    batched execution (:mod:`mpvit.models.batched_paths`) on a built model: same parameters and keys.
+
+    Args:
+        dim: width of the stage's paths.
+        out_dim: width after the aggregating 1x1 conv (the next stage's width).
+        num_layers: transformer layers per path.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / width.
+        num_path: transformer paths (one per patch-embedding scale).
+        drop_path_list: stochastic-depth rate of each layer.
+        norm_layer: norm factory of the conv paths.
+        fast_ops: the fast forms of the ops (see :func:`set_fast_ops`).
     """
     fast_ops: Final[bool]
-    batch_paths: Final[str]
 
     def __init__(
             self,
@@ -912,7 +628,6 @@ class MHCAStage(nn.Module):
             drop_path_list: Sequence[float],
             norm_layer: NormLayer = nn.BatchNorm2d,
             fast_ops: bool = True,
-            batch_paths: str = 'auto',
     ):
         super().__init__()
         self.mhca_blks = nn.ModuleList([
@@ -922,125 +637,14 @@ class MHCAStage(nn.Module):
         self.InvRes = InvResBlock(dim, norm_layer=norm_layer)
         self.aggregate = Conv2dBN(dim * (num_path + 1), out_dim, norm_layer=norm_layer, act_layer=nn.Hardswish)
         self.fast_ops = fast_ops
-        _check_batch_paths(batch_paths)
-        self.batch_paths = batch_paths  # see set_batch_paths
-        self.num_norm_params = NUM_NORM_PARAMS  # (TorchScript reads no global constants)
         self.num_heads = num_heads
 
     def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
         outputs = [self.InvRes(inputs[0])]
-        if self.fast_ops and self._batches(inputs[0]) and (torch.jit.is_scripting() or self.paths_batchable()):
-            outputs.append(self.forward_paths(inputs))
-        else:
-            for i, encoder in enumerate(self.mhca_blks):
-                outputs.append(encoder(inputs[i]))
+        for i, encoder in enumerate(self.mhca_blks):
+            outputs.append(encoder(inputs[i]))
         return self.aggregate(torch.cat(outputs, dim=1))
 
-    def _batches(self, x: torch.Tensor) -> bool:
-        if self.batch_paths == 'auto':
-            return x.device.type != 'cpu'
-        return self.batch_paths == 'always'
-
-    @torch.jit.unused
-    def paths_batchable(self) -> bool:
-        """Whether the batched form stands for the paths' modules: it reads their parameters and runs its own
-        ops, so it does only when they are the plain modules, without hooks. A wrapped or replaced submodule
-        (a LoRA adapter, say) or a forward hook (old-style weight norm, offloading, feature taps) makes the
-        paths run one by one, through their modules' forwards."""
-        for module in self.mhca_blks.modules():
-            if module._forward_hooks or module._forward_pre_hooks:
-                return False
-        for encoder in self.mhca_blks:
-            if not (type(encoder.cpe) is ConvPosEnc and type(encoder.cpe.proj) is nn.Conv2d
-                    and type(encoder.crpe) is ConvRelPosEnc
-                    and all(type(conv) is nn.Conv2d for conv in encoder.crpe.conv_list)):
-                return False
-            for layer in encoder.MHCA_layers:
-                mlp, attn = layer.mlp, layer.factoratt_crpe
-                if not (type(layer) is MHCALayer and type(layer.norm1) is LayerNorm and type(layer.norm2) is LayerNorm
-                        and type(attn) is FactorAttnConvRelPosEnc and type(attn.qkv) is nn.Linear
-                        and type(attn.proj) is nn.Linear and type(mlp) is Mlp and type(mlp.fc1) is nn.Linear
-                        and type(mlp.fc2) is nn.Linear and type(mlp.act) is nn.GELU and mlp.act.approximate == 'none'
-                        and type(mlp.norm) is nn.Identity
-                        and all(type(d) is nn.Identity or (type(d) is nn.Dropout and d.p == 0)
-                                for d in (mlp.drop1, mlp.drop2))
-                        and (type(layer.drop_path) is nn.Identity
-                             or (type(layer.drop_path) is DropPath and layer.has_drop_path))):
-                    return False
-        return True
-
-    def forward_paths(self, inputs: List[torch.Tensor]) -> torch.Tensor:
-        """All transformer paths as one batch: ``inputs[p]`` ``[B, C, H, W]`` in, ``[B, P * C, H, W]`` out (the
-        paths' outputs side by side, channels-last)."""
-        num_paths = len(self.mhca_blks)
-        x = torch.stack([inputs[i].permute(0, 2, 3, 1) for i in range(num_paths)], dim=3)  # [B, H, W, P, C]
-        dtype = _autocast_dtype(x)
-        layer_params, cpe_w, cpe_b, crpe_w, crpe_b = self._stage_weights(dtype)
-        head_mask = _head_mask(self.num_heads, x.dtype if dtype is None else dtype, x.device)
-        checkpointing = self.mhca_blks[0].grad_checkpointing  # set_grad_checkpointing sets every encoder's
-        for i, layer in enumerate(self.mhca_blks[0].MHCA_layers):
-            if checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(layer.forward_paths, x, num_paths, layer_params[i], cpe_w, cpe_b, crpe_w, crpe_b,
-                               head_mask, dtype)
-            else:
-                x = layer.forward_paths(x, num_paths, layer_params[i], cpe_w, cpe_b, crpe_w, crpe_b, head_mask, dtype)
-        return x.flatten(3).permute(0, 3, 1, 2)
-
-    def _stage_weights(self, dtype: Optional[torch.dtype]) -> Tuple[
-            List[List[torch.Tensor]], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every path's parameters, stacked per layer: ``[P, ...]`` per tensor of :meth:`MHCALayer.path_params`
-        (``[P * C]`` for the norms), and the CPE / CRPE kernels of all paths as single depthwise convs.
-
-        One fused copy (and cast) for the whole stage into one buffer, split into views; its backward writes
-        the gradients into one buffer in the parameters' dtype, whatever the number of layers and paths
-        (:class:`_StackParams`)."""
-        num_paths = len(self.mhca_blks)
-        per_path: List[List[List[torch.Tensor]]] = []  # [path][layer][tensor]
-        k_max = 0
-        for encoder in self.mhca_blks:
-            per_path.append([layer.path_params() for layer in encoder.MHCA_layers])
-            k_max = max(k_max, encoder.crpe.max_kernel_size())
-        num_layers, num_tensors = len(per_path[0]), len(per_path[0][0])
-        pieces: List[torch.Tensor] = []
-        shapes: List[List[int]] = []  # of each layer's tensors, stacked over the paths
-        for j, tensor in enumerate(per_path[0][0]):
-            shape = list(tensor.shape)
-            shapes.append([num_paths * shape[0]] if j < self.num_norm_params else [num_paths] + shape)
-        for i in range(num_layers):
-            for j in range(num_tensors):
-                for path in per_path:
-                    tensor = path[i][j]
-                    pieces.append(tensor if tensor.dim() == 1 else tensor.reshape(-1))  # (views cost dispatches)
-        cpe = self.mhca_blks[0].cpe.proj
-        k = cpe.kernel_size[0]
-        identity = F.pad(cpe.weight.new_ones(cpe.out_channels, 1, 1, 1), [k // 2] * 4)  # +1 at the centre tap
-        for encoder in self.mhca_blks:  # x + conv(x) as one conv, in float32 (before any cast)
-            weight = encoder.cpe.proj.weight
-            pieces.append((weight if encoder.cpe.residual_in_kernel else weight + identity).reshape(-1))
-        for encoder in self.mhca_blks:
-            bias = encoder.cpe.proj.bias
-            assert bias is not None  # always (the conv has a bias); says so to TorchScript
-            pieces.append(bias)
-        crpe_biases: List[torch.Tensor] = []
-        for encoder in self.mhca_blks:
-            weights, biases = encoder.crpe.padded_kernels(k_max)
-            pieces += [w.reshape(-1) for w in weights]
-            crpe_biases += biases
-        pieces += crpe_biases
-        channels = num_paths * cpe.out_channels
-        sizes = [num_paths * t.numel() for t in per_path[0][0]] * num_layers + [
-            channels * k * k, channels, channels * k_max * k_max, channels]
-        if torch.jit.is_scripting() or torch.jit.is_tracing():
-            split = _stack_params(pieces, sizes, dtype)
-        else:
-            split = _stack_params_once(pieces, sizes, dtype)
-        layer_params: List[List[torch.Tensor]] = []
-        for i in range(num_layers):
-            piece = split[i * num_tensors:(i + 1) * num_tensors]
-            layer_params.append([piece[j] if len(shapes[j]) == 1 else piece[j].view(shapes[j])
-                                 for j in range(num_tensors)])
-        return (layer_params, split[-4].view(channels, 1, k, k), split[-3],
-                split[-2].view(channels, 1, k_max, k_max), split[-1])
 
 GLOBAL_POOLS = ('avg', 'max', 'avgmax', '')  # each keeps the width: pre-logits are num_features wide
 
@@ -1051,6 +655,12 @@ class ClsHead(nn.Module):
     With ``global_pool=''`` the map is not pooled and the classifier, if any, is
     applied at every position (``[B, num_classes, H, W]``), as timm's conv heads do,
     with the same ``cls.weight`` / ``cls.bias`` keys.
+
+    Args:
+        dim: input channels.
+        num_classes: classifier outputs; 0 for none (pre-logits out).
+        global_pool: one of ``GLOBAL_POOLS``.
+        drop_rate: dropout before the classifier.
     """
     per_position: Final[bool]
 
@@ -1081,6 +691,9 @@ class MPViT(nn.Module):
         embed_dims: width of each stage (stage i outputs ``embed_dims[i + 1]``).
         mlp_ratio: MLP hidden width / width.
         num_heads: attention heads (all stages).
+        in_chans: input image channels.
+        num_classes: classifier outputs; 0 for none.
+        drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linear over all layers of all stages.
         global_pool: timm's pool types ``'avg'``, ``'max'``, ``'avgmax'``, or ``''`` (no pooling;
             a classifier is then applied at every position).
@@ -1088,6 +701,7 @@ class MPViT(nn.Module):
             (BatchNorm2d by default; adapters pass SyncBN / FrozenBN / GroupNorm).
         fast_ops: the faster formulations of the same function (default); ``False`` builds
             the textbook ops, e.g. for FLOP counting. ``set_fast_ops`` switches later.
+        device, dtype: where and in what dtype parameters and buffers are created (timm's factory kwargs).
     """
     fast_ops: Final[bool]
 
@@ -1165,8 +779,8 @@ class MPViT(nn.Module):
 
         Every batch norm is folded into the conv before it, the CPE residual into
         its kernel, and each CRPE's kernels into one zero-padded conv, so that
-        eager inference builds no kernels (each stage still concatenates its paths'
-        parameters once per forward, see :class:`MHCAStage`). Outputs stay the same
+        eager inference builds no kernels (a batched stage still stacks its paths'
+        parameters once per forward: :mod:`mpvit.models.batched_paths`). Outputs stay the same
         up to float rounding; the state dict changes (norm keys go, conv biases
         appear, CRPE has one conv), so fuse after loading weights, not before saving.
         """
@@ -1185,7 +799,10 @@ class MPViT(nn.Module):
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's ``custom_load`` hook: any released format, the ``model`` weights of a checkpoint that also
         holds EMA ones, a classifier kept when it fits and reset with a warning when not, stem adapted to
-        ``in_chans``."""
+        ``in_chans``. The weights code is imported only here, when timm asks for weights: the network does
+        not depend on it."""
+        from mpvit.checkpoint import load_backbone_weights
+
         load_backbone_weights(self, checkpoint_path)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -1316,117 +933,3 @@ class MPViTFeatures(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
-
-
-def _pretrained_source(variant: str, kwargs: Dict) -> Dict:
-    """The ``pretrained_cfg_overlay`` that sends every pretrained source through this repository's loader.
-
-    timm would download a URL into its cache unchecked, and skips a Hub id for models with a custom
-    loader. Instead the file is found here (:func:`mpvit.weights.fetch`: the local weights directory, the
-    Hub, then the URLs; ``hf-hub:`` ids through the Hub's cache), and ``MPViT.load_pretrained`` reads it
-    without running code, whatever its format.
-    """
-    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-    if overlay.get('state_dict') is not None:  # an in-memory state dict: timm's own loader and our filter
-        return {**overlay, 'custom_load': False}
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
-    released = model_zoo.by_url(cfg.url) if cfg.url else None
-    # timm's order: a file, a local folder ('local-dir:'), a Hub id (the released one's Hub copy is one of
-    # the places fetch() looks for its URL), then the URL.
-    if cfg.file and cfg.source != 'local-dir':
-        source = cfg.file
-    elif cfg.source == 'local-dir':
-        folder = cfg.file or ''
-        names = [n for n in ('model.safetensors', 'pytorch_model.bin') if os.path.isfile(os.path.join(folder, n))]
-        if not names:
-            raise CheckpointError(f'{variant}: {folder} holds no model.safetensors or pytorch_model.bin')
-        source = os.path.join(folder, names[0])
-    elif cfg.hf_hub_id and (cfg.source == 'hf-hub' or not cfg.url or not released
-                            or released.hf_hub_id != cfg.hf_hub_id):
-        source = f'{HUB_PREFIX}{cfg.hf_hub_id}' + (f'/{cfg.hf_hub_filename}' if cfg.hf_hub_filename else '')
-    elif cfg.url:
-        source = cfg.url
-    else:
-        raise CheckpointError(f'{variant}: no pretrained weights are known for this configuration; '
-                              "pass pretrained_cfg_overlay=dict(file='...')")
-    try:
-        path = local_checkpoint(source)
-    except (FileNotFoundError, CheckpointError) as e:
-        raise type(e)(f'{variant}: {e}') from None
-    # source '' : the file, not the Hub id (timm's custom loaders skip the Hub).
-    return {**overlay, 'file': path, 'custom_load': True, 'source': ''}
-
-
-def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
-    arch = mpvit_arch(variant)
-    feature_cls = kwargs.get('feature_cls')
-    if isinstance(feature_cls, str) and feature_cls.lower() in ('dict', 'list'):
-        # timm's FeatureDictNet runs the top-level modules in order; MPViT's checkpoint layout keeps all
-        # patch embeddings, then all stages, which run interleaved.
-        raise InvalidInputError(f"{variant}: feature_cls={feature_cls!r} needs the stages as one sequence of "
-                                "top-level modules, which MPViT's checkpoint layout is not; use the default "
-                                "('getter'), 'hook' or 'fx'")
-    if pretrained:
-        kwargs['pretrained_cfg_overlay'] = _pretrained_source(variant, kwargs)
-    return build_model_with_cfg(
-        MPViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls=MPViTFeatures),  # timm takes out_indices= over this
-        **dict(arch, **kwargs),
-    )
-
-
-def _cfg(name: str, **kwargs) -> Dict:
-    """A released ImageNet checkpoint's pretrained cfg; its sources and license come from ``model_zoo.json``."""
-    entry = model_zoo.get(name)
-    return {
-        'url': entry.url,
-        'hf_hub_id': entry.hf_hub_id,  # set once the weights are on the Hub (tools/export_hub.py)
-        'license': model_zoo.weights_license()['id'],  # the authors' MPViT LSA (see model_zoo.json)
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': (7, 7),
-        'crop_pct': 0.875,  # the authors evaluate with Resize(256) + CenterCrop(224), bicubic
-        'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.0.conv',
-        'classifier': 'cls_head.cls',
-        'custom_load': True,  # MPViT.load_pretrained: the checks of mpvit.checkpoint, as every other loader
-        'paper_ids': 'arXiv:2112.11010',
-        'paper_name': 'MPViT: Multi-Path Vision Transformer for Dense Prediction',
-        'origin_url': 'https://github.com/youngwanLEE/MPViT',
-        **kwargs,
-    }
-
-
-# The authors' ImageNet-1k weights (DeiT recipe, 300 epochs); top-1 78.2 / 80.9 / 83.0 / 84.3.
-default_cfgs = generate_default_cfgs({
-    f'{name}.in1k': _cfg(name) for name in ('mpvit_tiny', 'mpvit_xsmall', 'mpvit_small', 'mpvit_base')
-})
-
-
-@register_model
-def mpvit_tiny(pretrained: bool = False, **kwargs) -> MPViT:
-    """MPViT-T: 5.8M params, 1.6 GFLOPs at 224."""
-    return _create_mpvit('mpvit_tiny', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mpvit_xsmall(pretrained: bool = False, **kwargs) -> MPViT:
-    """MPViT-XS: 10.5M params, 2.9 GFLOPs at 224."""
-    return _create_mpvit('mpvit_xsmall', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mpvit_small(pretrained: bool = False, **kwargs) -> MPViT:
-    """MPViT-S: 22.8M params, 4.7 GFLOPs at 224."""
-    return _create_mpvit('mpvit_small', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mpvit_base(pretrained: bool = False, **kwargs) -> MPViT:
-    """MPViT-B: 74.8M params, 16.4 GFLOPs at 224."""
-    return _create_mpvit('mpvit_base', pretrained=pretrained, **kwargs)
