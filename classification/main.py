@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('model')
     g.add_argument('--model', default='mpvit_small')
     g.add_argument('--drop-path', type=float, default=None, help='default: the variant\'s (T/XS 0, S 0.05, B 0.3)')
+    g.add_argument('--batch-paths', choices=mpvit.BATCH_PATHS, default='auto',
+                   help="'always': each stage's transformer paths as one batch (mpvit.set_batch_paths; not yet "
+                        "measured faster on a GPU); 'auto' (default): path by path")
     g.add_argument('--input-size', type=int, default=224)
     g.add_argument('--pretrained', default='', help='initialise from a checkpoint file or URL (fine-tuning)')
     g = p.add_argument_group('data')
@@ -481,6 +484,7 @@ def build_model(args, classes: Optional[List[str]]) -> nn.Module:
             model.reset_classifier(num_classes)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
+    mpvit.set_batch_paths(model, args.batch_paths)
     model.to(args.device)
     _logger.info('%s: %.2fM parameters, %d classes', args.model, count_parameters(model) / 1e6, num_classes)
     return model

@@ -66,6 +66,7 @@ from mpvit.deformable_detr import (
 )
 from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError, first_few
 from mpvit.images import check_some_readable, decode_error, open_rgb, unreadable_error, warn_unreadable
+from mpvit.models import BATCH_PATHS, set_batch_paths
 from mpvit.training import (
     LOG_FILE,
     LossWatch,
@@ -348,12 +349,22 @@ def _evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ main
 
+def build_model(args: argparse.Namespace, sync_bn: bool) -> torch.nn.Module:
+    """The detector ``args`` describe, its backbone's stages batched if ``--batch-paths`` says so."""
+    model = build_deformable_detr(args.backbone, args.num_classes, args.num_queries, args.num_feature_levels,
+                                  args.drop_path, sync_bn=sync_bn)
+    return set_batch_paths(model, args.batch_paths)
+
+
 def get_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add('-c', '--config', default='', help='YAML file of argument defaults')
     add('--backbone', default='mpvit_small')
     add('--drop-path', type=float, default=0.0, help='backbone stochastic depth (the original: 0 for every variant)')
+    add('--batch-paths', choices=BATCH_PATHS, default='auto',
+        help="'always': each stage's transformer paths as one batch (mpvit.set_batch_paths; not yet measured "
+        "faster on a GPU); 'auto' (default): path by path")
     add('--pretrained', default='', help='initial weights, file or URL: a classification (or any MPViT) checkpoint '
         "fills the backbone; a Deformable DETR one everything but a class head of another size ('released': the "
         "authors' COCO detector of the config)")
@@ -517,8 +528,7 @@ def main(argv=None) -> Dict[str, float]:
     pretrained = read_checkpoint(args.pretrained) if args.pretrained and not args.resume else None
 
     log(f'building Deformable DETR + {args.backbone} ({args.num_classes} class outputs)')
-    model = build_deformable_detr(args.backbone, args.num_classes, args.num_queries, args.num_feature_levels,
-                                  args.drop_path, sync_bn=args.sync_bn and world > 1 and device.type == 'cuda')
+    model = build_model(args, sync_bn=args.sync_bn and world > 1 and device.type == 'cuda')
     if pretrained is not None:  # a resumed / evaluated checkpoint holds the backbone anyway
         head = head_classes(pretrained)
         load_detector_weights(model, pretrained, new_head=True)

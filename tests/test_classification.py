@@ -390,3 +390,13 @@ def test_resume_with_another_schedule_is_one_line(two_class, tmp_path):
             run(two_class, tmp_path, '--epochs', '2', '--max-steps', '1', '--auto-resume', flag, value, *extra)
     result = run(two_class, tmp_path, '--epochs', '2', '--max-steps', '1', '--warmup-steps', '1', '--auto-resume')
     assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['epoch'] == 1 and 'acc1' in result
+
+
+def test_batch_paths_flag_installs_the_batched_stages():
+    """``--batch-paths always`` (a config key too) builds the model with batched stages; by default per-path."""
+    from mpvit.models.batched_paths import BatchedMHCAStage
+    from mpvit.models.mpvit import MHCAStage
+
+    for flag, kind in (('always', BatchedMHCAStage), ('auto', MHCAStage)):
+        model = cls_main.build_model(cls_main.parse_args([*SMALL, '--device', 'cpu', '--batch-paths', flag]), None)
+        assert {type(m) for m in model.modules() if isinstance(m, MHCAStage)} == {kind}

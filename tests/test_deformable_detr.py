@@ -682,3 +682,15 @@ def test_dataset_record_names_coco_by_its_categories(coco, tmp_path):
     path.write_text(json.dumps(data))
     record = driver.dataset_record(args, driver.CocoDetection(root / 'val', path, v2.Identity(), None))
     assert record['name'] == 'mine' and record['split'] == 'val' and record['images'] == 3
+
+
+def test_batch_paths_flag_installs_the_batched_stages():
+    """``--batch-paths always`` (a config key too) gives the backbone batched stages; by default they run per-path."""
+    from mpvit.models.batched_paths import BatchedMHCAStage
+    from mpvit.models.mpvit import MHCAStage
+
+    driver = load_script('deformable_detr/main.py')
+    for flag, kind in (('always', BatchedMHCAStage), ('auto', MHCAStage)):
+        args = driver.get_args(['--backbone', 'mpvit_tiny', '--num-classes', '5', '--batch-paths', flag])
+        model = driver.build_model(args, sync_bn=False)
+        assert {type(m) for m in model.modules() if isinstance(m, MHCAStage)} == {kind}

@@ -783,3 +783,14 @@ def test_categories_with_other_names_are_refused(coco, tmp_path, train_net):
     with pytest.raises(CheckpointError, match=r"w\.pth: the checkpoint \(its dataset_meta\) .*0: 'cross' vs 'disc'"):
         MPViTCheckpointer(model, heads_must_fit=True, dataset_meta=meta).load(str(tmp_path / 'w.pth'))
     MPViTCheckpointer(model, heads_must_fit=False, dataset_meta=meta).load(str(tmp_path / 'w.pth'))  # fine-tuning
+
+
+def test_batch_paths_key_installs_the_batched_stages():
+    """``MODEL.MPVIT.BATCH_PATHS always`` builds the backbone with batched stages; by default they run per-path."""
+    from mpvit.models.batched_paths import BatchedMHCAStage
+    from mpvit.models.mpvit import MHCAStage
+
+    for value, kind in (('always', BatchedMHCAStage), ('auto', MHCAStage)):
+        cfg = _cfg('retinanet_mpvit_tiny_1x.yaml', 'MODEL.MPVIT.BATCH_PATHS', value)
+        bottom_up = build_model(cfg).backbone.bottom_up
+        assert {type(m) for m in bottom_up.modules() if isinstance(m, MHCAStage)} == {kind}

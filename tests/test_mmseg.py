@@ -678,3 +678,13 @@ def test_evaluation_warns_when_most_classes_have_no_labels(capsys):
                      capsys.readouterr().out)
     full = metric.compute_metrics([(torch.ones(150), torch.ones(150), torch.ones(150), torch.ones(150))])
     assert full['classes_without_labels'] == 0 and 'no labelled pixel' not in capsys.readouterr().out
+
+
+def test_batch_paths_kwarg_installs_the_batched_stages():
+    """``model.backbone.batch_paths='always'`` builds the backbone with batched stages; by default per-path."""
+    from mpvit.models.batched_paths import BatchedMHCAStage
+    from mpvit.models.mpvit import MHCAStage
+
+    for value, kind in (('always', BatchedMHCAStage), ('auto', MHCAStage)):
+        backbone = MODELS.build(dict(type='MPViT', arch='tiny', batch_paths=value))
+        assert {type(m) for m in backbone.modules() if isinstance(m, MHCAStage)} == {kind}

@@ -22,6 +22,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P
 
 from mpvit.d2.config import STAGE_NAMES
 from mpvit.errors import InvalidInputError
+from mpvit.models.batched_paths import set_batch_paths
 from mpvit.models.mpvit import MPViT, mpvit_arch
 
 
@@ -49,6 +50,7 @@ class D2MPViT(Backbone):
             drop_path_rate: float = 0.,
             in_channels: int = 3,
             fast_ops: bool = True,
+            batch_paths: str = 'auto',
     ):
         super().__init__()
         out_features = list(out_features or STAGE_NAMES)
@@ -63,6 +65,7 @@ class D2MPViT(Backbone):
             **arch, in_chans=in_channels, num_classes=0, global_pool='',
             drop_path_rate=drop_path_rate, norm_layer=norm_factory(norm), fast_ops=fast_ops,
         )
+        set_batch_paths(self.backbone, batch_paths)
         info = {STAGE_NAMES[i]: f for i, f in enumerate(self.backbone.feature_info)}
         self._out_features = [f for f in STAGE_NAMES if f in out_features]
         self._out_feature_strides = {f: info[f]['reduction'] for f in self._out_features}
@@ -100,6 +103,7 @@ def build_mpvit_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2MPViT:
     return D2MPViT(
         name=cfg.MODEL.MPVIT.NAME, out_features=list(cfg.MODEL.MPVIT.OUT_FEATURES), norm=cfg.MODEL.MPVIT.NORM,
         drop_path_rate=cfg.MODEL.MPVIT.DROP_PATH, in_channels=input_shape.channels, fast_ops=cfg.MODEL.MPVIT.FAST_OPS,
+        batch_paths=cfg.MODEL.MPVIT.BATCH_PATHS,
     )
 
 

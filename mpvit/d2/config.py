@@ -22,6 +22,8 @@ def add_mpvit_config(cfg: CfgNode) -> None:
     cfg.MODEL.MPVIT.DROP_PATH = 0.2
     # False builds the textbook ops: what FLOP counting needs (tools/analyze_model.py --tasks flop).
     cfg.MODEL.MPVIT.FAST_OPS = True
+    # 'always' runs each stage's transformer paths as one batch (mpvit.set_batch_paths); 'auto': path by path.
+    cfg.MODEL.MPVIT.BATCH_PATHS = 'auto'
     cfg.SOLVER.OPTIMIZER = 'AdamW'  # AdamW | SGD
     cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0  # lr factor of every parameter under model.backbone
     cfg.AUG = CfgNode()

@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mpvit.checkpoint import load_backbone_weights
 from mpvit.errors import InvalidInputError, first_few
+from mpvit.models.batched_paths import set_batch_paths
 from mpvit.models.mpvit import MPVIT_ARCHS, MPViT, mpvit_arch
 
 _CORE = 'backbone.'  # the attribute holding the core model, as a key prefix
@@ -105,6 +106,8 @@ class MMSegMPViT(BaseModule):
         norm_eval: keep BN layers in eval mode (frozen statistics) while training.
         fast_ops: False builds the textbook ops, what FLOP counting needs
             (``get_flops.py ... --cfg-options model.backbone.fast_ops=False``).
+        batch_paths: ``'always'`` runs each stage's transformer paths as one batch
+            (:func:`mpvit.set_batch_paths`); ``'auto'``: path by path.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` takes a classification checkpoint
             or a released segmentation / detection checkpoint (its backbone part, found whatever its
             prefix: ``prefix`` is not needed), read by :func:`mpvit.checkpoint.load_backbone_weights`.
@@ -119,6 +122,7 @@ class MMSegMPViT(BaseModule):
             norm_eval: bool = False,
             in_channels: int = 3,
             fast_ops: bool = True,
+            batch_paths: str = 'auto',
             init_cfg: Optional[Union[Dict, List[Dict]]] = None,
     ):
         super().__init__(init_cfg=init_cfg)
@@ -128,6 +132,7 @@ class MMSegMPViT(BaseModule):
             drop_path_rate=drop_path_rate, norm_layer=lambda channels: build_norm_layer(norm_cfg, channels)[1],
             fast_ops=fast_ops,
         )
+        set_batch_paths(self.backbone, batch_paths)
         num_stages = len(self.backbone.mhca_stages)
         if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
             raise InvalidInputError(f'out_indices {tuple(out_indices)} must be stage indices in 0..{num_stages - 1}')
