@@ -591,6 +591,11 @@ def test_wrapped_or_hooked_path_modules_keep_the_stage_per_path():
         handle.remove()
         assert type(mpvit.set_batch_paths(stage, 'always')) is BatchedMHCAStage
         torch.testing.assert_close(stage(inputs), plain)
+        layer.mlp.fc2 = Scaled(fc2)  # wrapped after installing: asking again puts the stage back per-path
+        with pytest.warns(UserWarning, match='the stage runs its paths one by one'):
+            mpvit.set_batch_paths(stage, 'always')
+        assert type(stage) is MHCAStage
+        torch.testing.assert_close(stage(inputs), wrapped)
     assert not torch.allclose(wrapped, plain) and not torch.allclose(hooked, plain)
 
 

@@ -33,7 +33,8 @@ back. Whether a stage can be batched is decided then, once: the batched form
 reads the paths' parameters and runs its own ops, so a stage whose path modules
 are wrapped, replaced or hooked (a LoRA adapter, weight norm, feature taps)
 stays per-path, with a warning. Wrap or hook path modules before installing:
-changes made after it are not seen by the batched form.
+changes made after it are not seen by the batched form until ``set_batch_paths``
+is called again (which checks again, and puts such a stage back per-path).
 """
 import warnings
 from typing import List, Optional, Tuple
@@ -80,16 +81,13 @@ def set_batch_paths(model: nn.Module, mode: str = 'auto') -> nn.Module:
     for name, module in model.named_modules():
         if not isinstance(module, MHCAStage):
             continue
-        if not batched:
-            if type(module) is BatchedMHCAStage:
-                module.__class__ = MHCAStage
-        elif type(module) is MHCAStage:
-            reason = paths_batchable(module)
-            if reason:
-                warnings.warn(f'set_batch_paths: stage {name or type(model).__name__} runs its paths one by one: '
-                              f'{reason}', stacklevel=2)
-            else:
-                module.__class__ = BatchedMHCAStage
+        if type(module) not in (MHCAStage, BatchedMHCAStage):  # a subclass of someone else's: left alone
+            continue
+        reason = paths_batchable(module) if batched else ''
+        if reason:  # checked again on a batched stage too: its path modules may have been wrapped since
+            where = f'stage {name}' if name else 'the stage'
+            warnings.warn(f'set_batch_paths: {where} runs its paths one by one: {reason}', stacklevel=2)
+        module.__class__ = BatchedMHCAStage if batched and not reason else MHCAStage
     return model
 
 
