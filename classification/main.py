@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import resource
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from torchvision.datasets import ImageFolder
 
 import mpvit
-from mpvit import model_zoo
+from mpvit import eval_results, model_zoo
 from mpvit.checkpoint import (
     check_usable,
     checkpoint_filter_fn,
@@ -74,9 +73,6 @@ from mpvit.training import (
     user_errors_in_one_line,
     write_log,
 )
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 _logger = logging.getLogger('mpvit.classification')
 

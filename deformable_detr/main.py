@@ -46,7 +46,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from transformers import DeformableDetrImageProcessor
 
-from mpvit import model_zoo
+from mpvit import eval_results, model_zoo
 from mpvit.checkpoint import (
     CheckpointError,
     local_checkpoint,
@@ -85,9 +85,6 @@ from mpvit.training import (
     user_errors_in_one_line,
     write_log,
 )
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 _logger = logging.getLogger('mpvit.deformable_detr')
 

@@ -34,7 +34,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.layers import deform_conv
 from detectron2.utils import comm
 
-from mpvit import model_zoo
+from mpvit import eval_results, model_zoo
 from mpvit.checkpoint import is_url, local_checkpoint
 from mpvit.coco_checks import check_coco_instances, is_coco_2017
 from mpvit.d2 import (
@@ -56,9 +56,6 @@ from mpvit.d2.classes import (
 from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError, UnknownNameError
 from mpvit.images import check_some_readable
 from mpvit.training import LossWatch, align_gradient_strides, ensure_writable_dir, user_errors_in_one_line
-
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 logger = logging.getLogger('detectron2')
 

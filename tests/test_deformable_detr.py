@@ -1,6 +1,7 @@
 """Deformable DETR + MPViT on transformers: fidelity to the original, recipe settings, loss, training end to end."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -582,7 +583,7 @@ def test_own_data_head_follows_the_categories(fruit_run):
 def test_own_data_evaluate_and_draw(fruit, fruit_run, tmp_path, capsys):
     from PIL import Image
 
-    on_paper_dataset = load_script('tools/eval_results.py').on_paper_dataset
+    on_paper_dataset = importlib.import_module('mpvit.eval_results').on_paper_dataset
     from mpvit.weights import file_sha256
 
     out, _ = fruit_run

@@ -50,7 +50,7 @@ def _params(model):
 
 
 def test_compat_patch_fails_loudly_on_other_sources(tmp_path):
-    patch = load_script('tools/patch_detectron2.py')
+    patch = load_script('dev/patch_detectron2.py')
     transform = tmp_path / 'detectron2' / 'data' / 'transforms' / 'transform.py'
     transform.parent.mkdir(parents=True)
     (tmp_path / 'detectron2' / '__init__.py').write_text('')
@@ -104,7 +104,7 @@ def _fake_upstream_tree(root: Path, model_zoo: str = UPSTREAM_MODEL_ZOO) -> Path
 
 
 def test_upstream_route_patch_on_a_fake_tree(tmp_path):
-    patch = load_script('tools/patch_detectron2.py')
+    patch = load_script('dev/patch_detectron2.py')
     root = _fake_upstream_tree(tmp_path / 'upstream')
     patch.patch_tree(root, upstream=True)
     model_zoo = (root / 'detectron2' / 'model_zoo' / 'model_zoo.py').read_text()
@@ -673,7 +673,7 @@ def test_evaluation_refuses_heads_that_do_not_fit(tmp_path):
 
 @pytest.mark.slow
 def test_second_install_run_is_a_quiet_no_op():
-    """tools/install.sh on an installed machine changes nothing and prints no resolver complaints; the
+    """dev/install.sh on an installed machine changes nothing and prints no resolver complaints; the
     Detectron2 distribution's requirements agree with our pins (pip check)."""
     run = subprocess.run(['bash', str(REPO / 'tools' / 'install.sh')], capture_output=True, text=True,
                          env={**os.environ, 'PYTHON': sys.executable}, timeout=600)

@@ -1,6 +1,7 @@
 """UperNet + MPViT on mmsegmentation: fidelity, released checkpoints, and the Runner end to end (CPU)."""
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -416,7 +417,7 @@ def test_weights_that_are_none_are_refused_by_load_from_and_test(tmp_path):
 
 
 def test_config_syntax_error_and_nccl_without_cuda_are_named(tmp_path):
-    load_run_config = _tool('mmseg_run_config').load_run_config
+    load_run_config = importlib.import_module('mpvit.mmseg.run_config').load_run_config
 
     bad = tmp_path / 'bad_config.py'
     bad.write_text("_base_ = ['x.py']\nmodel = dict(\n")
@@ -536,7 +537,7 @@ def test_your_own_data_train_test_demo(tmp_path, capsys):
     written = json.loads((tmp_path / 'test' / 'eval_metrics.json').read_text())
     assert written['paper_row'] is None
     labels = sorted(p.name for p in (data_root / 'ann_dir' / 'val').glob('*.png'))
-    eval_results = load_script('tools/eval_results.py')
+    eval_results = importlib.import_module('mpvit.eval_results')
     assert written['dataset'] == dict(name='street', split='val', images=2, annotations=None,
                                       sha256=eval_results.fingerprint_names(labels), num_classes=3)
     assert not eval_results.on_paper_dataset('mmseg', written['dataset'])
@@ -567,7 +568,7 @@ def test_150_class_heads_on_3_class_data_stop_in_one_line(tmp_path):
     import sys
 
     from mpvit.errors import InvalidInputError
-    load_run_config = _tool('mmseg_run_config').load_run_config
+    load_run_config = importlib.import_module('mpvit.mmseg.run_config').load_run_config
 
     data_root = _write_custom(tmp_path / 'street', train=1, val=1)
     config = str(CONFIGS / 'custom' / 'upernet_mpvit_tiny_custom.py')
@@ -603,7 +604,7 @@ def test_label_check_follows_the_data_classes_and_ignore_index(tmp_path):
     3 classes is refused, the ignore index (here 200) passes."""
     from mmseg.registry import DATASETS
 
-    load_run_config = _tool('mmseg_run_config').load_run_config
+    load_run_config = importlib.import_module('mpvit.mmseg.run_config').load_run_config
 
     data_root = _write_custom(tmp_path / 'street', train=1, val=1)
     label_path = data_root / 'ann_dir' / 'train' / 'train_000.png'
@@ -641,7 +642,7 @@ def test_every_variant_has_ade20k_and_custom_configs_whose_heads_fit_the_backbon
     drop = {'tiny': 0.1, 'xsmall': 0.1, 'small': 0.2, 'base': 0.4}[variant]
     assert ade.model.backbone.arch == f'mpvit_{variant}' and ade.model.backbone.drop_path_rate == drop
     assert ade.model.backbone.init_cfg.checkpoint == model_zoo.get(f'mpvit_{variant}').zoo_name
-    paper_row = load_script('tools/eval_results.py').paper_row
+    paper_row = importlib.import_module('mpvit.eval_results').paper_row
     assert (paper_row('mmseg', str(CONFIGS / f'upernet_mpvit_{variant}_160k_ade20k.py')) is None) == (
         variant in ('tiny', 'xsmall'))
     if variant in ('small', 'base'):

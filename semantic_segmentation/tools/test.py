@@ -11,26 +11,18 @@ import argparse
 import logging
 import os
 import os.path as osp
-import sys
 
 from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from mpvit import model_zoo
+from mpvit import eval_results, model_zoo
 from mpvit.checkpoint import local_checkpoint, read_checkpoint
 from mpvit.errors import MissingFileError
 from mpvit.mmseg import load_segmentor_weights
+from mpvit.mmseg.run_config import eval_dataset_record, load_run_config
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
-
-HERE = osp.dirname(osp.abspath(__file__))
-if HERE not in sys.path:  # run as a script it is there already; imported (the tests), it is not
-    sys.path.append(HERE)
-from mmseg_run_config import eval_dataset_record, load_run_config  # noqa: E402
-
-sys.path.append(osp.join(osp.dirname(osp.dirname(HERE)), 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

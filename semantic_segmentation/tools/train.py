@@ -10,7 +10,6 @@ import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this 
 import argparse
 import os
 import os.path as osp
-import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
@@ -18,12 +17,8 @@ from mmengine.runner.checkpoint import find_latest_checkpoint
 
 from mpvit.checkpoint import local_checkpoint
 from mpvit.errors import MissingFileError
+from mpvit.mmseg.run_config import load_run_config
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
-
-HERE = osp.dirname(osp.abspath(__file__))
-if HERE not in sys.path:  # run as a script it is there already; imported (the tests), it is not
-    sys.path.append(HERE)
-from mmseg_run_config import load_run_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

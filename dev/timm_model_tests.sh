@@ -5,7 +5,7 @@
 #   - the pretrained tests load checkpoints in the released format from a private torch hub cache, because the
 #     released weights cannot be downloaded here: synthetic tensors with the released keys and shapes, written
 #     under the file names of the released URLs, so timm's own download path finds them cached.
-# Arguments go to pytest (default: every MPViT case). Example: bash tools/timm_model_tests.sh -k mpvit_tiny
+# Arguments go to pytest (default: every MPViT case). Example: bash dev/timm_model_tests.sh -k mpvit_tiny
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD

@@ -1,23 +1,20 @@
-"""The mmseg drivers' config handling (train.py, test.py and ../demo.py import it from beside them): a
+"""The mmseg drivers' config handling (``semantic_segmentation/tools/train.py``, ``test.py`` and ``demo.py``): a
 config read as the tools read it, the data's top-level options applied to every dataloader, the config
 checked against its data before anything is built, and the evaluated dataset's record.
 
-Not part of the ``mpvit`` package: nothing here is registered with mmengine, and only the drivers use it.
+Nothing here is registered with mmengine (``mpvit.mmseg`` does not import it); only the drivers use it.
 """
 from __future__ import annotations
 
 import os.path as osp
-import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.config import Config
 from mmseg.registry import DATASETS
 
+from mpvit import eval_results
 from mpvit.errors import InvalidInputError, MissingFileError
-
-sys.path.append(osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 __all__ = ['DATA_OPTIONS', 'apply_data_options', 'dataset_classes', 'eval_dataset_record', 'fit_to_data',
            'load_run_config']
@@ -191,7 +188,7 @@ def fit_to_data(cfg: Config) -> Optional[Tuple[str, ...]]:
 
 
 def eval_dataset_record(dataset: Any) -> Dict:
-    """``eval_metrics.json``'s ``dataset`` (``tools/eval_results.py``'s ``dataset_record``) for an mmseg dataset:
+    """``eval_metrics.json``'s ``dataset`` (``mpvit/eval_results.py``'s ``dataset_record``) for an mmseg dataset:
     ``ade20k`` for ADE20KDataset, else the dataset's class name (the data root's folder name for
     BaseSegDataset, which names nothing); the split is the image folder's name (ADE20K's ``validation``);
     the fingerprint is that of the sorted label file names."""
