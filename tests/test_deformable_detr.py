@@ -397,7 +397,7 @@ def test_bad_input_stops_before_the_model_is_built(coco, tmp_path, monkeypatch, 
         main.main(_args(partial, tmp_path / 'out'))
     annotations = json.loads((coco / 'annotations' / 'instances_val.json').read_text())
     for edit, message in ((lambda d: d['images'][2].update(id=d['images'][0]['id']), 'ids are used more than once'),
-                          (lambda d: d['annotations'][0].update(image_id=77), 'image ids that annotations point to are not')):
+                          (lambda d: d['annotations'][0].update(image_id=77), 'annotations point to are not')):
         edited = json.loads(json.dumps(annotations))
         edit(edited)
         (partial / 'annotations' / 'instances_val.json').write_text(json.dumps(edited))
