@@ -413,7 +413,8 @@ def check_segmentation(image_dir: str, mask_dir: str, num_classes: int, *, ignor
                          'write them again as 8-bit PNG index maps')
             continue
         if size is None:
-            report.error('images cannot be read', f'{name} ({why})', 'replace them')
+            report.warn('images cannot be read', f'{name} ({why})',
+                        'training leaves them out, evaluation refuses them: replace them')
         elif size != mask_size:
             report.error('masks are not of their image\'s size', f'{stem + mask_suffix}: {mask_size[0]}x'
                          f'{mask_size[1]}, image {size[0]}x{size[1]}', 'write each mask at its image\'s size')
