@@ -25,8 +25,8 @@ from PIL import Image
 
 from mpvit.errors import InvalidInputError, MissingFileError, first_few
 
-__all__ = ['Report', 'check_coco', 'check_imagefolder', 'check_segmentation', 'fill_missing_areas', 'main',
-           'read_coco_file']
+__all__ = ['Report', 'check_coco', 'check_image_files', 'check_imagefolder', 'check_segmentation',
+           'fill_missing_areas', 'main', 'read_coco_file']
 
 _logger = logging.getLogger('mpvit.data')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')  # torchvision's
@@ -301,7 +301,7 @@ def check_coco(dataset: Any, json_file: str, image_root: str, *, exif_transpose:
         report.warn('annotations have polygons of fewer than 3 points besides usable ones', ann_id,
                     'the readers drop those polygons')
     if check_files:
-        _check_image_files(report, images, image_root, exif_transpose)
+        check_image_files(report, images, image_root, exif_transpose)
     if fill_areas and not report.errors:
         missing = [str(a['id']) for a in annotations if not _is_number(a.get('area'))]
         if missing:
@@ -313,7 +313,7 @@ def check_coco(dataset: Any, json_file: str, image_root: str, *, exif_transpose:
     return report
 
 
-def _check_image_files(report: Report, images: List[Mapping], image_root: str, exif_transpose: bool) -> None:
+def check_image_files(report: Report, images: List[Mapping], image_root: str, exif_transpose: bool) -> None:
     """Files present, non-empty, of the json's size (headers only)."""
     reader = 'Detectron2 reads it turned' if exif_transpose else 'Deformable DETR (torchvision) reads it as stored'
     for image in images:
