@@ -124,7 +124,7 @@ def write_shapes_coco(
     return root
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('root')
     parser.add_argument('--coco', action='store_true', help='write a COCO instance-segmentation set instead')
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument('--val-per-class', type=int, default=16)
     parser.add_argument('--size', type=int, default=64)
     parser.add_argument('--seed', type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 1 <= args.num_classes <= len(SHAPES):
         parser.error(f'--num-classes {args.num_classes}: must be 1..{len(SHAPES)} (the shapes: {", ".join(SHAPES)})')
     if args.coco:
