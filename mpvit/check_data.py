@@ -134,7 +134,7 @@ def _rle_problem(segmentation: Mapping, height: Any, width: Any) -> str:
     size, counts = segmentation.get('size'), segmentation.get('counts')
     if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
         return f'an RLE without a [height, width] size ({str(size)[:40]})'
-    if not isinstance(counts, (str, list)) or isinstance(counts, list) and not all(_is_int(v) for v in counts):
+    if not isinstance(counts, (str, list)) or isinstance(counts, list) and not {int}.issuperset(map(type, counts)):
         return f'an RLE whose counts are not a string or a list of integers ({str(counts)[:40]})'
     if size != [height, width]:
         return f'an RLE of size {size} on an image of [height, width] [{height}, {width}]'
@@ -186,9 +186,10 @@ def _check_keys(report: Report, items: Any, what: str, keys: Dict[str, str], key
             continue
         wrong = [key for key, kind in keys.items() if not _TYPE_CHECKS[kind](item[key])]
         if wrong:
-            report.error(f'{what} entries with a {"/".join(wrong)} of the wrong type',
+            report.error(f'{what} entries whose {"/".join(wrong)} is of the wrong type',
                          f'#{index} (id {item.get("id")}): ' + ', '.join(f'{k}={item[k]!r}'[:50] for k in wrong),
-                         'ids and sizes are integers (sizes positive), names and file names non-empty strings')
+                         'ids are integers (an annotation\'s may be strings), sizes positive integers, names and '
+                         'file names non-empty strings')
             continue
         good.append(item)
     return good
@@ -198,6 +199,7 @@ _TYPE_CHECKS = {
     'int': _is_int,
     'positive': lambda v: _is_int(v) and v > 0,
     'name': lambda v: isinstance(v, str) and v != '',
+    'key': lambda v: _is_int(v) or isinstance(v, str),  # what the readers can index by
     'any': lambda v: True,
 }
 
@@ -226,7 +228,7 @@ def check_coco(dataset: Any, json_file: str, image_root: str, *, exif_transpose:
     categories = _check_keys(report, dataset.get('categories', []), 'category', {'id': 'int', 'name': 'name'},
                              'every category needs an integer id and a name')
     annotations = _check_keys(report, dataset.get('annotations', []), 'annotation',
-                              {'id': 'any', 'image_id': 'any', 'category_id': 'any', 'bbox': 'any'},
+                              {'id': 'key', 'image_id': 'key', 'category_id': 'key', 'bbox': 'any'},
                               'every annotation needs an id, image_id, category_id and bbox [x, y, width, height]')
     if report.errors:  # the checks below rely on every entry having its keys
         return report

@@ -577,7 +577,7 @@ def _drop(part, index, key):
      r"1 annotations have a bbox that is not 4 finite numbers: annotation id 1 \(image id 1\): \['1', '2'"),
     ('NaN bbox', _first_annotation('bbox', [float('nan'), 1.0, 2.0, 3.0]), (),
      r'bbox that is not 4 finite numbers: annotation id 1 \(image id 1\): \[nan, 1.0'),
-    ('string image size', _set('images', 2, width='128'), (), r"image entries with a width of the wrong type: #2 "
+    ('string image size', _set('images', 2, width='128'), (), r"image entries whose width is of the wrong type: #2 "
                                                               r"\(id 3\): width='128'"),
     # SizeMismatchError traceback after start-up
     ('wrong image size', _set('images', 1, width=100), (),
@@ -740,7 +740,8 @@ def test_unusable_annotation_and_bad_output_dir_are_one_line(coco, tmp_path):
     _, path = _edited_coco(coco, tmp_path, _first_annotation('segmentation', []))
     log = _train_net(coco, 'mask_rcnn_mpvit_tiny_1x.yaml', tmp_path / 'out', 'DATASETS.TRAIN', "('broken',)",
                      flags=['--coco-dataset', 'broken', str(path), str(coco / 'train')], expect_ok=False)
-    assert log.strip().splitlines()[-1].startswith(f'error: {path}: annotation id 1 (image id 1) has no segmentation')
+    assert log.strip().splitlines()[-1].startswith(f'error: {path}: 1 annotations have an unusable segmentation: '
+                                                   'annotation id 1 (image id 1) has no segmentation')
     assert 'Traceback' not in log
     (tmp_path / 'file').write_text('')
     log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', tmp_path / 'file' / 'out', expect_ok=False)
