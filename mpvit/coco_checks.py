@@ -1,8 +1,9 @@
-"""Checks of a COCO instances file before training or evaluation starts, shared by the detection drivers.
+"""Checks of a COCO instances file before training or evaluation starts, shared by the detection drivers,
+and what they read of its categories.
 
-Each problem is reported in one line naming the file and the first offending
-image or annotation id, instead of failing at iteration 0 after the model is
-built, deep inside a loss ("index 90 is out of bounds"), or not at all.
+The checks are ``python -m mpvit.check_data coco``'s (:func:`mpvit.check_data.check_coco`); a driver stops
+on the first kind of problem in one line naming the file and its entries, instead of failing at iteration 0
+after the model is built, deep inside a loss ("index 90 is out of bounds"), or not at all.
 """
 from __future__ import annotations
 
