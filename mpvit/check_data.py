@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 
 from mpvit.errors import InvalidInputError, MissingFileError, first_few
@@ -392,6 +393,16 @@ def check_imagefolder(root: str, splits: Sequence[str] = ('train', 'val')) -> Re
 
 # ------------------------------------------------------------------------------------------ segmentation
 
+_INDEX_MODES = ('L', 'P', 'I', 'I;16')  # one value per pixel: a class index
+
+
+def _mask_values(mask: Any) -> List[int]:
+    """The distinct values of a mask array (a bincount for 8-bit masks: ADE20K's 20k are read in ~4 ms each)."""
+    if mask.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist()
+    return np.unique(mask).tolist()
+
+
 def check_segmentation(image_dir: str, mask_dir: str, num_classes: int, *, ignore_index: int = 255,
                        reduce_zero_label: bool = False, image_suffix: str = '.jpg',
                        mask_suffix: str = '.png') -> Report:
@@ -399,8 +410,6 @@ def check_segmentation(image_dir: str, mask_dir: str, num_classes: int, *, ignor
     masks, masks of another size than their image, RGB masks where index maps belong, and label values
     outside ``0..num_classes-1`` and ``ignore_index`` (with ``reduce_zero_label``, as mmseg: raw 0 is ignored
     and 1..num_classes are the classes)."""
-    import numpy as np
-
     report = Report(mask_dir, f'python -m mpvit.check_data segmentation {image_dir} {mask_dir} '
                               f'--classes {num_classes}')
     for folder in (image_dir, mask_dir):
@@ -421,7 +430,7 @@ def check_segmentation(image_dir: str, mask_dir: str, num_classes: int, *, ignor
         try:
             with Image.open(mask_path) as mask:
                 mode, mask_size = mask.mode, mask.size
-                values = np.unique(np.asarray(mask)) if mode in ('L', 'P', 'I', 'I;16') else None
+                values = _mask_values(np.asarray(mask)) if mode in _INDEX_MODES else None
         except OSError as e:
             report.error('masks cannot be read', f'{stem + mask_suffix} ({" ".join(str(e).split())})',
                          'write them again as 8-bit PNG index maps')
@@ -433,7 +442,7 @@ def check_segmentation(image_dir: str, mask_dir: str, num_classes: int, *, ignor
             report.error('masks are not of their image\'s size', f'{stem + mask_suffix}: {mask_size[0]}x'
                          f'{mask_size[1]}, image {size[0]}x{size[1]}', 'write each mask at its image\'s size')
         if values is None:
-            report.error(f'masks are {mode} images, not index maps', stem + mask_suffix,
+            report.error(f'masks have {mode} pixels, not class indices', stem + mask_suffix,
                          'write one class index per pixel (8-bit grey or palette PNG), not colours')
             continue
         outside = sorted(int(v) for v in values if int(v) not in valid)

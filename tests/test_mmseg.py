@@ -340,7 +340,7 @@ def test_masks_are_checked_before_the_runner_is_built(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f'1 masks have label values outside the classes and the ignore index: {masks[1].name}: 200; labels are ' \
            '1..150 and 255 (ignored), with raw 0 ignored (reduce_zero_label)' in out
-    assert f'1 masks are RGB images, not index maps: {masks[2].name}' in out
+    assert f'1 masks have RGB pixels, not class indices: {masks[2].name}' in out
     test_tool = _tool('test')  # evaluation: the test set only, refused before the checkpoint is read
     (data_root / 'annotations' / 'validation' / sorted((data_root / 'images' / 'validation').glob('*.jpg'))[0]
      .with_suffix('.png').name).unlink()
