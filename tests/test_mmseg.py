@@ -296,9 +296,10 @@ def test_missing_data_root_is_named(tmp_path):
 
 def test_label_of_the_wrong_size_is_named(tmp_path):
     data_root = _write_ade(tmp_path / 'ADEChallengeData2016')
+    cfg = _small_run_cfg(data_root, tmp_path / 'work', max_iters=2)  # train.py would refuse the label below
     label = next((data_root / 'annotations' / 'training').glob('*.png'))
     Image.fromarray(np.ones((40, 50), np.uint8)).save(label)
-    runner = Runner.from_cfg(_small_run_cfg(data_root, tmp_path / 'work', max_iters=2))
+    runner = Runner.from_cfg(cfg)
     with pytest.raises(ValueError, match=f'{label.name} is 50x40 but image .* is 96x80'):
         runner.train()
 
@@ -307,13 +308,47 @@ def test_label_of_the_wrong_size_is_named(tmp_path):
 def test_label_values_outside_the_classes_are_named(tmp_path, split):
     """Training used to crash with "Target 199 is out of bounds"; validation silently gave mIoU 0."""
     data_root = _write_ade(tmp_path / 'ADEChallengeData2016')
+    cfg = _small_run_cfg(data_root, tmp_path / 'work', max_iters=2)  # train.py would refuse the label below
     label = sorted((data_root / 'annotations' / split).glob('*.png'))[-1]
     values = np.array(Image.open(label))
     values[:4, :4] = 200
     Image.fromarray(values).save(label)
-    runner = Runner.from_cfg(_small_run_cfg(data_root, tmp_path / 'work', max_iters=2))
+    runner = Runner.from_cfg(cfg)
     with pytest.raises(ValueError, match=f'label .*{label.name} holds values 200 outside the 150 classes'):
         runner.train() if split == 'training' else runner.val()
+
+
+def test_masks_are_checked_before_the_runner_is_built(tmp_path, capsys):
+    """Masks of another size, label values outside the classes and RGB masks were found only once training
+    or validation reached them: train.py / test.py refuse them before building anything, and the command
+    lists them all."""
+    from mpvit.check_data import main as check_data
+
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016', train=3, val=1)
+    masks = sorted((data_root / 'annotations' / 'training').glob('*.png'))
+    Image.fromarray(np.ones((40, 50), np.uint8)).save(masks[0])
+    values = np.array(Image.open(masks[1]))
+    values[:2, :2] = 200  # 150 classes stored 1..150, 0 and 255 ignored
+    Image.fromarray(values).save(masks[1])
+    Image.fromarray(np.zeros((80, 96, 3), np.uint8)).save(masks[2])
+    with pytest.raises(ValueError, match=re.escape(
+            f"{data_root / 'annotations' / 'training'}: 1 masks are not of their image's size: {masks[0].name}: "
+            '50x40, image 96x80; write each mask at its image\'s size (+2 more kinds of problem: `python -m '
+            f"mpvit.check_data segmentation {data_root / 'images' / 'training'}")):
+        _small_run_cfg(data_root, tmp_path / 'work', max_iters=2)
+    assert check_data(['segmentation', str(data_root / 'images' / 'training'),
+                       str(data_root / 'annotations' / 'training'), '--classes', '150', '--reduce-zero-label']) == 1
+    out = capsys.readouterr().out
+    assert f'1 masks have label values outside the classes and the ignore index: {masks[1].name}: 200; labels are ' \
+           '1..150 and 255 (ignored), with raw 0 ignored (reduce_zero_label)' in out
+    assert f'1 masks have RGB pixels, not class indices: {masks[2].name}' in out
+    test_tool = _tool('test')  # evaluation: the test set only, refused before the checkpoint is read
+    (data_root / 'annotations' / 'validation' / sorted((data_root / 'images' / 'validation').glob('*.jpg'))[0]
+     .with_suffix('.png').name).unlink()
+    with pytest.raises(ValueError, match=r'validation: 1 images have no mask: ADE_validation_00000000.png'):
+        test_tool.main([str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), str(tmp_path / 'none.pth'),
+                        '--work-dir', str(tmp_path / 'w'), '--cfg-options', f'data_root={data_root}',
+                        f'test_dataloader.dataset.data_root={data_root}'])
 
 
 def test_colour_label_png_is_named(tmp_path):

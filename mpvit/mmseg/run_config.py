@@ -6,8 +6,9 @@ Nothing here is registered with mmengine (``mpvit.mmseg`` does not import it); o
 """
 from __future__ import annotations
 
+import inspect
 import os.path as osp
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config
@@ -16,8 +17,8 @@ from mmseg.registry import DATASETS
 from mpvit import eval_results
 from mpvit.errors import InvalidInputError, MissingFileError
 
-__all__ = ['DATA_OPTIONS', 'apply_data_options', 'dataset_classes', 'eval_dataset_record', 'fit_to_data',
-           'load_run_config']
+__all__ = ['DATA_OPTIONS', 'apply_data_options', 'check_loader_data', 'dataset_classes', 'eval_dataset_record',
+           'fit_to_data', 'load_run_config']
 
 
 def load_run_config(config: str, launcher: str = 'none', cfg_options: Optional[Dict] = None,
@@ -185,6 +186,46 @@ def fit_to_data(cfg: Config) -> Optional[Tuple[str, ...]]:
         raise InvalidInputError(f'the data has {len(classes)} classes ({where}) but {heads}: set --cfg-options {fix} '
                                 '(the configs of configs/semantic_segmentation/custom/ take it from the data)')
     return classes
+
+
+def _dataset_defaults(dataset: Dict) -> Dict[str, Any]:
+    """The keyword defaults of the dataset's class (ADE20KDataset: ``reduce_zero_label=True``), then its config."""
+    kind = dataset.get('type')
+    cls = DATASETS.get(kind) if isinstance(kind, str) else kind
+    defaults: Dict[str, Any] = {}
+    for klass in reversed(getattr(cls, '__mro__', ())):
+        init = klass.__dict__.get('__init__')
+        if init is not None:
+            defaults.update({name: p.default for name, p in inspect.signature(init).parameters.items()
+                             if p.default is not inspect.Parameter.empty})
+    return {**defaults, **dataset}
+
+
+def check_loader_data(cfg: Config, loaders: Sequence[str]) -> None:
+    """``python -m mpvit.check_data segmentation``'s checks of the ``loaders``' data (masks of their images'
+    size, index maps, labels among the classes and the ignore index), before the Runner builds anything: the
+    first kind of problem in one line. A folder two dataloaders share is checked once."""
+    from mpvit.check_data import check_segmentation
+
+    seen = set()
+    for loader, dataset in _loader_datasets(cfg):
+        classes, _ = dataset_classes(dataset)
+        if loader not in loaders or classes is None:
+            continue
+        data = _dataset_defaults(dataset)
+        prefix = data.get('data_prefix') or {}
+        if not isinstance(prefix, dict) or 'img_path' not in prefix or 'seg_map_path' not in prefix:
+            continue  # a dataset of another layout: mmseg reads (and names) it
+        root = data.get('data_root') or ''
+        image_dir, mask_dir = osp.join(root, prefix['img_path']), osp.join(root, prefix['seg_map_path'])
+        key = (image_dir, mask_dir, len(classes), data.get('reduce_zero_label'), data.get('ignore_index'))
+        if key in seen:
+            continue
+        seen.add(key)
+        check_segmentation(image_dir, mask_dir, len(classes), ignore_index=data.get('ignore_index', 255),
+                           reduce_zero_label=bool(data.get('reduce_zero_label')),
+                           image_suffix=data.get('img_suffix', '.jpg'),
+                           mask_suffix=data.get('seg_map_suffix', '.png')).raise_errors()
 
 
 def eval_dataset_record(dataset: Any) -> Dict:
