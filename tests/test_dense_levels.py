@@ -92,3 +92,19 @@ def test_mmseg_and_deformable_detr_backbones_take_the_stem_levels():
         MODELS.build(dict(type='MPViT', arch='mpvit_tiny', out_indices=('stem.2', 0)))
     detr = DeformableDetrMPViTBackbone('mpvit_tiny', out_indices=('stem.1', 1, 2, 3))
     assert detr.channels == [64, 176, 216, 216]
+
+
+def test_deformable_detr_takes_a_stem_level():
+    """transformers' TimmBackboneConfig takes integer indices only: the stem level's input projection is added."""
+    pytest.importorskip('transformers')
+    from mpvit.deformable_detr import build_deformable_detr
+
+    model = build_deformable_detr('mpvit_tiny', num_labels=3, num_queries=10, num_feature_levels=5,
+                                  out_indices=('stem.1', 1, 2, 3)).eval()
+    assert [proj[0].in_channels for proj in model.model.input_proj] == [64, 176, 216, 216, 216]
+    assert [proj[0].stride for proj in model.model.input_proj][-1] == (2, 2)
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(1, 3, 64, 64))
+    assert out.logits.shape == (1, 10, 3) and torch.isfinite(out.pred_boxes).all()
+    with pytest.raises(InvalidInputError, match='at least one stage'):
+        build_deformable_detr('mpvit_tiny', out_indices=('stem.0',))
