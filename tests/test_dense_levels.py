@@ -108,3 +108,17 @@ def test_deformable_detr_takes_a_stem_level():
     assert out.logits.shape == (1, 10, 3) and torch.isfinite(out.pred_boxes).all()
     with pytest.raises(InvalidInputError, match='at least one stage'):
         build_deformable_detr('mpvit_tiny', out_indices=('stem.0',))
+
+
+def test_readme_table_gives_every_variants_channels_and_strides():
+    from helpers import REPO
+
+    rows = [line.split('|')[1:-1] for line in (REPO / 'README.md').read_text().splitlines()
+            if line.startswith("| `'stem.") or line.startswith('| `') and line[3:4].isdigit()]
+    levels = [eval(row[0].strip(' `')) for row in rows]  # noqa: S307  ('stem.0' or an index, from our README)
+    assert levels == list(ALL_LEVELS)
+    for column, variant in enumerate(('tiny', 'xsmall', 'small', 'base'), start=2):
+        model = timm.create_model(f'mpvit_{variant}', device='meta', num_classes=0)
+        info = model.feature_levels(levels)
+        assert [int(row[column]) for row in rows] == [i['num_chs'] for i in info], variant
+        assert [int(row[1]) for row in rows] == [i['reduction'] for i in info]
