@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> float:
           + f': {", ".join(ops)}')
     return difference
 
+
 if __name__ == '__main__':
     with user_errors_in_one_line():
         main()
