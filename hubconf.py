@@ -1,4 +1,5 @@
-"""torch.hub entry points: ``torch.hub.load('<owner>/<repo>', 'mpvit_small', pretrained=True)``.
+"""torch.hub entry points: ``torch.hub.load('/path/to/this/checkout', 'mpvit_small', source='local', pretrained=True)``
+(this repository has no public GitHub address; the authors' ``youngwanLEE/MPViT`` has no hubconf.py).
 
 Each entry point is timm's ``create_model`` for that variant (the same model, weights and keyword arguments:
 ``num_classes``, ``features_only``, ``in_chans``, ...). ``pretrained=True`` finds the authors' ImageNet

@@ -18,7 +18,7 @@ setup(
     python_requires='>=3.10',
     # The lower bounds are the versions tested (requirements.txt pins them); older ones are not tested.
     # What the package imports; the frameworks' adapters need their extras (Detectron2 itself is installed by
-    # tools/install_detectron2.sh: its PyPI sdist needs a patch).
+    # dev/install_detectron2.sh: its PyPI sdist needs a patch).
     install_requires=['torch>=2.14', 'torchvision>=0.29', 'timm>=1.0.31', 'safetensors', 'huggingface_hub',
                       'filelock', 'PyYAML', 'numpy', 'Pillow'],
     extras_require={

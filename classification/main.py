@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import resource
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from torchvision.datasets import ImageFolder
 
 import mpvit
-from mpvit import model_zoo
+from mpvit import eval_results, model_zoo
+from mpvit.check_data import check_imagefolder
 from mpvit.checkpoint import (
     check_usable,
     checkpoint_filter_fn,
@@ -74,9 +74,6 @@ from mpvit.training import (
     user_errors_in_one_line,
     write_log,
 )
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 _logger = logging.getLogger('mpvit.classification')
 
@@ -209,6 +206,18 @@ def collate_readable(batch: list):
         return None, None, skipped
     images, targets = default_collate(readable)
     return images, targets, skipped
+
+
+def check_data(args) -> None:
+    """``python -m mpvit.check_data imagefolder``'s checks of the splits this run reads (evaluation: val/),
+    every problem counted in one line before any model is built."""
+    if not args.data_path:
+        raise InvalidInputError('--data-path is required (an ImageFolder root with train/ and val/)')
+    splits = ('val',) if args.eval else ('train', 'val')
+    for split in sorted(splits, key=lambda name: name != 'val'):  # val/ first, as it is read first
+        if not os.path.isdir(os.path.join(args.data_path, split)):
+            raise MissingFileError(f'dataset folder not found: {os.path.join(args.data_path, split)}')
+    check_imagefolder(args.data_path, splits).raise_errors()
 
 
 def build_dataset(args, split: str) -> Dataset:
@@ -669,6 +678,7 @@ def main(args: argparse.Namespace) -> Dict:
     try:
         if args.throughput:
             return run_throughput(args, output_dir)
+        check_data(args)
         dataset_val = build_dataset(args, 'val')
         model = build_model(args, dataset_val.classes)
         if args.eval:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this command)
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import random
@@ -46,7 +48,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from transformers import DeformableDetrImageProcessor
 
-from mpvit import model_zoo
+from mpvit import eval_results, model_zoo
 from mpvit.checkpoint import (
     CheckpointError,
     local_checkpoint,
@@ -54,7 +56,7 @@ from mpvit.checkpoint import (
     require_task_weights,
     unwrap_checkpoint,
 )
-from mpvit.coco_checks import check_coco_instances, coco_categories, coco_label_space, is_coco_2017
+from mpvit.coco_checks import check_coco_instances, coco_categories, coco_label_space, is_coco_2017, read_coco_file
 from mpvit.deformable_detr import (
     build_deformable_detr,
     global_box_normaliser,
@@ -86,9 +88,6 @@ from mpvit.training import (
     user_errors_in_one_line,
     write_log,
 )
-
-sys.path.append(str(Path(__file__).resolve().parents[1] / 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 _logger = logging.getLogger('mpvit.deformable_detr')
 
@@ -133,7 +132,16 @@ def build_transforms(train: bool, args: argparse.Namespace) -> v2.Compose:
 
 
 class _CocoImages(datasets.CocoDetection):
-    """torchvision's COCO reader, with 16-bit grey images scaled to 8 bits (PIL would clip them white)."""
+    """torchvision's COCO reader of an already parsed (and checked) instances dict, with 16-bit grey images
+    scaled to 8 bits (PIL would clip them white)."""
+
+    def __init__(self, root: str, dataset: Dict):
+        datasets.VisionDataset.__init__(self, root)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            self.coco = COCO()
+            self.coco.dataset = dataset
+            self.coco.createIndex()
+        self.ids = sorted(self.coco.imgs.keys())
 
     def _load_image(self, id: int) -> Image.Image:
         return open_rgb(os.path.join(self.root, self.coco.loadImgs(id)[0]['file_name']))
@@ -152,7 +160,12 @@ class CocoDetection(Dataset):
         for path in (annotation_file, image_dir):
             if not path.exists():
                 raise MissingFileError(f'COCO data: {path} does not exist (see deformable_detr/README.md)')
-        dataset = _CocoImages(str(image_dir), str(annotation_file))
+        raw = read_coco_file(str(annotation_file))
+        # Every check (areas filled in) on the parsed file, before pycocotools indexes it: its index fails on
+        # missing keys with a bare KeyError. Validation sets are scored, so they need images and annotations.
+        # torchvision's reader ignores EXIF orientation, so the json's sizes must be those stored.
+        check_coco_instances(raw, str(annotation_file), str(image_dir), evaluation=not train, exif_transpose=False)
+        dataset = _CocoImages(str(image_dir), raw)
         self.annotation_file = annotation_file
         self.label_space = coco_label_space(dataset.coco.dataset, str(annotation_file))
         self.meta = coco_categories(dataset.coco.dataset)
@@ -160,7 +173,6 @@ class CocoDetection(Dataset):
             raise InvalidInputError(f'--num-classes {num_classes} does not fit the data: {annotation_file} has '
                                     f'category ids up to {self.label_space - 1}, so needs {self.label_space} '
                                     '(leave --num-classes out to follow the data)')
-        check_coco_instances(dataset.coco.dataset, str(annotation_file), str(image_dir), max_category_id=num_classes)
         check_some_readable((image_dir / im['file_name'] for im in dataset.coco.dataset['images']),
                             str(annotation_file))
         self.train, self.left_out = train, 0

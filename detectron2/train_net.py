@@ -34,7 +34,8 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.layers import deform_conv
 from detectron2.utils import comm
 
-from mpvit import model_zoo
+from mpvit import eval_results, model_zoo
+from mpvit.check_data import fill_missing_areas
 from mpvit.checkpoint import is_url, local_checkpoint
 from mpvit.coco_checks import check_coco_instances, is_coco_2017
 from mpvit.d2 import (
@@ -56,9 +57,6 @@ from mpvit.d2.classes import (
 from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError, UnknownNameError
 from mpvit.images import check_some_readable
 from mpvit.training import LossWatch, align_gradient_strides, ensure_writable_dir, user_errors_in_one_line
-
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 logger = logging.getLogger('detectron2')
 
@@ -98,7 +96,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, 'inference', dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=HAS_D2_C_OPS)
+        evaluator = COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=HAS_D2_C_OPS)
+        # COCO evaluation sorts objects by area: the ground truth it read gets pycocotools' own where the file
+        # has none (check_datasets counted them), instead of a KeyError after the whole inference.
+        fill_missing_areas(evaluator._coco_api.dataset)  # its index holds the same annotation dicts
+        return evaluator
 
     def run_step(self) -> None:
         try:
@@ -159,9 +161,10 @@ def log_period(max_iter: int) -> int:
 
 
 def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
-    """Fail before any model is built, naming the file, when a COCO-format dataset is missing, lists images
-    that are not on disk, or (training masks) has annotations Detectron2 cannot turn into masks. Evaluation
-    needs no training set. (The class count is checked against the data by ``follow_dataset_classes``.)"""
+    """Fail before any model is built, naming the file, when a COCO-format dataset is missing or fails
+    ``python -m mpvit.check_data coco``'s checks (a test set must have annotations to score; training masks,
+    annotations Detectron2 can turn into masks). Evaluation needs no training set. (The class count is
+    checked against the data by ``follow_dataset_classes``.)"""
     train = [] if eval_only else list(cfg.DATASETS.TRAIN)
     for name in train + list(cfg.DATASETS.TEST):
         if name not in DatasetCatalog.list():
@@ -177,7 +180,9 @@ def check_datasets(cfg: CfgNode, eval_only: bool = False) -> None:
             continue
         dataset = read_coco_json(json_file)
         masks = cfg.MODEL.MASK_ON and name in train
-        check_coco_instances(dataset, json_file, image_root, mask_format=cfg.INPUT.MASK_FORMAT if masks else None)
+        # Detectron2's read_image applies EXIF orientation: the json's sizes must be the turned image's.
+        check_coco_instances(dataset, json_file, image_root, mask_format=cfg.INPUT.MASK_FORMAT if masks else None,
+                             evaluation=name in cfg.DATASETS.TEST, exif_transpose=True)
         check_some_readable((os.path.join(image_root, im['file_name']) for im in dataset.get('images', [])),
                             json_file, high_depth=False)  # Detectron2's reader would clip 16-bit grey white
 
@@ -192,6 +197,15 @@ def dataset_record(name: str, images: int) -> dict:
     is_coco = bool(json_file) and os.path.isfile(json_file) and is_coco_2017(read_coco_json(json_file))
     return eval_results.dataset_record('coco' if is_coco else name, split, images, annotations=json_file,
                                         classes=dataset_classes(name))
+
+
+def check_eval_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """``--eval-only`` scores trained heads: without MODEL.WEIGHTS (or a checkpoint to resume) it would score
+    randomly initialised ones, as Deformable DETR's ``--eval`` without ``--resume`` is refused."""
+    resumable = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint'))
+    if args.eval_only and not cfg.MODEL.WEIGHTS and not resumable:
+        raise InvalidInputError('--eval-only needs MODEL.WEIGHTS (a trained detector: a file, URL or released): '
+                                'without one it would score randomly initialised heads')
 
 
 def check_launch(args: argparse.Namespace) -> None:
@@ -209,6 +223,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
     cfg.MODEL.WEIGHTS = model_zoo.resolve(cfg.MODEL.WEIGHTS, args.config_file)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE == 'cuda':
         cfg.MODEL.DEVICE = 'cpu'
+    check_eval_weights(cfg, args)
     register_coco_datasets(args.coco_dataset)
     check_datasets(cfg, eval_only=args.eval_only)
     classes = follow_dataset_classes(

@@ -1,7 +1,7 @@
 """Coloured shapes as built-in demo data and test sets, in the real dataset formats.
 
     python -m mpvit.demo_data output/shapes --train-per-class 64 --val-per-class 16
-    python -m mpvit.demo_data output/shapes_coco --coco --train-images 32 --val-images 8
+    python -m mpvit.demo_data output/shapes_coco --coco --train-images 32 --val-images 8 [--num-classes 2]
 
 ImageFolder: the class is the shape (disc, square, triangle, cross); colour,
 size, position and background vary randomly, so a model has to look at form.
@@ -124,20 +124,24 @@ def write_shapes_coco(
     return root
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('root')
     parser.add_argument('--coco', action='store_true', help='write a COCO instance-segmentation set instead')
     parser.add_argument('--train-images', type=int, default=32, help='COCO: training images')
     parser.add_argument('--val-images', type=int, default=8, help='COCO: validation images')
-    parser.add_argument('--num-classes', type=int, default=4)
+    parser.add_argument('--num-classes', type=int, default=4, help='shapes (classes / categories), 1..4')
     parser.add_argument('--train-per-class', type=int, default=64)
     parser.add_argument('--val-per-class', type=int, default=16)
     parser.add_argument('--size', type=int, default=64)
     parser.add_argument('--seed', type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not 1 <= args.num_classes <= len(SHAPES):
+        parser.error(f'--num-classes {args.num_classes}: must be 1..{len(SHAPES)} (the shapes: {", ".join(SHAPES)})')
     if args.coco:
-        print(f'wrote {write_shapes_coco(args.root, args.train_images, args.val_images, seed=args.seed)}')
+        root = write_shapes_coco(args.root, args.train_images, args.val_images, seed=args.seed,
+                                 shapes=SHAPES[:args.num_classes])
+        print(f'wrote {root} ({args.num_classes} categories)')
         return
     root = write_shapes_imagefolder(args.root, args.num_classes, args.train_per_class, args.val_per_class,
                                     args.size, args.seed)

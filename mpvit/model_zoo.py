@@ -151,8 +151,32 @@ def model_card(name: str, hub_id: Optional[str] = None, source_sha256: Optional[
                'License': f"{license_['summary']} ({license_['link']})"}
     if source_sha256:
         details['Converted from (sha256)'] = source_sha256
-    usage = ("```python\nimport timm\nimport mpvit  # registers the MPViT models with timm\n\n"
-             f"model = timm.create_model('hf-hub:{repo}', pretrained=True)\n```\n")
+    usage = (
+        '`import mpvit` (`pip install` this repository) registers the MPViT models with timm: without it, timm '
+        "says `Unknown model`, and transformers that the architecture needs a newer timm.\n\n"
+        "```python\nimport timm\nimport torch\nimport mpvit  # registers the MPViT models with timm\n\n"
+        f"model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()\n")
+    if dense:
+        usage += "features = model.forward_features(torch.randn(1, 3, 224, 224))  # the stride-32 map\n"
+    else:
+        usage += ("config = timm.data.resolve_data_config({}, model=model)\n"
+                  "transform = timm.data.create_transform(**config)  # bicubic resize, centre crop, normalise\n"
+                  "logits = model(transform(image).unsqueeze(0))  # image: a PIL image\n")
+    usage += (
+        '\n# feature extraction (dense prediction, depth): the stage maps at strides 4, 8, 16, 32, and with\n'
+        "# 'stem.0' / 'stem.1' in out_indices also the stem's stride-2 / stride-4 maps\n"
+        f"backbone = timm.create_model('hf-hub:{repo}', pretrained=True, features_only=True,\n"
+        "                             out_indices=('stem.0', 0, 1, 2, 3)).eval()\n"
+        'maps = backbone(torch.randn(1, 3, 224, 224))\n'
+        'print(backbone.feature_info.channels(), backbone.feature_info.reduction())\n```\n\n'
+        'With transformers (`import mpvit` first here too):\n\n```python\n'
+        f"import mpvit\nfrom transformers import AutoModel, {'' if dense else 'AutoModelForImageClassification, '}"
+        'TimmBackbone\n\n')
+    if not dense:
+        usage += f"classifier = AutoModelForImageClassification.from_pretrained('{repo}')\n"
+    usage += (f"pooled = AutoModel.from_pretrained('{repo}')  # TimmWrapperModel: pooled features\n"
+              f"backbone = TimmBackbone.from_pretrained('hf-hub:{repo}', out_indices=(0, 1, 2, 3))  # stage maps\n"
+              '```\n')
     if dense:
         usage += (f'\n`model.safetensors` is the {variant} backbone as a timm model (`num_classes=0`; '
                   f'`features_only=True` gives the stage maps). `{entry.hub_filename}` is the whole {entry.task} '

@@ -24,7 +24,7 @@ DEPENDENCY_WARNINGS: Tuple[Tuple[Type[Warning], str, str], ...] = (
     (UserWarning, r'torch\.meshgrid: in an upcoming release',
      "Detectron2's anchor generator calls torch.meshgrid without indexing=; its result is the one it wants"),
     (FutureWarning, r'Importing from timm\.models\.registry is deprecated',
-     "the authors' model file, which tools/benchmark.py times side by side, imports it"),
+     "the authors' model file, which dev/benchmark.py times side by side, imports it"),
 )
 
 

@@ -14,7 +14,6 @@ import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this 
 
 import argparse
 import os.path as osp
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -67,11 +66,7 @@ def main(argv=None) -> str:
     from mmseg.apis import inference_model, init_model, show_result_pyplot
 
     from mpvit.mmseg import load_segmentor_weights
-
-    tools = osp.join(osp.dirname(osp.abspath(__file__)), 'tools')
-    if tools not in sys.path:
-        sys.path.append(tools)  # last: its train.py / test.py must not shadow modules of those names
-    from mmseg_run_config import fit_to_data, load_run_config  # the train / test tools' config reading
+    from mpvit.mmseg.run_config import fit_to_data, load_run_config  # the train / test tools' config reading
 
     cfg = load_run_config(args.config)
     weights = local_checkpoint(model_zoo.resolve(args.checkpoint, args.config))

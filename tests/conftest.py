@@ -5,12 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-# tests/ holds helpers (fidelity.py, helpers.py) imported by the test modules.
+# tests/ holds helpers (fidelity.py, helpers.py) imported by the test modules. The scripts of tools/ and dev/
+# import their neighbours (paper_tables, benchmark), as the folder of a script that runs is on sys.path; loaded
+# by the tests, theirs is not.
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path += [str(Path(__file__).parents[1] / 'tools'), str(Path(__file__).parents[1] / 'dev')]
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (tools/test.sh), each worker and the processes it starts get an equal share of the
+    """Under pytest-xdist (dev/test.sh), each worker and the processes it starts get an equal share of the
     cores' threads: two workers with a thread per core each would make every torch op wait on the other's."""
     from mpvit.training import usable_cpus  # the CPUs this process may run on, as xdist's -n auto counts them
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -53,3 +54,22 @@ class ForgedArray:
     def __reduce__(self):
         return ((np._core if hasattr(np, '_core') else np.core).multiarray._reconstruct,
                 (np.ndarray, (0,), b'b'), (1, (len(self.data) // 8,), self.dtype, False, self.data))
+
+
+def offline_hub(monkeypatch, cache: Path) -> None:
+    """This process reads the Hub offline from ``cache`` (huggingface_hub reads its variables at import)."""
+    from huggingface_hub import constants
+
+    for name, value in (('HF_HUB_OFFLINE', True), ('HF_HUB_CACHE', str(cache))):
+        monkeypatch.setenv(name, '1' if value is True else value)
+        monkeypatch.setattr(constants, name, value)
+
+
+def hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
+    """A Hugging Face Hub cache holding ``folder`` as the main revision of ``repo_id`` (as a download leaves it)."""
+    repo = root / ('models--' + repo_id.replace('/', '--'))
+    revision = 'f' * 40
+    shutil.copytree(folder, repo / 'snapshots' / revision)
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(revision)
+    return root

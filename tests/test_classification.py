@@ -131,8 +131,29 @@ def test_missing_and_empty_data_are_named(tmp_path):
     data = write_shapes_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=4, val_per_class=2, size=32)
     (data / 'train' / 'disc').rename(tmp_path / 'moved')
     (data / 'train' / 'disc').mkdir()
-    with pytest.raises(FileNotFoundError, match=r"train.*disc"):
+    with pytest.raises(ValueError, match=r"data: 1 class folders have no image: train/disc; add images"):
         run(data, tmp_path / 'out', '--epochs', '1')
+
+
+def test_every_folder_problem_is_counted_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    """An empty class folder and differing class sets: one line, before any model (an empty val/ class folder
+    was found only after the model was built); the command lists them, and warns of an empty file."""
+    from mpvit.check_data import main as check_data
+
+    data = write_shapes_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=2, val_per_class=1, size=32)
+    (data / 'val' / 'extra').mkdir()
+    (data / 'train' / 'disc' / 'empty.JPEG').write_bytes(b'')
+    monkeypatch.setattr(cls_main, 'build_model', lambda *a, **k: pytest.fail('model built before the check'))
+    with pytest.raises(ValueError, match=r"data: 1 class folders have no image: val/extra; add images .* "
+                                         r"\(\+1 more kinds of problem: `python -m mpvit.check_data imagefolder "):
+        run(data, tmp_path / 'out', '--epochs', '1')
+    assert check_data(['imagefolder', str(data)]) == 1
+    out = capsys.readouterr().out
+    assert "train/ and val/ class sets differ: only in train/ [], only in val/ [extra]" in out
+    assert 'warning: ' in out and '1 image files are empty (0 bytes): train/disc/empty.JPEG' in out
+    (data / 'val' / 'extra').rmdir()
+    (data / 'train' / 'disc' / 'empty.JPEG').unlink()
+    assert check_data(['imagefolder', str(data)]) == 0
 
 
 def test_unreadable_val_images_are_left_out_and_counted(tmp_path, capsys):

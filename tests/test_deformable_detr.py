@@ -1,7 +1,9 @@
 """Deformable DETR + MPViT on transformers: fidelity to the original, recipe settings, loss, training end to end."""
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import math
 import re
 import shutil
@@ -417,7 +419,7 @@ def test_bad_input_stops_before_the_model_is_built(coco, tmp_path, monkeypatch, 
         main.main(_args(partial, tmp_path / 'out'))
     annotations = json.loads((coco / 'annotations' / 'instances_val.json').read_text())
     for edit, message in ((lambda d: d['images'][2].update(id=d['images'][0]['id']), 'ids are used more than once'),
-                          (lambda d: d['annotations'][0].update(image_id=77), 'point to 1 image ids that are not')):
+                          (lambda d: d['annotations'][0].update(image_id=77), 'annotations point to are not')):
         edited = json.loads(json.dumps(annotations))
         edit(edited)
         (partial / 'annotations' / 'instances_val.json').write_text(json.dumps(edited))
@@ -430,6 +432,77 @@ def test_bad_input_stops_before_the_model_is_built(coco, tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):  # evaluating without detector weights would score random heads
         main.main(_args(coco, tmp_path / 'out', '--eval'))
     assert '--eval needs --resume' in capsys.readouterr().err
+
+
+def _edited_set(coco, root, split, edit):
+    """A copy of the shapes set whose ``split`` annotations went through ``edit(dataset)``."""
+    shutil.copytree(coco, root)
+    path = root / 'annotations' / f'instances_{split}.json'
+    dataset = json.loads(path.read_text())
+    edit(dataset)
+    path.write_text(json.dumps(dataset))
+    return root, path
+
+
+@pytest.mark.parametrize('case,split,edit,message', [
+    # a head of another size trained on in silence, box AP 0.00
+    ('duplicate category id', 'train', lambda d: d['categories'][1].update(id=1),
+     '1 category ids are used more than once: 1; give every category its own id'),
+    # trained on without the name / a KeyError traceback
+    ('category without name', 'val', lambda d: d['categories'][0].pop('name'), '1 category entries without name: #0'),
+    ('image without file_name', 'train', lambda d: d['images'][0].pop('file_name'),
+     '1 image entries without file_name: #0 (id 1)'),
+    ('NaN bbox', 'train', lambda d: d['annotations'][0].update(bbox=[1.0, float('nan'), 2.0, 2.0]),
+     '1 annotations have a bbox that is not 4 finite numbers: annotation id 1 (image id 1): [1.0, nan, 2.0, 2.0]'),
+    # box AP -100.00 written as a metric / box AP 0.00
+    ('val set without annotations', 'val', lambda d: d.update(annotations=[]),
+     'has images but no annotations: nothing to score in evaluation (COCO AP would be -1)'),
+    ('val set without images', 'val', lambda d: d.update(images=[], annotations=[]),
+     'lists no image: nothing to evaluate, so no score'),
+    # torchvision's reader ignores EXIF orientation: sizes are the stored image's
+    ('turned size', 'val', lambda d: d['images'][0].update(width=96, height=128),
+     "1 images have a width / height that is not the file's: id 1 000001.jpg: json 96x128, file 128x96"),
+])
+def test_malformed_files_stop_before_the_model_is_built(coco, tmp_path, monkeypatch, case, split, edit, message):
+    main = load_script('deformable_detr/main.py')
+    monkeypatch.setattr(main, 'build_deformable_detr', lambda *a, **k: pytest.fail('model built before the check'))
+    root, path = _edited_set(coco, tmp_path / 'data', split, edit)
+    with pytest.raises(ValueError, match=re.escape(f'{path}: {message}')):
+        main.main(_args(root, tmp_path / 'out'))
+
+
+def test_missing_areas_are_filled_and_exif_is_read_as_stored(coco, tmp_path, caplog):
+    """Annotations without ``area`` trained, then ended in ``KeyError: 'area'`` at evaluation: pycocotools'
+    area is filled in (and counted). An EXIF-oriented JPEG is read as stored, so its stored size is right."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    driver = load_script('deformable_detr/main.py')
+
+    def edit(dataset):
+        for ann in dataset['annotations']:
+            ann.pop('area')
+    root, path = _edited_set(coco, tmp_path / 'data', 'val', edit)
+    exif = Image.Exif()
+    exif[274] = 6
+    Image.new('RGB', (128, 96)).save(root / 'val' / '000002.jpg', exif=exif.tobytes())
+    with caplog.at_level(logging.WARNING, logger='mpvit.data'):
+        dataset = driver.CocoDetection(root / 'val', path, v2.ToDtype(torch.float32, scale=True), None)
+    truth = {a['id']: a['area'] for a in json.loads((coco / 'annotations' / 'instances_val.json').read_text())
+             ['annotations']}
+    assert f'{path}: {len(truth)} annotations have no area: 1, 2' in caplog.text
+    assert '1 images have an EXIF orientation: 000002.jpg (6); Deformable DETR (torchvision) reads it as stored' \
+        in caplog.text
+    for ann_id, area in truth.items():  # the polygon's pixels, close to the exact area demo_data wrote
+        assert dataset.coco.anns[ann_id]['area'] == pytest.approx(area, rel=0.1)
+    assert dataset[1][0].shape[-2:] == (96, 128)
+
+
+def test_malformed_file_is_one_line(coco, tmp_path):
+    root, path = _edited_set(coco, tmp_path / 'data', 'train', lambda d: d['categories'][1].update(id=1))
+    log = _main(root, tmp_path / 'out', expect_ok=False)
+    assert log.strip().splitlines()[-1].startswith(f'error: {path}: 1 category ids are used more than once: 1; ')
+    assert 'Traceback' not in log
 
 
 def test_missing_resume_file_is_one_line(coco, tmp_path):
@@ -518,8 +591,11 @@ def test_unreadable_and_16_bit_images(tmp_path, caplog):
     with pytest.raises(InvalidInputError, match=f'unreadable image {truncated} .*evaluation needs every image'):
         dataset(False)[1]
     for image in coco['images']:
-        (root / 'train' / image['file_name']).write_bytes(b'')
+        (root / 'train' / image['file_name']).write_bytes(b'not an image')
     with pytest.raises(InvalidInputError, match=r'instances_train.json: none of its 3 images can be read'):
+        dataset(True)
+    (root / 'train' / 'grey16.png').write_bytes(b'')  # an empty file is refused as such, not left out
+    with pytest.raises(InvalidInputError, match=r'instances_train.json: 1 image files are empty \(0 bytes\): grey16'):
         dataset(True)
 
 
@@ -582,7 +658,7 @@ def test_own_data_head_follows_the_categories(fruit_run):
 def test_own_data_evaluate_and_draw(fruit, fruit_run, tmp_path, capsys):
     from PIL import Image
 
-    on_paper_dataset = load_script('tools/eval_results.py').on_paper_dataset
+    on_paper_dataset = importlib.import_module('mpvit.eval_results').on_paper_dataset
     from mpvit.weights import file_sha256
 
     out, _ = fruit_run

@@ -62,7 +62,7 @@ def test_public_replacements_are_exported():
 
 
 def test_the_authors_registry_import_still_resolves():
-    """tools/benchmark.py runs the authors' model file, which imports ``timm.models.registry`` (a deprecated
+    """dev/benchmark.py runs the authors' model file, which imports ``timm.models.registry`` (a deprecated
     alias timm keeps); the benchmark switches its ``register_model`` off while importing that file."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)

@@ -50,7 +50,7 @@ def _params(model):
 
 
 def test_compat_patch_fails_loudly_on_other_sources(tmp_path):
-    patch = load_script('tools/patch_detectron2.py')
+    patch = load_script('dev/patch_detectron2.py')
     transform = tmp_path / 'detectron2' / 'data' / 'transforms' / 'transform.py'
     transform.parent.mkdir(parents=True)
     (tmp_path / 'detectron2' / '__init__.py').write_text('')
@@ -104,7 +104,7 @@ def _fake_upstream_tree(root: Path, model_zoo: str = UPSTREAM_MODEL_ZOO) -> Path
 
 
 def test_upstream_route_patch_on_a_fake_tree(tmp_path):
-    patch = load_script('tools/patch_detectron2.py')
+    patch = load_script('dev/patch_detectron2.py')
     root = _fake_upstream_tree(tmp_path / 'upstream')
     patch.patch_tree(root, upstream=True)
     model_zoo = (root / 'detectron2' / 'model_zoo' / 'model_zoo.py').read_text()
@@ -551,28 +551,134 @@ def _first_annotation(key, value):
     return edit
 
 
+def _set(part, index, **values):
+    def edit(dataset):
+        dataset[part][index].update(values)
+    return edit
+
+
+def _drop(part, index, key):
+    def edit(dataset):
+        del dataset[part][index][key]
+    return edit
+
+
 @pytest.mark.parametrize('case,edit,opts,message', [
     ('empty segmentation', _first_annotation('segmentation', []), (),
-     r'annotation id 1 \(image id 1\) has no segmentation \(\[\]\)'),
+     r'1 annotations have an unusable segmentation: annotation id 1 \(image id 1\) has no segmentation \(\[\]\)'),
     ('RLE, polygon format', _first_annotation('segmentation', {'size': [96, 128], 'counts': [0, 10]}), (),
      'annotation id 1 .* RLE segmentation, which polygon masks cannot hold: set INPUT.MASK_FORMAT bitmask'),
-    ('image not on disk', lambda d: d['images'][1].update(file_name='gone.jpg'), (),
+    ('RLE of another size', _first_annotation('segmentation', {'size': [90, 128], 'counts': [0, 10]}),
+     ('INPUT.MASK_FORMAT', 'bitmask'), r'annotation id 1 \(image id 1\) has an RLE of size \[90, 128\] on an image '
+                                       r'of \[height, width\] \[96, 128\]'),
+    ('image not on disk', _set('images', 1, file_name='gone.jpg'), (),
      r'1 of 6 listed images are not in .*train: gone.jpg'),
     ('unknown category id', _first_annotation('category_id', 7), (),
-     r'annotation id 1 \(image id 1\) has category_id 7, which is not among'),
+     r"category_id that is not among the file's categories: annotation id 1 \(image id 1\): category_id 7"),
     ('duplicate image id', lambda d: d['images'][1].update(id=d['images'][0]['id']), (),
-     r'1 image ids are used more than once: 1$'),
-    ('duplicate annotation id', lambda d: d['annotations'][1].update(id=1), (),
-     r'1 annotation ids are used more than once: 1$'),
+     r'1 image ids are used more than once: 1; give every image its own id'),
+    ('duplicate annotation id', _set('annotations', 1, id=1), (), r'1 annotation ids are used more than once: 1;'),
     ('dangling image id', _first_annotation('image_id', 99), (),
-     r'annotations point to 1 image ids that are not among its images: 99$'),
+     r'1 image ids that annotations point to are not among its images: 99;'),
+    # Detectron2 stopped on a bare AssertionError
+    ('duplicate category id', _set('categories', 1, id=1), (), r'1 category ids are used more than once: 1;'),
+    ('duplicate category name', _set('categories', 1, name='disc'), (),
+     r"1 category names are used more than once: 'disc'; merge"),
+    # KeyError tracebacks
+    ('image without file_name', _drop('images', 0, 'file_name'), (), r'1 image entries without file_name: #0 \(id 1\)'),
+    ('category without name', _drop('categories', 2, 'name'), (), r'1 category entries without name: #2 \(id 3\)'),
+    ('annotation without bbox', _drop('annotations', 0, 'bbox'), (), r'1 annotation entries without bbox: #0 \(id 1\)'),
+    # ValueError / TypeError tracebacks
+    ('bbox of strings', _first_annotation('bbox', ['1', '2', '3', '4']), (),
+     r"1 annotations have a bbox that is not 4 finite numbers: annotation id 1 \(image id 1\): \['1', '2'"),
+    ('NaN bbox', _first_annotation('bbox', [float('nan'), 1.0, 2.0, 3.0]), (),
+     r'bbox that is not 4 finite numbers: annotation id 1 \(image id 1\): \[nan, 1.0'),
+    ('string image size', _set('images', 2, width='128'), (), r"image entries whose width is of the wrong type: #2 "
+                                                              r"\(id 3\): width='128'"),
+    # SizeMismatchError traceback after start-up
+    ('wrong image size', _set('images', 1, width=100), (),
+     r"1 images have a width / height that is not the file's: id 2 000002.jpg: json 100x96, file 128x96"),
 ])
 def test_unusable_annotations_are_named_before_training(coco, tmp_path, train_net, case, edit, opts, message):
     name, path = _edited_coco(coco, tmp_path, edit)
     cfg = _cfg('mask_rcnn_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', (name,), 'DATASETS.TEST', ('shapes_val',),
                'MODEL.ROI_HEADS.NUM_CLASSES', 4, *opts)
-    with pytest.raises(ValueError, match=f'{path}: .*{message}'):
+    with pytest.raises(ValueError, match=f'{re.escape(str(path))}: .*{message}'):
         train_net.check_datasets(cfg)
+
+
+def _exif_rotated_jpeg(path: Path, size=(128, 96)) -> None:
+    """A JPEG stored ``size`` (w, h) with EXIF orientation 6: viewers and Detectron2 show it turned, h x w."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[274] = 6
+    Image.new('RGB', size, (30, 60, 90)).save(path, exif=exif.tobytes())
+
+
+def test_sizes_files_and_evaluation_sets_are_checked(coco, tmp_path, train_net):
+    """The json's sizes are the image as Detectron2 reads it (EXIF orientation applied: a SizeMismatchError
+    traceback after start-up before); an empty image file, and a test set with nothing to score, are refused."""
+    images = tmp_path / 'images'
+    shutil.copytree(coco / 'train', images)
+    _exif_rotated_jpeg(images / '000003.jpg')  # the json says 128x96, as stored; Detectron2 reads 96x128
+    (images / '000004.jpg').write_bytes(b'')
+    dataset = json.loads((coco / 'annotations' / 'instances_train.json').read_text())
+    path = tmp_path / 'train.json'
+    path.write_text(json.dumps(dataset))
+    from mpvit.d2 import register_coco_datasets
+
+    register_coco_datasets([['rotated', str(path), str(images)]])
+    opts = ('MODEL.RETINANET.NUM_CLASSES', 4)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path}: 1 images have a width / height that is not the file's: id 3 000003.jpg: json 128x96, "
+            'file 96x128 (EXIF orientation 6); write the size of the image as read (EXIF orientation applied)')
+            + r'.*\(\+1 more kinds of problem: `python -m mpvit.check_data coco'):
+        train_net.check_datasets(_cfg('retinanet_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', ('rotated',),
+                                      'DATASETS.TEST', (), *opts))
+    dataset['images'][3]['file_name'] = dataset['images'][2]['file_name'] = '000001.jpg'
+    path.write_text(json.dumps(dataset))
+    train_net.check_datasets(_cfg('retinanet_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', ('rotated',),
+                                  'DATASETS.TEST', (), *opts))
+    (images / '000001.jpg').write_bytes(b'')  # a zero-byte training image: was a traceback in training
+    with pytest.raises(ValueError, match=re.escape(f'{path}: 3 image files are empty (0 bytes): 000001.jpg')):
+        train_net.check_datasets(_cfg('retinanet_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', ('rotated',),
+                                      'DATASETS.TEST', (), *opts))
+    for edit, message in ((lambda d: d.update(annotations=[]), 'has images but no annotations: nothing to score'),
+                          (lambda d: d.update(images=[], annotations=[]), 'lists no image: nothing to evaluate')):
+        folder = tmp_path / message[:9].replace(' ', '_')
+        folder.mkdir()
+        name, test_path = _edited_coco(coco, folder, edit, split='val')
+        with pytest.raises(ValueError, match=re.escape(f'{test_path}: {message}')):
+            train_net.check_datasets(_cfg('retinanet_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', ('shapes_train',),
+                                          'DATASETS.TEST', (name,), *opts), eval_only=True)
+
+
+def test_missing_areas_are_filled_for_evaluation(coco, tmp_path, train_net, caplog):
+    """Annotations without ``area`` (common in converted sets) are counted, and the evaluator's ground truth
+    gets pycocotools' area (COCO evaluation needs it) instead of a KeyError after the whole inference."""
+    def edit(dataset):
+        for ann in dataset['annotations']:
+            ann.pop('area')
+    name, path = _edited_coco(coco, tmp_path, edit, split='val')
+    cfg = _cfg('retinanet_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', ('shapes_train',), 'DATASETS.TEST', (name,),
+               'MODEL.RETINANET.NUM_CLASSES', 4, 'OUTPUT_DIR', str(tmp_path / 'out'))
+    with caplog.at_level(logging.WARNING, logger='mpvit.data'):
+        train_net.check_datasets(cfg)
+    count = len(json.loads(path.read_text())['annotations'])
+    assert f'{path}: {count} annotations have no area: 1, 2, 3' in caplog.text
+    truth = json.loads((coco / 'annotations' / 'instances_val.json').read_text())['annotations']
+    filled = train_net.Trainer.build_evaluator(cfg, name)._coco_api.anns
+    for ann in truth:  # the polygon's pixels, close to the exact polygon area demo_data wrote
+        assert filled[ann['id']]['area'] == pytest.approx(ann['area'], rel=0.1)
+
+
+def test_eval_only_without_weights_is_one_line(coco, tmp_path):
+    """``--eval-only`` with ``MODEL.WEIGHTS ""`` evaluated heads that were never trained."""
+    log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', tmp_path / 'out', flags=['--eval-only'], expect_ok=False)
+    assert log.strip().splitlines()[-1] == ('error: --eval-only needs MODEL.WEIGHTS (a trained detector: a file, URL '
+                                            'or released): without one it would score randomly initialised heads')
+    assert 'Traceback' not in log and not (tmp_path / 'out' / 'eval_metrics.json').exists()
 
 
 def test_empty_boxes_are_counted_and_named(coco, tmp_path, train_net, caplog):
@@ -583,8 +689,8 @@ def test_empty_boxes_are_counted_and_named(coco, tmp_path, train_net, caplog):
     with caplog.at_level(logging.WARNING, logger='mpvit.data'):
         train_net.check_datasets(_cfg('retinanet_mpvit_tiny_1x.yaml', 'DATASETS.TRAIN', (name,),
                                       'DATASETS.TEST', ('shapes_val',), 'MODEL.RETINANET.NUM_CLASSES', 4))
-    assert re.search(rf'{re.escape(str(path))}: 2 of \d+ annotations have no box of positive width and height.*'
-                     r'ids 1, 3$', caplog.text, re.M), caplog.text
+    assert re.search(rf'{re.escape(str(path))}: 2 of \d+ annotations have no box of positive width and height: 1, 3; '
+                     'training leaves them out', caplog.text, re.M), caplog.text
 
 
 def test_unreadable_and_16_bit_images(coco, tmp_path, train_net, caplog):
@@ -650,7 +756,8 @@ def test_unusable_annotation_and_bad_output_dir_are_one_line(coco, tmp_path):
     _, path = _edited_coco(coco, tmp_path, _first_annotation('segmentation', []))
     log = _train_net(coco, 'mask_rcnn_mpvit_tiny_1x.yaml', tmp_path / 'out', 'DATASETS.TRAIN', "('broken',)",
                      flags=['--coco-dataset', 'broken', str(path), str(coco / 'train')], expect_ok=False)
-    assert log.strip().splitlines()[-1].startswith(f'error: {path}: annotation id 1 (image id 1) has no segmentation')
+    assert log.strip().splitlines()[-1].startswith(f'error: {path}: 1 annotations have an unusable segmentation: '
+                                                   'annotation id 1 (image id 1) has no segmentation')
     assert 'Traceback' not in log
     (tmp_path / 'file').write_text('')
     log = _train_net(coco, 'retinanet_mpvit_tiny_1x.yaml', tmp_path / 'file' / 'out', expect_ok=False)
@@ -673,7 +780,7 @@ def test_evaluation_refuses_heads_that_do_not_fit(tmp_path):
 
 @pytest.mark.slow
 def test_second_install_run_is_a_quiet_no_op():
-    """tools/install.sh on an installed machine changes nothing and prints no resolver complaints; the
+    """dev/install.sh on an installed machine changes nothing and prints no resolver complaints; the
     Detectron2 distribution's requirements agree with our pins (pip check)."""
     run = subprocess.run(['bash', str(REPO / 'tools' / 'install.sh')], capture_output=True, text=True,
                          env={**os.environ, 'PYTHON': sys.executable}, timeout=600)
@@ -705,7 +812,8 @@ def test_class_count_follows_the_data_unless_set(coco, tmp_path, train_net):
         cfg = setup(config)
         assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == cfg.MODEL.RETINANET.NUM_CLASSES == 2
     assert build_model(cfg).num_classes == 2
-    assert setup('mask_rcnn_mpvit_tiny_1x.yaml', eval_only=True).MODEL.ROI_HEADS.NUM_CLASSES == 2
+    trained = ('MODEL.WEIGHTS', str(tmp_path / 'trained.pth'))  # evaluation needs trained heads
+    assert setup('mask_rcnn_mpvit_tiny_1x.yaml', *trained, eval_only=True).MODEL.ROI_HEADS.NUM_CLASSES == 2
     assert setup('mask_rcnn_mpvit_tiny_1x.yaml', 'MODEL.ROI_HEADS.NUM_CLASSES', '2').MODEL.ROI_HEADS.NUM_CLASSES == 2
     with pytest.raises(InvalidInputError, match=r'instances_train\.json: 2 categories, but '
                                                 r'MODEL\.ROI_HEADS\.NUM_CLASSES is 80; leave'):

@@ -378,7 +378,7 @@ def _stacking_bytes() -> tuple:
     the number of elements stacked, and how many of those are conv kernels (their preparation writes extra)."""
     torch.manual_seed(0)
     stage = _batched_stage(32, 32, 2, num_heads=8, mlp_ratio=2., num_path=3, drop_path_list=[0.] * 2).train()
-    op_counter = load_script('tools/count_ops.py').OpCounter
+    op_counter = load_script('dev/count_ops.py').OpCounter
     counter = op_counter()
     with torch.autocast('cpu', dtype=torch.bfloat16), counter:
         layer_params, *kernels = stage._stage_weights(torch.bfloat16)
@@ -522,7 +522,7 @@ def _stage_kernels(num_path: int, num_layers: int, train: bool, fast: bool = Tru
     stage = _batched_stage(32, 48, num_layers, num_heads=8, mlp_ratio=2., num_path=num_path,
                       drop_path_list=[0.] * num_layers, fast_ops=fast).train(train)
     inputs = [torch.randn(2, 32, 6, 6, requires_grad=train) for _ in range(num_path)]
-    counter = load_script('tools/count_ops.py').OpCounter()
+    counter = load_script('dev/count_ops.py').OpCounter()
     with counter, torch.set_grad_enabled(train):
         out = stage(inputs)
         if train:

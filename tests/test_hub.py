@@ -22,3 +22,15 @@ def test_torch_hub_local_entry_points(tmp_path):
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), reference.eval()(x))
+
+
+def test_readme_gives_the_real_hub_path_and_tracker():
+    """No placeholder owner: this repository has no public address, so torch.hub loads a checkout; issue numbers
+    of this repository's tracker say so (the authors' are youngwanLEE/MPViT#N)."""
+    import re
+
+    readme = (REPO / 'README.md').read_text()
+    assert '<owner>/<repo>' not in readme and "torch.hub.load('/path/to/this/checkout', 'mpvit_small', source='local'" \
+        in readme
+    assert not re.findall(r"(?<!this repository's )issue #\d+", readme)
+    assert 'https://github.com/youngwanLEE/MPViT/issues' in readme

@@ -1,6 +1,7 @@
 """UperNet + MPViT on mmsegmentation: fidelity, released checkpoints, and the Runner end to end (CPU)."""
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -295,9 +296,10 @@ def test_missing_data_root_is_named(tmp_path):
 
 def test_label_of_the_wrong_size_is_named(tmp_path):
     data_root = _write_ade(tmp_path / 'ADEChallengeData2016')
+    cfg = _small_run_cfg(data_root, tmp_path / 'work', max_iters=2)  # train.py would refuse the label below
     label = next((data_root / 'annotations' / 'training').glob('*.png'))
     Image.fromarray(np.ones((40, 50), np.uint8)).save(label)
-    runner = Runner.from_cfg(_small_run_cfg(data_root, tmp_path / 'work', max_iters=2))
+    runner = Runner.from_cfg(cfg)
     with pytest.raises(ValueError, match=f'{label.name} is 50x40 but image .* is 96x80'):
         runner.train()
 
@@ -306,13 +308,47 @@ def test_label_of_the_wrong_size_is_named(tmp_path):
 def test_label_values_outside_the_classes_are_named(tmp_path, split):
     """Training used to crash with "Target 199 is out of bounds"; validation silently gave mIoU 0."""
     data_root = _write_ade(tmp_path / 'ADEChallengeData2016')
+    cfg = _small_run_cfg(data_root, tmp_path / 'work', max_iters=2)  # train.py would refuse the label below
     label = sorted((data_root / 'annotations' / split).glob('*.png'))[-1]
     values = np.array(Image.open(label))
     values[:4, :4] = 200
     Image.fromarray(values).save(label)
-    runner = Runner.from_cfg(_small_run_cfg(data_root, tmp_path / 'work', max_iters=2))
+    runner = Runner.from_cfg(cfg)
     with pytest.raises(ValueError, match=f'label .*{label.name} holds values 200 outside the 150 classes'):
         runner.train() if split == 'training' else runner.val()
+
+
+def test_masks_are_checked_before_the_runner_is_built(tmp_path, capsys):
+    """Masks of another size, label values outside the classes and RGB masks were found only once training
+    or validation reached them: train.py / test.py refuse them before building anything, and the command
+    lists them all."""
+    from mpvit.check_data import main as check_data
+
+    data_root = _write_ade(tmp_path / 'ADEChallengeData2016', train=3, val=1)
+    masks = sorted((data_root / 'annotations' / 'training').glob('*.png'))
+    Image.fromarray(np.ones((40, 50), np.uint8)).save(masks[0])
+    values = np.array(Image.open(masks[1]))
+    values[:2, :2] = 200  # 150 classes stored 1..150, 0 and 255 ignored
+    Image.fromarray(values).save(masks[1])
+    Image.fromarray(np.zeros((80, 96, 3), np.uint8)).save(masks[2])
+    with pytest.raises(ValueError, match=re.escape(
+            f"{data_root / 'annotations' / 'training'}: 1 masks are not of their image's size: {masks[0].name}: "
+            '50x40, image 96x80; write each mask at its image\'s size (+2 more kinds of problem: `python -m '
+            f"mpvit.check_data segmentation {data_root / 'images' / 'training'}")):
+        _small_run_cfg(data_root, tmp_path / 'work', max_iters=2)
+    assert check_data(['segmentation', str(data_root / 'images' / 'training'),
+                       str(data_root / 'annotations' / 'training'), '--classes', '150', '--reduce-zero-label']) == 1
+    out = capsys.readouterr().out
+    assert f'1 masks have label values outside the classes and the ignore index: {masks[1].name}: 200; labels are ' \
+           '1..150 and 255 (ignored), with raw 0 ignored (reduce_zero_label)' in out
+    assert f'1 masks have RGB pixels, not class indices: {masks[2].name}' in out
+    test_tool = _tool('test')  # evaluation: the test set only, refused before the checkpoint is read
+    (data_root / 'annotations' / 'validation' / sorted((data_root / 'images' / 'validation').glob('*.jpg'))[0]
+     .with_suffix('.png').name).unlink()
+    with pytest.raises(ValueError, match=r'validation: 1 images have no mask: ADE_validation_00000000.png'):
+        test_tool.main([str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), str(tmp_path / 'none.pth'),
+                        '--work-dir', str(tmp_path / 'w'), '--cfg-options', f'data_root={data_root}',
+                        f'test_dataloader.dataset.data_root={data_root}'])
 
 
 def test_colour_label_png_is_named(tmp_path):
@@ -416,7 +452,7 @@ def test_weights_that_are_none_are_refused_by_load_from_and_test(tmp_path):
 
 
 def test_config_syntax_error_and_nccl_without_cuda_are_named(tmp_path):
-    load_run_config = _tool('mmseg_run_config').load_run_config
+    load_run_config = importlib.import_module('mpvit.mmseg.run_config').load_run_config
 
     bad = tmp_path / 'bad_config.py'
     bad.write_text("_base_ = ['x.py']\nmodel = dict(\n")
@@ -536,7 +572,7 @@ def test_your_own_data_train_test_demo(tmp_path, capsys):
     written = json.loads((tmp_path / 'test' / 'eval_metrics.json').read_text())
     assert written['paper_row'] is None
     labels = sorted(p.name for p in (data_root / 'ann_dir' / 'val').glob('*.png'))
-    eval_results = load_script('tools/eval_results.py')
+    eval_results = importlib.import_module('mpvit.eval_results')
     assert written['dataset'] == dict(name='street', split='val', images=2, annotations=None,
                                       sha256=eval_results.fingerprint_names(labels), num_classes=3)
     assert not eval_results.on_paper_dataset('mmseg', written['dataset'])
@@ -567,7 +603,7 @@ def test_150_class_heads_on_3_class_data_stop_in_one_line(tmp_path):
     import sys
 
     from mpvit.errors import InvalidInputError
-    load_run_config = _tool('mmseg_run_config').load_run_config
+    load_run_config = importlib.import_module('mpvit.mmseg.run_config').load_run_config
 
     data_root = _write_custom(tmp_path / 'street', train=1, val=1)
     config = str(CONFIGS / 'custom' / 'upernet_mpvit_tiny_custom.py')
@@ -603,7 +639,7 @@ def test_label_check_follows_the_data_classes_and_ignore_index(tmp_path):
     3 classes is refused, the ignore index (here 200) passes."""
     from mmseg.registry import DATASETS
 
-    load_run_config = _tool('mmseg_run_config').load_run_config
+    load_run_config = importlib.import_module('mpvit.mmseg.run_config').load_run_config
 
     data_root = _write_custom(tmp_path / 'street', train=1, val=1)
     label_path = data_root / 'ann_dir' / 'train' / 'train_000.png'
@@ -641,7 +677,7 @@ def test_every_variant_has_ade20k_and_custom_configs_whose_heads_fit_the_backbon
     drop = {'tiny': 0.1, 'xsmall': 0.1, 'small': 0.2, 'base': 0.4}[variant]
     assert ade.model.backbone.arch == f'mpvit_{variant}' and ade.model.backbone.drop_path_rate == drop
     assert ade.model.backbone.init_cfg.checkpoint == model_zoo.get(f'mpvit_{variant}').zoo_name
-    paper_row = load_script('tools/eval_results.py').paper_row
+    paper_row = importlib.import_module('mpvit.eval_results').paper_row
     assert (paper_row('mmseg', str(CONFIGS / f'upernet_mpvit_{variant}_160k_ade20k.py')) is None) == (
         variant in ('tiny', 'xsmall'))
     if variant in ('small', 'base'):

@@ -2,6 +2,7 @@
 ``tools/paper_tables.py`` (parameter counts of every row; results of our own evaluation runs ingested)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -59,7 +60,7 @@ def test_released_resolves_by_config():
     with pytest.raises(ValueError, match='no checkpoint for this config.*pass a file or URL'):
         model_zoo.resolve('released', 'configs/detectron2/cascade_mask_rcnn_mpvit_small_ms_3x.yaml')
     # A demo config reports on the row of the config it inherits from.
-    assert load_script('tools/eval_results.py').paper_row(
+    assert importlib.import_module('mpvit.eval_results').paper_row(
         'detectron2', REPO / 'configs/detectron2/demo/mask_rcnn_mpvit_tiny_shapes.yaml') \
         == 'mask_rcnn_mpvit_tiny_1x'
 
@@ -122,7 +123,7 @@ def test_unknown_zoo_word_is_one_line_naming_the_known_ones():
 def test_missing_config_is_an_error_not_a_silent_none(tmp_path, monkeypatch):
     from mpvit.errors import MissingFileError
 
-    eval_results = load_script('tools/eval_results.py')
+    eval_results = importlib.import_module('mpvit.eval_results')
 
     with pytest.raises(MissingFileError, match=r'configs/detectron2/nope.yaml: no such config \(looked in '):
         model_zoo.config_path('configs/detectron2/nope.yaml')
@@ -355,7 +356,7 @@ def test_paper_tables_place_results_only_on_their_dataset_rows(paper_tables, tmp
     own = json.loads((tmp_path / 'results' / 'cls' / 'eval_metrics.json').read_text())
     assert own['paper_row'] == 'mpvit_tiny' and own['dataset']['name'] == 'data' and own['dataset']['images'] == 4
     seg_config = REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'
-    eval_results = load_script('tools/eval_results.py')
+    eval_results = importlib.import_module('mpvit.eval_results')
     ade20k_val = eval_results.dataset_record('ade20k', 'validation', 2000)
     for name, miou in (('seg_a', 12.5), ('seg_b', 40.0)):  # two evaluations of one row, the second newer
         eval_results.write_eval_metrics(tmp_path / 'results' / name / 'eval_metrics.json', 'mmseg',

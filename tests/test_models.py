@@ -23,8 +23,8 @@ CHANNELS = {
 
 
 def _tool(name: str):
-    """A script of tools/ imported as a module."""
-    return load_script(f'tools/{name}.py')
+    """A developers' script (dev/) imported as a module."""
+    return load_script(f'dev/{name}.py')
 
 
 def _write(path, checkpoint) -> str:
@@ -302,7 +302,7 @@ def test_norm_layer_is_an_argument():
 
 
 def test_benchmark_tool_smoke(tmp_path):
-    """CPU smoke run of tools/benchmark.py (the real figures need a GPU; see the README)."""
+    """CPU smoke run of dev/benchmark.py (the real figures need a GPU; see the README)."""
     bench = _tool('benchmark')
     out = tmp_path / 'bench.json'
     rows = bench.main(['--models', 'mpvit_tiny', '--batch-size', '2', '--img-size', '64', '96', '--amp', 'none',
@@ -471,7 +471,7 @@ def test_count_ops_counts_bytes_written_in_place():
 
 
 def test_count_ops_counts_the_batched_and_per_path_forms():
-    """tools/count_ops.py on a tiny input: the batched form launches fewer ops than path by path, writes its
+    """dev/count_ops.py on a tiny input: the batched form launches fewer ops than path by path, writes its
     rows as JSON, and measures the weight stacking on the inference row of the batched form."""
     count_ops = _tool('count_ops')
     rows = count_ops.main(['--models', 'mpvit_tiny', '--impl', 'paths', '--img-size', '32', '--batch-size', '2',

@@ -25,7 +25,7 @@ import timm
 import torch
 import torch.nn as nn
 from fidelity import compare, golden, synth_input, synth_state_dict
-from helpers import REPO, ForgedArray, load_script
+from helpers import REPO, ForgedArray, hub_cache, load_script, offline_hub
 
 from mpvit import MPViT, model_zoo
 from mpvit.checkpoint import read_checkpoint
@@ -420,25 +420,6 @@ def test_tensors_for_safetensors_copies_shared_memory():
 # ------------------------------------------------------------------------------------------ safetensors, Hub
 
 
-def _offline_hub(monkeypatch, cache: Path) -> None:
-    """This process reads the Hub offline from ``cache`` (huggingface_hub reads its variables at import)."""
-    from huggingface_hub import constants
-
-    for name, value in (('HF_HUB_OFFLINE', True), ('HF_HUB_CACHE', str(cache))):
-        monkeypatch.setenv(name, '1' if value is True else value)
-        monkeypatch.setattr(constants, name, value)
-
-
-def _hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
-    """A Hugging Face Hub cache holding ``folder`` as the main revision of ``repo_id`` (as a download leaves it)."""
-    repo = root / ('models--' + repo_id.replace('/', '--'))
-    revision = 'f' * 40
-    shutil.copytree(folder, repo / 'snapshots' / revision)
-    (repo / 'refs').mkdir(parents=True)
-    (repo / 'refs' / 'main').write_text(revision)
-    return root
-
-
 def test_model_state_dict_keeps_the_aliases_without_shared_memory():
     model = timm.create_model('mpvit_tiny')
     state = model.state_dict()
@@ -483,7 +464,7 @@ def test_golden_case_survives_timm_safetensors_export_and_hub_load(tmp_path):
     model = timm.create_model('mpvit_tiny').eval()
     model.load_state_dict(synth_state_dict(golden('manifest_mpvit_tiny.json')['tensors']))
     timm.models.save_for_hf(model, tmp_path / 'export', safe_serialization=True)
-    cache = _hub_cache(tmp_path / 'hub', 'someone/mpvit_tiny.test', tmp_path / 'export')
+    cache = hub_cache(tmp_path / 'hub', 'someone/mpvit_tiny.test', tmp_path / 'export')
     code = f"""
 import json, sys, torch, timm
 sys.path.insert(0, {str(REPO / 'tests')!r})
@@ -556,8 +537,8 @@ def test_export_hub_classification_row_loads_from_a_hub_cache(tmp_path, monkeypa
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'mpvit_tiny' and len(config['label_names']) == 1000
     # released via the Hub: the weights directory lacks the file, model_zoo.json names the Hub repository.
-    cache = _hub_cache(tmp_path / 'cache', 'someone/mpvit_tiny.in1k', out)
-    _offline_hub(monkeypatch, cache)
+    cache = hub_cache(tmp_path / 'cache', 'someone/mpvit_tiny.in1k', out)
+    offline_hub(monkeypatch, cache)
     monkeypatch.setenv('MPVIT_WEIGHTS', str(tmp_path / 'empty'))
     patched = [model_zoo.ZooEntry(**{**e.__dict__, 'hf_hub_id': 'someone/mpvit_tiny.in1k'})
                if e.name == 'mpvit_tiny' else e for e in model_zoo.entries()]
@@ -581,8 +562,8 @@ def test_export_hub_detector_row_serves_released_from_the_hub(tmp_path, monkeypa
         ['retinanet_mpvit_tiny_1x', '--weights', str(source), '--out', str(tmp_path / 'hub')])
     assert {'model.safetensors', 'config.json', 'README.md', 'retinanet_mpvit_tiny_1x.safetensors'} == \
         {p.name for p in out.iterdir()}
-    cache = _hub_cache(tmp_path / 'cache', 'someone/retinanet_mpvit_tiny_1x', out)
-    _offline_hub(monkeypatch, cache)
+    cache = hub_cache(tmp_path / 'cache', 'someone/retinanet_mpvit_tiny_1x', out)
+    offline_hub(monkeypatch, cache)
     entry = model_zoo.get('retinanet_mpvit_tiny_1x')
     patched = [model_zoo.ZooEntry(**{**e.__dict__, 'hf_hub_id': 'someone/retinanet_mpvit_tiny_1x'})
                if e.name == entry.name else e for e in model_zoo.entries()]
@@ -716,7 +697,7 @@ def test_released_is_found_in_the_weights_directory_by_its_released_name(tmp_pat
 
 def test_offline_error_names_the_directory_the_hub_and_the_url(tmp_path, monkeypatch):
     monkeypatch.setenv('MPVIT_WEIGHTS', str(tmp_path))
-    _offline_hub(monkeypatch, tmp_path / 'hub')
+    offline_hub(monkeypatch, tmp_path / 'hub')
     with _Server({}).running() as base:
         entry = _zoo_entry(monkeypatch, 'upernet_mpvit_small', url=f'{base}/upernet_mpvit_small.pth',
                            hf_hub_id='someone/upernet_mpvit_small')

@@ -4,7 +4,7 @@
 # and evaluates the checkpoint that the run saved; then Mask R-CNN on COCO-format shapes, and the paper tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/install.sh
+bash dev/install.sh
 PY=${PYTHON:-python3}
 data=output/demo/shapes
 out=output/demo/classification

@@ -7,7 +7,9 @@ The folder holds what timm and the Hub expect, written by timm's own ``save_for_
 
 - ``model.safetensors`` + ``config.json``: the timm model (the ImageNet classifier, or the
   backbone of a detector / segmentor with ``num_classes=0``), loadable with
-  ``timm.create_model('hf-hub:<id>', pretrained=True)`` once uploaded;
+  ``timm.create_model('hf-hub:<id>', pretrained=True)`` once uploaded (``local-dir:<folder>`` before), and
+  with transformers' ``AutoModelForImageClassification`` / ``AutoModel`` (``TimmWrapper``) and
+  ``TimmBackbone.from_pretrained('hf-hub:<id>')``, once ``import mpvit`` has registered the models;
 - for a dense checkpoint also ``<name>.safetensors``: the whole detector / segmentor in its
   released key layout, which ``released`` finds on the Hub once ``model_zoo.json`` names the
   repository (``hf_hub_id``);
@@ -24,6 +26,7 @@ import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this 
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Dict, Sequence
@@ -73,6 +76,29 @@ def render_card(card: Dict, name: str, task: str) -> str:
     return '\n'.join(lines)
 
 
+def loadable_by_transformers(config_path: Path) -> None:
+    """Drop ``model_args.num_classes`` from timm's ``config.json``: the root ``num_classes`` already says it (timm
+    reads that), and transformers' ``TimmWrapper`` passes its ``num_labels`` as ``num_classes`` besides
+    ``model_args``, which fails with "multiple values for keyword argument 'num_classes'" (timm 1.0.31,
+    transformers 5.23)."""
+    config = json.loads(config_path.read_text())
+    if config.get('model_args', {}).pop('num_classes', config['num_classes']) != config['num_classes']:
+        raise RuntimeError(f'{config_path}: model_args.num_classes disagrees with num_classes')
+    if not config.get('model_args', True):
+        del config['model_args']
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def usual_permissions(folder: Path) -> None:
+    """Each file readable as any other new file (``0666 & ~umask``): timm's ``save_for_hf`` writes
+    ``model.safetensors`` through a private temporary file (mode 0600), which a shared copy cannot serve."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def export(args: argparse.Namespace) -> Path:
     entry = args.entry
     variant = re.search(r'mpvit_(tiny|xsmall|small|base)', entry.name).group(0)
@@ -94,12 +120,14 @@ def export(args: argparse.Namespace) -> Path:
         info = timm.data.ImageNetInfo()
         model_config = dict(label_names=info.label_names(), label_descriptions=info.label_descriptions(as_dict=True))
     timm.models.save_for_hf(model, out, model_config=model_config, safe_serialization=True)
+    loadable_by_transformers(out / 'config.json')
     if not classifier:
         save_safetensors(checkpoint_tensors(checkpoint, str(path)), out / entry.hub_filename,
                          metadata={'format': 'pt', 'source': path.name})
     sha256 = file_sha256(path)
     card = model_zoo.model_card(entry.name, hub_id=args.hub_id, source_sha256=sha256)
     (out / 'README.md').write_text(render_card(card, entry.name, entry.task))
+    usual_permissions(out)
     files = sorted(p.name for p in out.iterdir())
     print(json.dumps({'name': entry.name, 'source': str(path), 'sha256': sha256, 'out': str(out), 'files': files}))
     return out

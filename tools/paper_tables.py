@@ -16,6 +16,8 @@ FLOP counts are cached in ``.cache/paper_tables`` (keyed by the model's structur
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (known dependency warnings off in this command)
+
 import argparse
 import hashlib
 import json
@@ -28,17 +30,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere without an install of this checkout
-sys.path.append(str(REPO / 'tools'))  # eval_results.py beside (loaded as a module, it is not on the path)
-import mpvit.quiet  # noqa: E402, F401  (known dependency warnings off in this command)
+from mpvit import eval_results, model_zoo, set_fast_ops
+from mpvit.errors import InvalidInputError
+from mpvit.model_zoo import ZooEntry
+from mpvit.training import count_parameters
 
-import eval_results  # noqa: E402
-
-from mpvit import model_zoo, set_fast_ops  # noqa: E402
-from mpvit.errors import InvalidInputError  # noqa: E402
-from mpvit.model_zoo import ZooEntry  # noqa: E402
-from mpvit.training import count_parameters  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # the checkout: its configs and drivers
 
 CACHE = REPO / '.cache' / 'paper_tables' / 'flops.json'
 DETECTION_SIZE = (800, 1280)  # (height, width) of the image the detectors' FLOPs are counted at

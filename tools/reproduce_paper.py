@@ -27,6 +27,8 @@ paper and difference, and written as ``tables.md`` and ``tables.json``.
 """
 from __future__ import annotations
 
+import mpvit.quiet  # noqa: F401  (known dependency warnings off in this command)
+
 import argparse
 import json
 import os
@@ -38,18 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere without an install of this checkout
-sys.path.append(str(REPO / 'tools'))  # eval_results.py beside (loaded as a module, it is not on the path)
-import mpvit.quiet  # noqa: E402, F401  (known dependency warnings off in this command)
+from mpvit import eval_results, model_zoo
+from mpvit.errors import InvalidInputError, UserError
+from mpvit.model_zoo import ZooEntry
+from mpvit.training import user_errors_in_one_line
+from mpvit.weights import file_sha256
 
-import eval_results  # noqa: E402
-
-from mpvit import model_zoo  # noqa: E402
-from mpvit.errors import InvalidInputError, UserError  # noqa: E402
-from mpvit.model_zoo import ZooEntry  # noqa: E402
-from mpvit.training import user_errors_in_one_line  # noqa: E402
-from mpvit.weights import file_sha256  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # the checkout: its configs and drivers
 
 TASK_DATA = {'classification': 'imagenet', 'detectron2': 'coco', 'deformable_detr': 'coco', 'mmseg': 'ade20k'}
 D2_DATASET = 'mpvit_coco_2017_val'  # COCO val2017 registered from --coco (recorded as 'coco': the paper's rows)
@@ -368,7 +365,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # paper_tables
     if args.weights_dir:
         os.environ['MPVIT_WEIGHTS'] = str(args.weights_dir)  # where this process looks, as the drivers will
     args.output.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from mpvit.d2.backbone import (
     build_retinanet_mpvit_fpn_backbone,
 )
 from mpvit.d2.checkpoint import MPViTCheckpointer
-from mpvit.d2.config import STAGE_NAMES, add_mpvit_config, merge_user_config
+from mpvit.d2.config import FEATURE_NAMES, STAGE_NAMES, add_mpvit_config, merge_user_config
 from mpvit.d2.data import (
     LeaveOutUnreadable,
     SkipUnreadable,
@@ -25,7 +25,8 @@ from mpvit.d2.data import (
 from mpvit.d2.solver import build_optimizer
 
 __all__ = [
-    'D2MPViT', 'MPViTCheckpointer', 'STAGE_NAMES', 'add_mpvit_config', 'merge_user_config', 'build_mpvit_backbone',
+    'D2MPViT', 'FEATURE_NAMES', 'MPViTCheckpointer', 'STAGE_NAMES', 'add_mpvit_config', 'merge_user_config',
+    'build_mpvit_backbone',
     'build_mpvit_fpn_backbone', 'build_retinanet_mpvit_fpn_backbone', 'build_detr_augmentation', 'build_optimizer',
     'LeaveOutUnreadable', 'SkipUnreadable', 'build_train_loader', 'build_train_mapper', 'register_coco_datasets',
 ]

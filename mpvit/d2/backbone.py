@@ -1,6 +1,7 @@
 """MPViT as a Detectron2 ``Backbone`` and the three builders registered with ``BACKBONE_REGISTRY``.
 
-* ``build_mpvit_backbone``: the bare backbone (stage2..stage5, strides 4..32);
+* ``build_mpvit_backbone``: the bare backbone (stage2..stage5, strides 4..32; also ``stage1``, the stride-2
+  map of the stem's first conv, and ``stem``, the stem's stride-4 output);
 * ``build_mpvit_fpn_backbone``: FPN + LastLevelMaxPool (Mask R-CNN, Cascade);
 * ``build_retinanet_mpvit_fpn_backbone``: FPN + P6/P7 computed from stage5 (C5).
 
@@ -20,10 +21,10 @@ from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
-from mpvit.d2.config import STAGE_NAMES
+from mpvit.d2.config import FEATURE_NAMES, STAGE_NAMES
 from mpvit.errors import InvalidInputError
 from mpvit.models.batched_paths import set_batch_paths
-from mpvit.models.mpvit import MPViT, mpvit_arch
+from mpvit.models.mpvit import STEM_LEVELS, MPViT, mpvit_arch
 
 
 def norm_factory(norm: str):
@@ -39,8 +40,12 @@ def norm_factory(norm: str):
     return lambda channels: get_norm(norm, channels)
 
 
+_LEVELS = dict(zip(FEATURE_NAMES, STEM_LEVELS + (0, 1, 2, 3)))
+
+
 class D2MPViT(Backbone):
-    """The core MPViT model as a Detectron2 ``Backbone`` returning ``out_features`` of stage2..stage5."""
+    """The core MPViT model as a Detectron2 ``Backbone`` returning ``out_features`` of stage2..stage5
+    (and of ``stage1`` / ``stem``, the stem's stride-2 / stride-4 maps, when named)."""
 
     def __init__(
             self,
@@ -54,9 +59,9 @@ class D2MPViT(Backbone):
     ):
         super().__init__()
         out_features = list(out_features or STAGE_NAMES)
-        unknown = [f for f in out_features if f not in STAGE_NAMES]
+        unknown = [f for f in out_features if f not in FEATURE_NAMES]
         if unknown or not out_features:
-            raise InvalidInputError(f'MODEL.MPVIT.OUT_FEATURES {out_features} must name some of {list(STAGE_NAMES)}')
+            raise InvalidInputError(f'MODEL.MPVIT.OUT_FEATURES {out_features} must name some of {list(FEATURE_NAMES)}')
         try:
             arch = mpvit_arch(name)
         except ValueError as e:
@@ -66,11 +71,12 @@ class D2MPViT(Backbone):
             drop_path_rate=drop_path_rate, norm_layer=norm_factory(norm), fast_ops=fast_ops,
         )
         set_batch_paths(self.backbone, batch_paths)
-        info = {STAGE_NAMES[i]: f for i, f in enumerate(self.backbone.feature_info)}
-        self._out_features = [f for f in STAGE_NAMES if f in out_features]
+        self._out_features = [f for f in FEATURE_NAMES if f in out_features]
+        # The core model's levels: the stem maps by name, the stages by index (the order it returns them in).
+        self._indices = [_LEVELS[f] for f in self._out_features]
+        info = dict(zip(self._out_features, self.backbone.feature_levels(self._indices)))
         self._out_feature_strides = {f: info[f]['reduction'] for f in self._out_features}
         self._out_feature_channels = {f: info[f]['num_chs'] for f in self._out_features}
-        self._indices = [STAGE_NAMES.index(f) for f in self._out_features]
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:

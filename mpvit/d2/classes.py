@@ -6,7 +6,6 @@ config is merged: a key still ``UNSET`` afterwards was not set by the user, and 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -15,6 +14,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 
+from mpvit.check_data import read_coco_file
 from mpvit.errors import InvalidInputError, first_few
 from mpvit.serialization import CheckpointError
 
@@ -44,10 +44,12 @@ _CATEGORIES: Dict[str, List[str]] = {}  # COCO json path -> category names by id
 
 def read_coco_json(path: str) -> Dict:
     """A COCO json; its category names are kept for ``dataset_classes`` (the rest is not kept in memory)."""
-    with open(path) as f:
-        dataset = json.load(f)
-    categories = sorted(dataset.get('categories', []), key=lambda c: c['id'])
-    _CATEGORIES[os.path.abspath(path)] = [c['name'] for c in categories]
+    dataset = read_coco_file(path)
+    categories = dataset.get('categories') if isinstance(dataset, dict) else None
+    if isinstance(categories, list) and all(isinstance(c, dict) for c in categories):  # else refused by the check
+        categories = sorted(categories, key=lambda c: (0, c['id']) if isinstance(c.get('id'), int)
+                            else (1, str(c.get('id'))))
+        _CATEGORIES[os.path.abspath(path)] = [str(c.get('name')) for c in categories]
     return dataset
 
 

@@ -11,6 +11,9 @@ from detectron2.config import CfgNode
 from mpvit.errors import InvalidInputError, MissingFileError
 
 STAGE_NAMES = ('stage2', 'stage3', 'stage4', 'stage5')
+# Every level MODEL.MPVIT.OUT_FEATURES can name, shallow to deep: the stem's first conv (stride 2) and its output
+# (stride 4, named as Detectron2's ResNet names its stem), then the four stages (strides 4..32).
+FEATURE_NAMES = ('stage1', 'stem') + STAGE_NAMES
 
 
 def add_mpvit_config(cfg: CfgNode) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -10,6 +11,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import Deforma
 
 from mpvit.deformable_detr.backbone import DeformableDetrMPViTBackbone
 from mpvit.deformable_detr.loss import LOSS_WEIGHTS
+from mpvit.errors import InvalidInputError
 from mpvit.models.mpvit import mpvit_arch
 
 __all__ = ['DROPOUT', 'MATCHER_COSTS', 'build_deformable_detr', 'reset_deformable_attention']
@@ -25,14 +27,25 @@ def build_deformable_detr(
         num_feature_levels: int = 4,
         drop_path_rate: float = 0.,
         sync_bn: bool = False,
+        out_indices: Sequence[Union[int, str]] = (1, 2, 3),
 ) -> DeformableDetrForObjectDetection:
-    """Plain Deformable DETR (stages 3-5 + one extra level) with the original recipe's settings."""
+    """Plain Deformable DETR (stages 3-5 + one extra level) with the original recipe's settings.
+
+    ``out_indices`` picks the backbone levels (stage indices 0..3 and the stem maps ``'stem.0'`` / ``'stem.1'``,
+    see ``MPViT.forward_intermediates``); ``num_feature_levels`` counts them plus the extra stride-2 levels
+    convolved from the last one, as in transformers."""
     import mpvit.models  # noqa: F401  (registers the timm models the backbone config names)
 
     mpvit_arch(backbone)  # a clear error for anything but an MPViT variant
     name = 'mpvit_' + backbone.removeprefix('mpvit_')
+    levels = list(out_indices)
+    stages = [i for i in levels if not isinstance(i, str)]
+    if not stages or len(levels) > num_feature_levels:
+        raise InvalidInputError(f'out_indices {tuple(levels)}: at least one stage and at most num_feature_levels '
+                                f'({num_feature_levels}) levels')
     config = DeformableDetrConfig(
-        backbone_config=TimmBackboneConfig(backbone=name, out_indices=[1, 2, 3], use_pretrained_backbone=False),
+        # transformers' TimmBackboneConfig takes integer indices: the stages; the stem levels are added below.
+        backbone_config=TimmBackboneConfig(backbone=name, out_indices=stages, use_pretrained_backbone=False),
         num_labels=num_labels, num_queries=num_queries, num_feature_levels=num_feature_levels,
         with_box_refine=False, two_stage=False, auxiliary_loss=True, tie_word_embeddings=False,
         dropout=DROPOUT, attention_dropout=DROPOUT, activation_dropout=DROPOUT,
@@ -43,7 +56,10 @@ def build_deformable_detr(
     # Replace the frozen-BN copy transformers built with the core model (wrapped) and trainable norms.
     norm_layer = nn.SyncBatchNorm if sync_bn else nn.BatchNorm2d
     encoder = model.model.backbone
-    encoder.model = DeformableDetrMPViTBackbone(name, drop_path_rate=drop_path_rate, norm_layer=norm_layer)
+    encoder.model = DeformableDetrMPViTBackbone(name, levels, drop_path_rate=drop_path_rate, norm_layer=norm_layer)
+    if len(levels) > len(stages):
+        stem_channels = encoder.model.channels[:len(levels) - len(stages)]
+        _project_stem_levels(model, stem_channels, num_feature_levels - len(levels))
     if list(encoder.intermediate_channel_sizes) != encoder.model.channels:
         raise RuntimeError(f'input projections built for {encoder.intermediate_channel_sizes}, '
                            f'backbone gives {encoder.model.channels}')
@@ -53,6 +69,17 @@ def build_deformable_detr(
     model.model.encoder.dropout = 0.0  # the original adds the position embedding to the maps and no dropout
     _init_like_original(model)
     return model
+
+
+def _project_stem_levels(model: DeformableDetrForObjectDetection, channels: Sequence[int], extra: int) -> None:
+    """Input projections for the stem levels in front of the stages' (transformers built them for the stages
+    only): a 1x1 conv + GroupNorm each, as transformers builds its own, and ``extra`` stride-2 levels after."""
+    detr = model.model
+    d_model = model.config.d_model
+    stem = [nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), nn.GroupNorm(32, d_model)) for c in channels]
+    stages = len(detr.backbone.intermediate_channel_sizes)
+    detr.input_proj = nn.ModuleList(stem + list(detr.input_proj[:stages + extra]))
+    detr.backbone.intermediate_channel_sizes = list(channels) + list(detr.backbone.intermediate_channel_sizes)
 
 
 @torch.no_grad()

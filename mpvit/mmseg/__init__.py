@@ -5,8 +5,8 @@ reading made safe, :func:`load_segmentor_weights`).
 
 Importing the package registers all of them with mmseg's registries and makes mmengine's checkpoint reading
 safe; configs do it with ``custom_imports = dict(imports=['mpvit.mmseg'])``. The drivers' config handling
-(data options, classes checked against the heads) lives beside them, in
-``semantic_segmentation/tools/mmseg_run_config.py``.
+(data options, classes checked against the heads) is :mod:`mpvit.mmseg.run_config`, which this package does
+not import.
 """
 import contextlib
 import io

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mpvit.checkpoint import load_backbone_weights
 from mpvit.errors import InvalidInputError, first_few
 from mpvit.models.batched_paths import set_batch_paths
-from mpvit.models.mpvit import MPVIT_ARCHS, MPViT, mpvit_arch
+from mpvit.models.mpvit import MPVIT_ARCHS, STEM_LEVELS, MPViT, mpvit_arch
 
 _CORE = 'backbone.'  # the attribute holding the core model, as a key prefix
 _ARCH_KEYS = frozenset(next(iter(MPVIT_ARCHS.values())))
@@ -94,13 +94,14 @@ def _pretrained_checkpoint(init_cfg: Any) -> Tuple[Optional[str], List[Dict]]:
 
 @MODELS.register_module(name='MPViT')
 class MMSegMPViT(BaseModule):
-    """MPViT backbone returning the stage maps at ``out_indices`` (strides 4, 8, 16, 32).
+    """MPViT backbone returning the stage maps at ``out_indices`` (strides 4, 8, 16, 32), and the stem's maps
+    ``'stem.0'`` (stride 2) / ``'stem.1'`` (stride 4) where named there (they come first).
 
     Args:
         arch: the variant by its model name, ``'mpvit_tiny'`` | ``'mpvit_xsmall'`` | ``'mpvit_small'`` |
             ``'mpvit_base'`` (timm's names; the short ``'small'`` ... are accepted too), or a dict of MPViT's
             own arguments (``num_path``, ``num_layers``, ``embed_dims``, ``mlp_ratio``).
-        out_indices: stages to return.
+        out_indices: stages to return (0..3), and stem maps by name (``('stem.0', 0, 1, 2, 3)``).
         drop_path_rate: stochastic depth.
         norm_cfg: mmcv norm config for the conv paths (BN / SyncBN / GN ...).
         norm_eval: keep BN layers in eval mode (frozen statistics) while training.
@@ -116,7 +117,7 @@ class MMSegMPViT(BaseModule):
     def __init__(
             self,
             arch: Union[str, Dict] = 'mpvit_small',
-            out_indices: Sequence[int] = (0, 1, 2, 3),
+            out_indices: Sequence[Union[int, str]] = (0, 1, 2, 3),
             drop_path_rate: float = 0.,
             norm_cfg: Optional[Dict] = None,
             norm_eval: bool = False,
@@ -134,8 +135,11 @@ class MMSegMPViT(BaseModule):
         )
         set_batch_paths(self.backbone, batch_paths)
         num_stages = len(self.backbone.mhca_stages)
-        if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
-            raise InvalidInputError(f'out_indices {tuple(out_indices)} must be stage indices in 0..{num_stages - 1}')
+        stages = [i for i in out_indices if not isinstance(i, str)]
+        if (not out_indices or any(not 0 <= i < num_stages for i in stages)
+                or any(i not in STEM_LEVELS for i in out_indices if isinstance(i, str))):
+            raise InvalidInputError(f'out_indices {tuple(out_indices)} must be stage indices in 0..{num_stages - 1} '
+                                    f'or stem maps {", ".join(STEM_LEVELS)}')
         self.out_indices = tuple(out_indices)
         self.norm_eval = norm_eval
         self.register_state_dict_post_hook(_flat_state_dict)
@@ -173,4 +177,4 @@ class MMSegMPViT(BaseModule):
 
     @property
     def out_channels(self) -> List[int]:
-        return [self.backbone.feature_info[i]['num_chs'] for i in self.out_indices]
+        return [info['num_chs'] for info in self.backbone.feature_levels(list(self.out_indices))]

@@ -56,7 +56,7 @@ class CheckSegMap(BaseTransform):
         ignore_index: the label value the loss and metric ignore.
 
     The train / test tools set both from the pipeline's dataset (``fit_to_data`` of
-    ``semantic_segmentation/tools/mmseg_run_config.py``), so the check follows the data's own classes whatever
+    ``mpvit/mmseg/run_config.py``), so the check follows the data's own classes whatever
     the config wrote here.
     """
 

@@ -20,7 +20,7 @@ forms add multiply-by-zero work) and what ``set_fast_ops(model, False)``
 switches back to. Tracing runs whichever form the flags say.
 ``MPViT.fuse()`` re-parameterises a model for inference.
 
-Beside it: ``factory.py`` (timm registration, pretrained configs), ``_aliases.py``
+Beside it: ``entrypoints/mpvit.py`` (timm registration, pretrained configs), ``_aliases.py``
 (the alias keys' state-dict hooks) and ``batched_paths.py`` (a stage's paths as
 one batch: opt-in, installed by ``mpvit.set_batch_paths``).
 
@@ -43,9 +43,15 @@ from mpvit.errors import CheckpointError, InvalidInputError
 
 from ._aliases import copy_shared_aliases, resolve_alias_copies
 
-__all__ = ['MPViT', 'MPVIT_ARCHS', 'MPViTFeatures', 'find_mpvit', 'fold_batchnorm', 'mpvit_arch', 'set_fast_ops']
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'MPViTFeatures', 'STEM_LEVELS', 'find_mpvit', 'fold_batchnorm', 'mpvit_arch',
+           'set_fast_ops']
 
 NormLayer = Callable[[int], nn.Module]
+Level = Union[int, str]
+
+# The stem's two maps (stride 2, stride 4) by their module names: levels of their own beside the stage indices
+# 0..3 (strides 4..32), so that every out_indices in use keeps its meaning, negative ones included.
+STEM_LEVELS = ('stem.0', 'stem.1')
 
 # paths, layers, widths, mlp ratio and heads per stage: the paper's Table 1, as the authors' model file builds them.
 MPVIT_ARCHS: Dict[str, Dict] = {
@@ -758,6 +764,9 @@ class MPViT(nn.Module):
         self.feature_info = [
             dict(num_chs=out_dims[i], reduction=4 * 2 ** i, module=f'mhca_stages.{i}') for i in range(num_stages)
         ]
+        # Named levels (STEM_LEVELS), for dense and depth decoders that want the stride-2 map too.
+        self.stem_feature_info = [dict(num_chs=stem_dim, reduction=2, module='stem.0'),
+                                  dict(num_chs=embed_dims[0], reduction=4, module='stem.1')]
         self.apply(self._init_transformer_weights)
         if dtype is not None:
             self.to(dtype=dtype)
@@ -828,21 +837,55 @@ class MPViT(nn.Module):
         """Switch between the fast and the textbook formulation of every op (see ``set_fast_ops``)."""
         return set_fast_ops(self, enable)
 
+    def _take_levels(self, indices: Optional[Union[int, Sequence[Level]]]) -> Tuple[List[str], List[int], int]:
+        """``indices`` split into the stem levels named (``STEM_LEVELS``, in forward order), the stage indices
+        (timm's rules: an int n is the last n stages, negatives count from the end) and the last stage to run
+        (-1: none)."""
+        if isinstance(indices, (list, tuple)):
+            names = [i for i in indices if isinstance(i, str)]
+            unknown = [n for n in names if n not in STEM_LEVELS]
+            if unknown:
+                raise InvalidInputError(f'MPViT feature level {unknown[0]!r}: levels are stage indices 0..'
+                                        f'{len(self.mhca_stages) - 1} or the stem maps {", ".join(STEM_LEVELS)}')
+            numbers = [i for i in indices if not isinstance(i, str)]
+            if names and not numbers:
+                return [n for n in STEM_LEVELS if n in names], [], -1
+            take, max_index = feature_take_indices(len(self.mhca_stages), numbers)
+            return [n for n in STEM_LEVELS if n in names], take, max_index
+        take, max_index = feature_take_indices(len(self.mhca_stages), indices)
+        return [], take, max_index
+
+    def feature_levels(self, indices: Optional[Union[int, Sequence[Level]]] = None) -> List[Dict]:
+        """The ``feature_info`` entries (channels, stride, module) of what ``forward_intermediates(x, indices)``
+        returns, in its order (the stem maps first, then the stages by depth)."""
+        names, take, _ = self._take_levels(indices)
+        stems = [dict(info) for info in self.stem_feature_info if info['module'] in names]
+        return stems + [dict(self.feature_info[i]) for i in sorted(set(take))]
+
     def forward_intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
+            indices: Optional[Union[int, Sequence[Level]]] = None,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """The stage outputs at ``indices`` (strides 4, 8, 16, 32), and optionally the final map."""
+        """The stage outputs at ``indices`` (0..3: strides 4, 8, 16, 32), and optionally the final map.
+
+        ``indices`` may also name the stem's maps, ``'stem.0'`` (stride 2, after the first conv) and
+        ``'stem.1'`` (stride 4, the stem's output): they come first, e.g. ``['stem.0', 0, 1, 2, 3]``.
+        """
         if output_fmt != 'NCHW':
             raise ValueError('MPViT intermediates are NCHW maps')
-        take_indices, max_index = feature_take_indices(len(self.mhca_stages), indices)
+        names, take_indices, max_index = self._take_levels(indices)
         intermediates = []
-        x = self._stem(x)
+        if self.fast_ops:  # as in _stem
+            x = x.contiguous(memory_format=torch.channels_last)
+        for name, conv in zip(STEM_LEVELS, self.stem):
+            x = conv(x)
+            if name in names:
+                intermediates.append(x)
         last = max_index if (stop_early or intermediates_only) else len(self.mhca_stages) - 1
         for i in range(last + 1):
             x = self.mhca_stages[i](self.patch_embed_stages[i](x))
@@ -854,12 +897,12 @@ class MPViT(nn.Module):
 
     def prune_intermediate_layers(
             self,
-            indices: Union[int, List[int]] = 1,
+            indices: Union[int, Sequence[Level]] = 1,
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages after the last one in ``indices`` (and the head)."""
-        take_indices, max_index = feature_take_indices(len(self.mhca_stages), indices)
+        """Drop the stages after the last one in ``indices`` (and the head); returns the stage indices."""
+        _, take_indices, max_index = self._take_levels(indices)
         self.patch_embed_stages = self.patch_embed_stages[:max_index + 1]
         self.mhca_stages = self.mhca_stages[:max_index + 1]
         if prune_head:
@@ -901,10 +944,13 @@ class MPViTFeatures(nn.Module):
     Does what timm's getter wrapper does (the unused stages and the head pruned, the
     maps from ``forward_intermediates``), and keeps the model's own methods that a
     feature extractor needs: ``fuse()`` for inference and ``set_grad_checkpointing``.
-    Keys stay ``model.<classification key>``, as with timm's wrappers.
+    Keys stay ``model.<classification key>``, as with timm's wrappers. ``out_indices`` are
+    the stage indices 0..3 (strides 4..32) and may name the stem maps too, ``'stem.0'``
+    (stride 2) and ``'stem.1'`` (stride 4), which come first: ``feature_info`` then
+    describes the maps in that order.
     """
 
-    def __init__(self, model: 'MPViT', out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
+    def __init__(self, model: 'MPViT', out_indices: Union[int, Sequence[Level]] = (0, 1, 2, 3),
                  out_map: Optional[Sequence] = None, return_dict: bool = False, output_fmt: str = 'NCHW',
                  norm: bool = False, prune: bool = True):
         super().__init__()
@@ -913,13 +959,18 @@ class MPViTFeatures(nn.Module):
         if out_map is not None or return_dict:  # timm's getter wrapper takes them but does not support them either
             raise InvalidInputError('features_only MPViT returns a list of maps: out_map / return_dict are not '
                                     "supported (use feature_cls='hook' for a dict)")
+        names, _, _ = model._take_levels(out_indices)
+        levels = model.feature_levels(out_indices)
         if prune:
-            out_indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm)
+            stage_indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm)
         else:
-            out_indices, _ = feature_take_indices(len(model.mhca_stages), out_indices)
-        self.feature_info = FeatureInfo(model.feature_info, out_indices)
+            _, stage_indices, _ = model._take_levels(out_indices)
+        if names:  # the levels in output order (timm's FeatureInfo indexes a list of them)
+            self.feature_info = FeatureInfo(levels, tuple(range(len(levels))))
+        else:
+            self.feature_info = FeatureInfo(model.feature_info, stage_indices)
         self.model = model
-        self.out_indices = list(out_indices)
+        self.out_indices = names + list(stage_indices)
         self.norm = norm
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:

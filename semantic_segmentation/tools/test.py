@@ -11,26 +11,18 @@ import argparse
 import logging
 import os
 import os.path as osp
-import sys
 
 from mmengine.config import DictAction
 from mmengine.dist import is_main_process
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from mpvit import model_zoo
+from mpvit import eval_results, model_zoo
 from mpvit.checkpoint import local_checkpoint, read_checkpoint
 from mpvit.errors import MissingFileError
 from mpvit.mmseg import load_segmentor_weights
+from mpvit.mmseg.run_config import check_loader_data, eval_dataset_record, load_run_config
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
-
-HERE = osp.dirname(osp.abspath(__file__))
-if HERE not in sys.path:  # run as a script it is there already; imported (the tests), it is not
-    sys.path.append(HERE)
-from mmseg_run_config import eval_dataset_record, load_run_config  # noqa: E402
-
-sys.path.append(osp.join(osp.dirname(osp.dirname(HERE)), 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +53,10 @@ def warn_other_class_names(checkpoint: dict, metainfo: dict, what: str) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_run_config(args.config, args.launcher, args.cfg_options, args.work_dir)
+    data_root = cfg.test_dataloader.dataset.get('data_root')
+    if data_root and not osp.isdir(data_root):
+        raise MissingFileError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
+    check_loader_data(cfg, ('test_dataloader',))  # before a checkpoint is downloaded or read
     weights = local_checkpoint(model_zoo.resolve(args.checkpoint, args.config))
     checkpoint = read_checkpoint(weights)
     # The weights are loaded here, strictly (load_segmentor_weights), not by the Runner (load_from), which
@@ -74,9 +70,6 @@ def main(argv=None) -> dict:
         # The visualizer is a named singleton: a fixed name would reuse an earlier one (and its save_dir)
         # in the same process; unnamed, the Runner names it after its timestamped experiment.
         cfg.visualizer.pop('name', None)
-    data_root = cfg.test_dataloader.dataset.get('data_root')
-    if data_root and not osp.isdir(data_root):
-        raise MissingFileError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
     ensure_writable_dir(cfg.work_dir, 'work directory')
     runner = Runner.from_cfg(cfg)
     load_segmentor_weights(getattr(runner.model, 'module', runner.model), checkpoint, weights)

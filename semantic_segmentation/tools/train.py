@@ -10,7 +10,6 @@ import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this 
 import argparse
 import os
 import os.path as osp
-import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
@@ -18,12 +17,8 @@ from mmengine.runner.checkpoint import find_latest_checkpoint
 
 from mpvit.checkpoint import local_checkpoint
 from mpvit.errors import MissingFileError
+from mpvit.mmseg.run_config import check_loader_data, load_run_config
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
-
-HERE = osp.dirname(osp.abspath(__file__))
-if HERE not in sys.path:  # run as a script it is there already; imported (the tests), it is not
-    sys.path.append(HERE)
-from mmseg_run_config import load_run_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +44,7 @@ def build_config(args: argparse.Namespace) -> Config:
     data_root = cfg.train_dataloader.dataset.get('data_root')
     if data_root and not osp.isdir(data_root):
         raise MissingFileError(f'dataset root not found: {data_root} (see semantic_segmentation/README.md)')
+    check_loader_data(cfg, ('train_dataloader', 'val_dataloader'))  # validation is scored during training
     ensure_writable_dir(cfg.work_dir, 'work directory')
     # Find / download and check (no code in it) every file the Runner will read, before it builds anything:
     # the backbone's init_cfg (mmengine initialises before it loads), load_from, and when resuming without

@@ -1,6 +1,6 @@
 # Your own data: the one place for classes, label layout and folders (mmseg's BaseSegDataset). Copy this file
 # (or edit it), or override its top-level keys on the command line, which the tools apply to every dataloader,
-# and `classes` / `ignore_index` to the heads too (semantic_segmentation/tools/mmseg_run_config.py):
+# and `classes` / `ignore_index` to the heads too (mpvit/mmseg/run_config.py):
 #   --cfg-options data_root=data/my_data "classes=[sky,road,car]" reduce_zero_label=False ignore_index=255
 # Layout (file names pair up: img_dir/train/x.jpg <-> ann_dir/train/x.png):
 #   data_root/img_dir/{train,val}/*.jpg    data_root/ann_dir/{train,val}/*.png (one channel, value = class index)

@@ -9,11 +9,11 @@
 #      step) for the given models and for Swin-T / ConvNeXt-T / CoaT-Lite-S measured in the same run, a profile
 #      (top kernels) of MPViT-S, and the dense-task backbone shapes with all three formulations side by side.
 #
-#   REFERENCE_FILE=/path/to/authors/mpvit.py bash tools/gpu_benchmark.sh      # default models: all four MPViTs
+#   REFERENCE_FILE=/path/to/authors/mpvit.py bash dev/gpu_benchmark.sh      # default models: all four MPViTs
 #
 # With REFERENCE_FILE (youngwanLEE/MPViT's mpvit.py, which needs einops; not shipped here) the reference
 # implementation is counted, timed and profiled in the same run and every ratio is to it; without it, the only
-# ratios to the reference are to its H100 figures recorded in tools/benchmark.py, printed on an H100 only.
+# ratios to the reference are to its H100 figures recorded in dev/benchmark.py, printed on an H100 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-results}
@@ -26,7 +26,7 @@ reference=()
 python3 -c "import torch; assert torch.cuda.is_available(), 'needs a CUDA GPU'; print(torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 python3 -m pytest -q -m gpu tests/test_fast_paths.py
-python3 tools/count_ops.py --models mpvit_tiny mpvit_small "${reference[@]}" --impl all --device cuda \
+python3 dev/count_ops.py --models mpvit_tiny mpvit_small "${reference[@]}" --impl all --device cuda \
   --json "$out/ops.json"
 shapes=("--batch-size 128 --img-size 224" "--features --batch-size 2 --img-size 800 1216"
         "--features --batch-size 8 --img-size 512 512")
@@ -36,19 +36,19 @@ run_flags=("" "--compile" "--compile --compile-mode reduce-overhead")
 for i in "${!shapes[@]}"; do
   for j in "${!runs[@]}"; do
     # shellcheck disable=SC2086  # the settings are words
-    python3 tools/benchmark.py --models mpvit_small --impl paths --amp bf16 --channels-last ${shapes[$i]} \
+    python3 dev/benchmark.py --models mpvit_small --impl paths --amp bf16 --channels-last ${shapes[$i]} \
       ${run_flags[$j]} --iters 20 --json "$out/paths_${names[$i]}_${runs[$j]}.json"
   done
 done
-python3 tools/benchmark.py --preset reference-table --models swin_tiny_patch4_window7_224 convnext_tiny \
+python3 dev/benchmark.py --preset reference-table --models swin_tiny_patch4_window7_224 convnext_tiny \
   coat_lite_small --json "$out/table_peers.json"
-python3 tools/benchmark.py --models mpvit_small "${reference[@]}" --amp bf16 --profile 25 --iters 20 \
+python3 dev/benchmark.py --models mpvit_small "${reference[@]}" --amp bf16 --profile 25 --iters 20 \
   --json "$out/profile_mpvit_small.json"
 for model in "${models[@]}"; do
-  python3 tools/benchmark.py --preset reference-table --models "$model" "${reference[@]}" \
+  python3 dev/benchmark.py --preset reference-table --models "$model" "${reference[@]}" \
     --json "$out/table_$model.json"
-  python3 tools/benchmark.py --models "$model" --impl all --features --mode train --img-size 800 1216 \
+  python3 dev/benchmark.py --models "$model" --impl all --features --mode train --img-size 800 1216 \
     --batch-size 2 --json "$out/detectron2_shape_$model.json"
-  python3 tools/benchmark.py --models "$model" --impl all --features --mode train --img-size 512 512 \
+  python3 dev/benchmark.py --models "$model" --impl all --features --mode train --img-size 512 512 \
     --batch-size 8 --json "$out/upernet_shape_$model.json"
 done

@@ -1,6 +1,6 @@
 """Make Detectron2 v0.6's Python sources work on today's stack, in place.
 
-Used by ``tools/install_detectron2.sh`` on the unpacked ``pb1-detectron2==0.6``
+Used by ``dev/install_detectron2.sh`` on the unpacked ``pb1-detectron2==0.6``
 sdist (an unmodified copy of upstream v0.6 without ``layers/csrc``) and, with
 ``--upstream``, on a copy of upstream's source tree (``DETECTRON2_SOURCE``).
 Each change is the smallest one that restores the old behaviour:
@@ -28,7 +28,7 @@ imports it) and the requirements change only.
 Every pattern must be found exactly as expected, so a different Detectron2
 source fails loudly here instead of being half patched.
 
-    python tools/patch_detectron2.py [--upstream] SOURCE_DIR
+    python dev/patch_detectron2.py [--upstream] SOURCE_DIR
 """
 
 from __future__ import annotations

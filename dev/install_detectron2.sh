@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Installs Detectron2 v0.6 for the current interpreter; called by tools/install.sh. Idempotent.
+# Installs Detectron2 v0.6 for the current interpreter; called by dev/install.sh. Idempotent.
 #
 # Detectron2 is not on PyPI under its own name. Two routes:
 #  * DETECTRON2_SOURCE=<source dir | git+URL[@TAG]> installs upstream with its C++ ops (CUDA ones when
 #    nvcc is found), e.g. DETECTRON2_SOURCE=git+https://github.com/facebookresearch/detectron2.git
-#    A copy of the tree gets tools/patch_detectron2.py --upstream (no pkg_resources, which setuptools
+#    A copy of the tree gets dev/patch_detectron2.py --upstream (no pkg_resources, which setuptools
 #    >= 82 dropped; requirements unpinned), then builds with this interpreter's torch.
 #  * otherwise the PyPI sdist pb1-detectron2==0.6 (upstream v0.6's Python code, without layers/csrc),
 #    checked against its sha256, patched for today's numpy / Pillow / setuptools by
-#    tools/patch_detectron2.py, built once into a pure-Python wheel cached in .cache/wheels/.
+#    dev/patch_detectron2.py, built once into a pure-Python wheel cached in .cache/wheels/.
 #    No C++ ops: rotated boxes, deformable convs and the fast COCO evaluator are unavailable;
 #    none of this repository's configs needs them.
 # Either way Detectron2 goes in with --no-deps: requirements.txt pins its dependencies, once.
@@ -22,7 +22,7 @@ pip_install() { "$PY" -m pip install --quiet --root-user-action=ignore "$@"; }
 SDIST_VERSION=0.6
 SDIST_SHA256=5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29
 # Keyed by the patch script: a changed patch builds a new wheel.
-WHEEL_DIR=.cache/wheels/$(sha256sum tools/patch_detectron2.py | cut -c1-12)
+WHEEL_DIR=.cache/wheels/$(sha256sum dev/patch_detectron2.py | cut -c1-12)
 WHEEL=$WHEEL_DIR/pb1_detectron2-$SDIST_VERSION-py3-none-any.whl
 
 # The modules our code needs, including the ones v0.6 breaks on today's stack.
@@ -63,7 +63,7 @@ if [ -n "${DETECTRON2_SOURCE:-}" ]; then
       [ -d "$DETECTRON2_SOURCE" ] || { echo "[install] DETECTRON2_SOURCE=$DETECTRON2_SOURCE: no such directory" >&2; exit 1; }
       cp -a "$DETECTRON2_SOURCE" "$work/src" ;;
   esac
-  "$PY" tools/patch_detectron2.py --upstream "$work/src"
+  "$PY" dev/patch_detectron2.py --upstream "$work/src"
   # --no-build-isolation: its setup.py imports torch, which must be ours, never a fresh download.
   pip_install --no-deps --no-build-isolation "$work/src"
 else
@@ -78,11 +78,11 @@ else
     echo "$SDIST_SHA256  $sdist" | sha256sum --check --quiet \
       || { echo "[install] sha256 mismatch for $sdist" >&2; exit 1; }
     tar -xzf "$sdist" -C "$work"
-    "$PY" tools/patch_detectron2.py "$work/pb1-detectron2-$SDIST_VERSION" >/dev/null
+    "$PY" dev/patch_detectron2.py "$work/pb1-detectron2-$SDIST_VERSION" >/dev/null
     mkdir -p "$WHEEL_DIR"
     "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WHEEL_DIR" "$work/pb1-detectron2-$SDIST_VERSION"
   fi
   echo "[install] detectron2 (patched v$SDIST_VERSION wheel, $WHEEL)"
   pip_install --no-deps "$WHEEL"
 fi
-healthy || { echo "[install] detectron2 was installed but does not import; see tools/install_detectron2.sh" >&2; exit 1; }
+healthy || { echo "[install] detectron2 was installed but does not import; see dev/install_detectron2.sh" >&2; exit 1; }

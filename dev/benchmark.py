@@ -1,9 +1,9 @@
 """Inference and training throughput, and peak memory, of MPViT (or any timm model).
 
-    python tools/benchmark.py --models mpvit_small coat_lite_small --batch-size 128 --amp bf16 --channels-last
-    python tools/benchmark.py --models mpvit_small --compile --mode infer
-    python tools/benchmark.py --models mpvit_small --features --img-size 800 1216 --batch-size 2 --impl both
-    python tools/benchmark.py --preset reference-table --models mpvit_small --json results.json
+    python dev/benchmark.py --models mpvit_small coat_lite_small --batch-size 128 --amp bf16 --channels-last
+    python dev/benchmark.py --models mpvit_small --compile --mode infer
+    python dev/benchmark.py --models mpvit_small --features --img-size 800 1216 --batch-size 2 --impl both
+    python dev/benchmark.py --preset reference-table --models mpvit_small --json results.json
 
 Inference: images/s of ``model(x)`` under ``torch.no_grad`` (``--fuse`` folds the
 batch norms first). Training: images/s of a full step (forward, cross-entropy,

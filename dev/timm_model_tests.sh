@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # timm's own model test suite (tests/test_models.py of the installed timm version, from its PyPI sdist) on the
 # MPViT models, run the way timm runs it for its own families:
-#   - 'factory' (timm's module name of mpvit/models/factory.py, which registers the models) is added to
+#   - 'mpvit' (timm's module name of mpvit/models/entrypoints/mpvit.py, which registers the models) is added to
 #     FEAT_INTER_FILTERS (the forward_intermediates / FeatureGetterNet tests);
 #   - the pretrained tests load checkpoints in the released format from a private torch hub cache, because the
 #     released weights cannot be downloaded here: synthetic tensors with the released keys and shapes, written
 #     under the file names of the released URLs, so timm's own download path finds them cached.
-# Arguments go to pytest (default: every MPViT case). Example: bash tools/timm_model_tests.sh -k mpvit_tiny
+# Arguments go to pytest (default: every MPViT case). Example: bash dev/timm_model_tests.sh -k mpvit_tiny
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -38,7 +38,7 @@ text = tests.read_text()
 anchor = 'FEAT_INTER_FILTERS = [\n'
 if anchor not in text:
     sys.exit(f'{tests}: no {anchor.strip()!r} list to add mpvit to (timm changed its test file)')
-tests.write_text(text.replace(anchor, anchor + "    'factory',\n", 1))  # the module that registers the models
+tests.write_text(text.replace(anchor, anchor + "    'mpvit',\n", 1))  # the module that registers the models
 with open(work / 'tests' / 'conftest.py', 'a') as f:
     f.write('\nimport mpvit  # noqa: E402,F401  (registers the MPViT models with timm)\n')
 

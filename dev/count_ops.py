@@ -1,8 +1,8 @@
 """Device-independent cost of MPViT: dispatched ops, bytes written and saved activations, ours vs the reference.
 
-    python tools/count_ops.py --reference-file mpvit.py                       # MPViT-S, bf16, batch 8, 224x224
-    python tools/count_ops.py --models mpvit_tiny mpvit_small --reference-file mpvit.py --json ops.json
-    python tools/count_ops.py --models mpvit_small --impl both                # also the textbook ops
+    python dev/count_ops.py --reference-file mpvit.py                       # MPViT-S, bf16, batch 8, 224x224
+    python dev/count_ops.py --models mpvit_tiny mpvit_small --reference-file mpvit.py --json ops.json
+    python dev/count_ops.py --models mpvit_small --impl both                # also the textbook ops
 
 On a GPU, eager PyTorch spends about 10-20 us of CPU per dispatched op, and most of
 MPViT's stage-3/4 kernels are about that short: eager MPViT is bound by the number
@@ -33,21 +33,17 @@ import mpvit.quiet  # noqa: F401  (first: known dependency warnings off in this 
 
 import argparse
 import json
-import sys
 from collections import Counter
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from benchmark import FAST, IMPLS, create, load_reference  # noqa: E402  (dev/, beside this file: the path a script's folder is on)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpvit.models.batched_paths import BatchedMHCAStage
 from mpvit.models.mpvit import _autocast_dtype
-
-sys.path.append(str(Path(__file__).resolve().parent))
-from benchmark import FAST, IMPLS, create, load_reference  # noqa: E402  (tools/, beside this file)
 
 # Issue #23's targets, ours / reference.
 TARGETS = {'train_ops': 0.5, 'infer_ops': 0.5, 'train_written': 0.8, 'train_saved': 1.0}
@@ -213,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--features', action='store_true', help='the features_only backbone (dense-task shapes)')
     parser.add_argument('--impl', choices=list(IMPLS), default='batched',
-                        help="MPViT's formulations to count, as tools/benchmark.py's --impl (default: the paths "
+                        help="MPViT's formulations to count, as dev/benchmark.py's --impl (default: the paths "
                              "batched: the opt-in form, mpvit.set_batch_paths)")
     parser.add_argument('--reference-file', help="the authors' mpvit.py: count its variants in the same run")
     parser.add_argument('--top', action='store_true', help='also print the most frequent ops of each row')

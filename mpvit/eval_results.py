@@ -1,10 +1,8 @@
 """What the drivers write after an evaluation (``eval_metrics.json``) and what ``paper_tables.py`` needs to place
 it: the paper row a run reproduces, and the dataset it was measured on.
 
-A driver helper beside the drivers, not part of the ``mpvit`` library: the four drivers
-(``classification/main.py``, ``detectron2/train_net.py``, ``deformable_detr/main.py``,
-``semantic_segmentation/tools/test.py``) and the table tools append this folder to ``sys.path`` (last: nothing
-installed is shadowed) and import it as ``eval_results``.
+Used by the four drivers (``classification/main.py``, ``detectron2/train_net.py``, ``deformable_detr/main.py``,
+``semantic_segmentation/tools/test.py``) and the table tools (``tools/paper_tables.py``, ``reproduce_paper.py``).
 """
 from __future__ import annotations
 

@@ -1,26 +1,24 @@
-"""The mmseg drivers' config handling (train.py, test.py and ../demo.py import it from beside them): a
+"""The mmseg drivers' config handling (``semantic_segmentation/tools/train.py``, ``test.py`` and ``demo.py``): a
 config read as the tools read it, the data's top-level options applied to every dataloader, the config
 checked against its data before anything is built, and the evaluated dataset's record.
 
-Not part of the ``mpvit`` package: nothing here is registered with mmengine, and only the drivers use it.
+Nothing here is registered with mmengine (``mpvit.mmseg`` does not import it); only the drivers use it.
 """
 from __future__ import annotations
 
+import inspect
 import os.path as osp
-import sys
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config
 from mmseg.registry import DATASETS
 
+from mpvit import eval_results
 from mpvit.errors import InvalidInputError, MissingFileError
 
-sys.path.append(osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools'))
-import eval_results  # noqa: E402  (tools/eval_results.py: what an evaluation writes, beside the drivers)
-
-__all__ = ['DATA_OPTIONS', 'apply_data_options', 'dataset_classes', 'eval_dataset_record', 'fit_to_data',
-           'load_run_config']
+__all__ = ['DATA_OPTIONS', 'apply_data_options', 'check_loader_data', 'dataset_classes', 'eval_dataset_record',
+           'fit_to_data', 'load_run_config']
 
 
 def load_run_config(config: str, launcher: str = 'none', cfg_options: Optional[Dict] = None,
@@ -190,8 +188,48 @@ def fit_to_data(cfg: Config) -> Optional[Tuple[str, ...]]:
     return classes
 
 
+def _dataset_defaults(dataset: Dict) -> Dict[str, Any]:
+    """The keyword defaults of the dataset's class (ADE20KDataset: ``reduce_zero_label=True``), then its config."""
+    kind = dataset.get('type')
+    cls = DATASETS.get(kind) if isinstance(kind, str) else kind
+    defaults: Dict[str, Any] = {}
+    for klass in reversed(getattr(cls, '__mro__', ())):
+        init = klass.__dict__.get('__init__')
+        if init is not None:
+            defaults.update({name: p.default for name, p in inspect.signature(init).parameters.items()
+                             if p.default is not inspect.Parameter.empty})
+    return {**defaults, **dataset}
+
+
+def check_loader_data(cfg: Config, loaders: Sequence[str]) -> None:
+    """``python -m mpvit.check_data segmentation``'s checks of the ``loaders``' data (masks of their images'
+    size, index maps, labels among the classes and the ignore index), before the Runner builds anything: the
+    first kind of problem in one line. A folder two dataloaders share is checked once."""
+    from mpvit.check_data import check_segmentation
+
+    seen = set()
+    for loader, dataset in _loader_datasets(cfg):
+        classes, _ = dataset_classes(dataset)
+        if loader not in loaders or classes is None:
+            continue
+        data = _dataset_defaults(dataset)
+        prefix = data.get('data_prefix') or {}
+        if not isinstance(prefix, dict) or 'img_path' not in prefix or 'seg_map_path' not in prefix:
+            continue  # a dataset of another layout: mmseg reads (and names) it
+        root = data.get('data_root') or ''
+        image_dir, mask_dir = osp.join(root, prefix['img_path']), osp.join(root, prefix['seg_map_path'])
+        key = (image_dir, mask_dir, len(classes), data.get('reduce_zero_label'), data.get('ignore_index'))
+        if key in seen:
+            continue
+        seen.add(key)
+        check_segmentation(image_dir, mask_dir, len(classes), ignore_index=data.get('ignore_index', 255),
+                           reduce_zero_label=bool(data.get('reduce_zero_label')),
+                           image_suffix=data.get('img_suffix', '.jpg'),
+                           mask_suffix=data.get('seg_map_suffix', '.png')).raise_errors()
+
+
 def eval_dataset_record(dataset: Any) -> Dict:
-    """``eval_metrics.json``'s ``dataset`` (``tools/eval_results.py``'s ``dataset_record``) for an mmseg dataset:
+    """``eval_metrics.json``'s ``dataset`` (``mpvit/eval_results.py``'s ``dataset_record``) for an mmseg dataset:
     ``ade20k`` for ADE20KDataset, else the dataset's class name (the data root's folder name for
     BaseSegDataset, which names nothing); the split is the image folder's name (ADE20K's ``validation``);
     the fingerprint is that of the sorted label file names."""

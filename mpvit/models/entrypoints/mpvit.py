@@ -3,8 +3,8 @@
 Beside the weights code rather than in the network file: every pretrained source
 goes through this repository's loader (:mod:`mpvit.weights`, :mod:`mpvit.checkpoint`),
 and the released checkpoints' configs come from ``model_zoo.json``. Imported by
-:mod:`mpvit.models`, so ``import mpvit`` registers the models with timm (under this
-module's name, ``factory``: ``timm.list_models(module='factory')``).
+:mod:`mpvit.models`, so ``import mpvit`` registers the models with timm. timm files a family under the
+name of the module that registers it, hence this module's name: ``timm.list_models(module='mpvit')``.
 """
 import os
 from typing import Dict
@@ -17,7 +17,7 @@ from mpvit.checkpoint import CheckpointError, checkpoint_filter_fn, local_checkp
 from mpvit.errors import InvalidInputError
 from mpvit.weights import HUB_PREFIX
 
-from .mpvit import MPViT, MPViTFeatures, mpvit_arch
+from ..mpvit import MPViT, MPViTFeatures, mpvit_arch
 
 __all__ = ['default_cfgs']
 
@@ -70,6 +70,11 @@ def _create_mpvit(variant: str, pretrained: bool = False, **kwargs) -> MPViT:
         raise InvalidInputError(f"{variant}: feature_cls={feature_cls!r} needs the stages as one sequence of "
                                 "top-level modules, which MPViT's checkpoint layout is not; use the default "
                                 "('getter'), 'hook' or 'fx'")
+    out_indices = kwargs.get('out_indices')
+    named = isinstance(out_indices, (list, tuple)) and any(isinstance(i, str) for i in out_indices)
+    if named and not (feature_cls is None or isinstance(feature_cls, type) and issubclass(feature_cls, MPViTFeatures)):
+        raise InvalidInputError(f'{variant}: out_indices {tuple(out_indices)} names stem levels, which only the '
+                                f'default feature class gives (feature_cls={feature_cls!r} takes stage indices)')
     if pretrained:
         kwargs['pretrained_cfg_overlay'] = _pretrained_source(variant, kwargs)
     return build_model_with_cfg(

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Sets up everything this repository needs, on a fresh machine or an already
 # prepared one. Idempotent: what is installed at the pinned version is kept,
-# only what is missing is installed. Used by tools/demo.sh and tools/test.sh.
+# only what is missing is installed. Used by tools/demo.sh and dev/test.sh.
 #
-#   PYTHON=python3.11 bash tools/install.sh     # choose the interpreter
+#   PYTHON=python3.11 bash dev/install.sh     # choose the interpreter
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,7 +23,7 @@ echo "[install] pinned requirements (requirements.txt)"
 # torch first and alone, so that no other requirement can choose its version.
 pip_install torch==2.14.1 torchvision==0.29.1
 pip_install -r requirements.txt
-PYTHON=$PY bash tools/install_detectron2.sh
+PYTHON=$PY bash dev/install_detectron2.sh
 
 # The mpvit package itself, editable, once (checked from outside the checkout).
 repo=$(pwd)
