@@ -20,6 +20,7 @@ Anything else raises :class:`RefusedData`, wherever the value sits in the file (
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from typing import Any, Callable, List, Tuple
 
@@ -93,13 +94,17 @@ def _raw_bytes(data: Any, what: str) -> bytes:
 
 class PickledArray(np.ndarray):
     """An array rebuilt from a pickle: created empty by :func:`pickled_reconstruct`, filled by ``__setstate__``
-    only from raw bytes and a :class:`PickledDtype`. Never constructed directly (``numpy.ndarray(...)`` in a
-    file is refused)."""
+    once, only from raw bytes and a :class:`PickledDtype`. Never constructed directly (``numpy.ndarray(...)`` in
+    a file is refused). A second fill is refused: numpy would free the memory of the first while a tensor the
+    file made of it (``torch._utils._rebuild_device_tensor_from_numpy``) still reads it."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PickledArray:
         raise RefusedData('a direct call of numpy.ndarray')
 
     def __setstate__(self, state: Any) -> None:
+        if getattr(self, '_filled', False) or self.nbytes:
+            raise RefusedData('a numpy array given its contents twice')
+        self._filled = True
         if isinstance(state, tuple) and len(state) == 5:
             version, shape, dtype, fortran, data = state
         elif isinstance(state, tuple) and len(state) == 4:  # numpy's older layout, without the version
@@ -112,7 +117,8 @@ class PickledArray(np.ndarray):
             raise RefusedData(f'a numpy array with the state (version {version!r}, shape {shape!r}, '
                               f'fortran {fortran!r})')
         data = _raw_bytes(data, f'a numpy array of dtype {dtype.str}')
-        if len(data) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        count = math.prod(shape)  # Python integers: no wrap-around
+        if len(data) != count * dtype.itemsize or max(shape, default=0) >= 2 ** 62 or (count and not dtype.itemsize):
             raise RefusedData(f'a numpy array of shape {shape} and dtype {dtype.str} from {len(data)} bytes')
         np.ndarray.__setstate__(self, (1, shape, dtype, bool(fortran), data))
 
@@ -154,33 +160,48 @@ PICKLE_GLOBALS: List[Tuple[Callable, str]] = [
 
 def finish(obj: Any) -> Any:
     """``obj`` (a loaded checkpoint) with every :class:`PickledArray` as a plain ``numpy.ndarray`` and every
-    :class:`PickledDtype` as its dtype, in containers and the attributes of allowlisted objects (``args``)."""
-    seen: set = set()
+    :class:`PickledDtype` as its dtype: in containers (dict keys too) and the attributes of allowlisted objects
+    (``args``). An object met twice is converted once (a tuple rebuilt once is the same tuple everywhere)."""
+    done: dict = {}  # id -> the converted object (kept alive by ``keep``: ids stay unique)
+    keep: list = []
 
     def walk(value: Any) -> Any:
         if isinstance(value, PickledArray):
-            return value.view(np.ndarray)
-        if isinstance(value, PickledDtype):
-            return value.dtype
-        if isinstance(value, (str, bytes, int, float, complex, type(None), np.ndarray, np.generic)) \
-                or id(value) in seen:
+            converted = value.view(np.ndarray)
+        elif isinstance(value, PickledDtype):
+            converted = value.dtype
+        elif isinstance(value, (str, bytes, int, float, complex, type(None), np.ndarray, np.generic)):
             return value
-        seen.add(id(value))
-        if isinstance(value, dict):
-            for key in list(value):
-                value[key] = walk(value[key])
-        elif isinstance(value, list):
-            value[:] = [walk(v) for v in value]
-        elif type(value) is tuple:
-            return tuple(walk(v) for v in value)
-        elif isinstance(value, set):
-            items = [walk(v) for v in value]
-            value.clear()
-            value.update(items)
-        elif isinstance(value, argparse.Namespace) or (hasattr(value, '__dict__') and not isinstance(value, type)
-                                                       and type(value).__module__.split('.')[0] != 'torch'):
-            for key, item in list(vars(value).items()):
-                setattr(value, key, walk(item))
-        return value
+        elif id(value) in done:
+            return done[id(value)]
+        else:
+            done[id(value)] = value  # in place (or until rebuilt): a cycle ends here
+            keep.append(value)
+            converted = _walk_container(value, walk)
+        done[id(value)] = converted
+        keep.append(value)
+        return converted
 
     return walk(obj)
+
+
+def _walk_container(value: Any, walk: Callable[[Any], Any]) -> Any:
+    if isinstance(value, dict):
+        items = [(walk(k), walk(v)) for k, v in value.items()]
+        value.clear()
+        value.update(items)
+    elif isinstance(value, list):
+        value[:] = [walk(v) for v in value]
+    elif type(value) is tuple:
+        return tuple(walk(v) for v in value)
+    elif type(value) is frozenset:
+        return frozenset(walk(v) for v in value)
+    elif isinstance(value, set):
+        items = [walk(v) for v in value]
+        value.clear()
+        value.update(items)
+    elif isinstance(value, argparse.Namespace) or (hasattr(value, '__dict__') and not isinstance(value, type)
+                                                   and type(value).__module__.split('.')[0] != 'torch'):
+        for key, item in list(vars(value).items()):
+            setattr(value, key, walk(item))
+    return value

@@ -168,7 +168,7 @@ def ensure_checkpoint_file(path: str) -> None:
         try:  # the same unpickler as the load, tensors mapped rather than read
             _read_torch(path, mmap=True)
         except CheckpointError as e:
-            if 'asks to unpickle' in str(e) or 'refused, as numpy' in str(e):
+            if isinstance(e, _RefusedContentError):
                 raise
             _read_torch(path)  # members compressed by a zip tool, or no mmap here: read it as the load will
     elif kind == 'safetensors':
@@ -263,14 +263,18 @@ def safe_load_stream(stream: Any, what: str = 'the checkpoint stream') -> Any:
     raise _refusal(what, names)
 
 
+class _RefusedContentError(CheckpointError):
+    """A file refused for what it holds (not for damage): a second, full read would refuse it again."""
+
+
 def _refusal(path: str, names: List[str], hint: bool = True) -> CheckpointError:
     what = ', '.join(names) if names else 'a Python object that is not a tensor or a known data type'
-    return CheckpointError(f'{path} asks to unpickle {what}: refused, as loading it could run code '
+    return _RefusedContentError(f'{path} asks to unpickle {what}: refused, as loading it could run code '
                            '(only tensors and plain data are read)' + (f'; {_convert_hint(path)}' if hint else ''))
 
 
 def _data_refusal(path: str, error: safe_numpy.RefusedData) -> CheckpointError:
-    return CheckpointError(f'{path} holds {error}: refused, only numpy data of bool, number, bytes and str types '
+    return _RefusedContentError(f'{path} holds {error}: refused, only numpy data of bool, number, bytes and str types '
                            'is read (other or edited dtypes make numpy take the file\'s bytes as memory addresses); '
                            'get the file from a source you trust')
 

@@ -132,7 +132,7 @@ def test_install_refuses_a_second_detectron2(tmp_path):
         importlib.metadata.version('pb1-detectron2')
     except importlib.metadata.PackageNotFoundError:
         pytest.skip('Detectron2 here was not installed from the sdist')
-    run = subprocess.run(['bash', str(REPO / 'tools' / 'install_detectron2.sh')], capture_output=True, text=True,
+    run = subprocess.run(['bash', str(REPO / 'dev' / 'install_detectron2.sh')], capture_output=True, text=True,
                          env={**os.environ, 'DETECTRON2_SOURCE': str(_fake_upstream_tree(tmp_path / 'src')),
                               'PYTHON': sys.executable})
     assert run.returncode == 1
@@ -782,7 +782,7 @@ def test_evaluation_refuses_heads_that_do_not_fit(tmp_path):
 def test_second_install_run_is_a_quiet_no_op():
     """dev/install.sh on an installed machine changes nothing and prints no resolver complaints; the
     Detectron2 distribution's requirements agree with our pins (pip check)."""
-    run = subprocess.run(['bash', str(REPO / 'tools' / 'install.sh')], capture_output=True, text=True,
+    run = subprocess.run(['bash', str(REPO / 'dev' / 'install.sh')], capture_output=True, text=True,
                          env={**os.environ, 'PYTHON': sys.executable}, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [line for line in (run.stdout + run.stderr).splitlines() if not line.startswith('WARNING: Location')]

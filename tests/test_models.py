@@ -482,3 +482,9 @@ def test_count_ops_counts_the_batched_and_per_path_forms():
         assert 0 < by['batched', mode]['ops'] < 0.5 * by['per-path', mode]['ops']
     assert by['batched', 'train']['saved_mib'] > 0 and by['batched', 'infer']['saved_mib'] is None
     assert by['batched', 'infer']['weight_prep_ops'] > 0 and 'weight_prep_ops' not in by['batched', 'train']
+
+
+def test_timm_files_the_family_under_its_name():
+    """timm names a family by the module that registers it: the entrypoints live in a module named mpvit."""
+    assert timm.list_models(module='mpvit') == ['mpvit_base', 'mpvit_small', 'mpvit_tiny', 'mpvit_xsmall']
+    assert timm.models.get_pretrained_cfg('mpvit_small').first_conv == 'stem.0.conv'

@@ -3,10 +3,13 @@ wherever it sits, by every reader, before a byte becomes an array; and weights t
 (finite, floating where the model is, with data) on every loading path."""
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import pickletools
 import subprocess
 import sys
+import zipfile
 from typing import Callable, Dict
 
 import numpy as np
@@ -46,6 +49,10 @@ FORGERIES: Dict[str, Callable[[], object]] = {
     'numpy.ndarray called directly': lambda: _Reduce(np.ndarray, ((2,), 'O')),
     'array from a list of objects': lambda: ForgedArray(_edited_dtype('f8', (3, '<', None, None, None, -1, -1, 0)),
                                                         [1.0, 2.0]),
+    'shape whose element count wraps around': lambda: _Reduce(
+        _multiarray._reconstruct, (np.ndarray, (0,), b'b'), (1, (2 ** 32, 2 ** 32), np.dtype('f8'), False, b'')),
+    'dimension past 64 bits': lambda: _Reduce(
+        _multiarray._reconstruct, (np.ndarray, (0,), b'b'), (1, (2 ** 64,), np.dtype('S0'), False, b'')),
 }
 
 
@@ -103,6 +110,54 @@ def test_forged_numpy_data_is_refused_wherever_it_sits_by_every_reader(tmp_path)
         assert message is not None, f'{reader} loaded {files[path]}'
         assert '\n' not in message and message.startswith(path) and 'refused' in message, (files[path], message)
         assert 'numpy' in message or 'asks to unpickle' in message, (files[path], reader, message)
+
+
+def _refilled_array_checkpoint(path, size: int) -> None:
+    """A zip checkpoint whose pickle fills an array, has torch's own allowlisted rebuild make a tensor of its
+    memory, then fills the array again: numpy frees the first memory, which the tensor still reads."""
+    def global_(module: str, name: str) -> bytes:
+        return b'c' + f'{module}\n{name}\n'.encode()
+
+    def text(data: bytes) -> bytes:
+        return b'X' + len(data).to_bytes(4, 'little') + data
+
+    state = pickletools.optimize(pickle.dumps(np.dtype('u1').__reduce__()[2], protocol=2))[2:-1]
+    dtype = global_('numpy', 'dtype') + b'(' + text(b'u1') + b'\x89\x88tR' + state + b'b'
+
+    def fill(n: int) -> bytes:  # the array's state: (1, (n,), dtype, False, n bytes), then BUILD
+        return b'(K\x01J' + n.to_bytes(4, 'little') + b'\x85' + dtype + b'\x89' + text(b'A' * n) + b'tb'
+
+    data = (b'\x80\x02(' + global_('numpy.core.multiarray', '_reconstruct') + b'(' + global_('numpy', 'ndarray')
+            + b'K\x00\x85' + text(b'b') + b'tRq\x00' + fill(size)
+            + global_('torch._utils', '_rebuild_device_tensor_from_numpy') + b'(h\x00' + global_('torch', 'uint8')
+            + text(b'cpu') + b'\x89tR' + b'h\x00' + fill(8) + b't.')
+    buffer = io.BytesIO()
+    torch.save({}, buffer)
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, zipfile.ZipFile(path, 'w') as out:
+        for info in source.infolist():
+            out.writestr(info.filename, data if info.filename.endswith('data.pkl') else source.read(info))
+
+
+def test_an_array_filled_twice_is_refused(tmp_path):
+    """It loaded, and the tensor read freed memory (a large one crashed the process)."""
+    from mpvit.serialization import safe_load
+
+    _refilled_array_checkpoint(tmp_path / 'refilled.pth', 4096)
+    with pytest.raises(CheckpointError, match=r'refilled.pth holds a numpy array given its contents twice: refused'):
+        safe_load(tmp_path / 'refilled.pth')
+
+
+def test_every_reference_to_numpy_data_is_converted(tmp_path):
+    """A tuple met twice and dict keys hold plain numpy objects, not the reader's stand-ins."""
+    from mpvit.serialization import safe_load
+
+    pair = (np.dtype('f4'), np.arange(3))
+    torch.save({'a': pair, 'b': pair, 'keys': {np.dtype('i8'): 1}, 'set': {np.float64(2.0)}}, tmp_path / 'shared.pth')
+    loaded = safe_load(tmp_path / 'shared.pth')
+    for name in ('a', 'b'):
+        assert type(loaded[name][0]) is type(np.dtype('f4')) and type(loaded[name][1]) is np.ndarray, name
+    assert [type(k) for k in loaded['keys']] == [type(np.dtype('i8'))] and loaded['set'] == {2.0}
+    assert loaded['a'] is loaded['b']
 
 
 def test_plain_numpy_data_of_every_kind_still_loads(tmp_path):

@@ -19,7 +19,7 @@ each operand's own layout (no copies back).
 Why it is not the default. A CPU is bound by arithmetic and its per-path
 products (oneDNN ``linear``) are faster than its batched ones (0.76-0.89x of
 per-path, measured); on a GPU the batched form has never been timed
-(``tools/gpu_benchmark.sh`` is that check), and ``torch.compile`` / CUDA graphs
+(``dev/gpu_benchmark.sh`` is that check), and ``torch.compile`` / CUDA graphs
 remove launch overhead too. So every stage runs path by path (the network file's
 :class:`~mpvit.models.mpvit.MHCAStage`) until a GPU result in ``results/`` shows
 this form faster; ``'auto'`` means per-path until then, and the default flips in
