@@ -73,3 +73,15 @@ def hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
     (repo / 'refs').mkdir(parents=True)
     (repo / 'refs' / 'main').write_text(revision)
     return root
+
+
+def write_tiny_ade(root: Path, size=(64, 48)) -> Path:
+    """An ADE20K-layout folder with one image and one index mask per split (the drivers check the data first)."""
+    from PIL import Image
+
+    for split in ('training', 'validation'):
+        (root / 'images' / split).mkdir(parents=True)
+        (root / 'annotations' / split).mkdir(parents=True)
+        Image.new('RGB', size, (90, 120, 30)).save(root / 'images' / split / f'ADE_{split}_00000001.jpg')
+        Image.fromarray(np.ones(size[::-1], np.uint8)).save(root / 'annotations' / split / f'ADE_{split}_00000001.png')
+    return root

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fidelity import golden
-from helpers import REPO, free_port, load_script
+from helpers import REPO, free_port, load_script, write_tiny_ade
 
 from mpvit import CheckpointError, model_zoo
 from mpvit.checkpoint import read_checkpoint
@@ -270,18 +270,20 @@ def test_released_offline_fails_before_work_in_every_driver(monkeypatch, tmp_pat
     pytest.importorskip('mmseg')
     url = _point_zoo_at(monkeypatch, 'upernet_mpvit_small')
     seg_test = load_script('semantic_segmentation/tools/test.py')
+    ade = write_tiny_ade(tmp_path / 'ade')
     with pytest.raises(CheckpointError, match=f'cannot find the weights .* {re.escape(url)}: '):
         seg_test.main([str(REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'), 'released',
-                       '--work-dir', str(tmp_path / 'seg')])
+                       '--work-dir', str(tmp_path / 'seg'), '--cfg-options', f'data_root={ade}',
+                       *(f'{split}_dataloader.dataset.data_root={ade}' for split in ('train', 'val', 'test'))])
     # Training: the backbone's ImageNet init_cfg URL is fetched before the Runner builds anything.
     seg_train = load_script('semantic_segmentation/tools/train.py')
     monkeypatch.setattr(seg_train.Runner, 'from_cfg', lambda cfg: pytest.fail('Runner built before the check'))
     url = _unreachable_url('mpvit_small.pth')
-    (tmp_path / 'ade').mkdir()
     with pytest.raises(CheckpointError, match=f'cannot find the weights .* {re.escape(url)}: '):
         seg_train.main([str(REPO / 'configs/semantic_segmentation/upernet_mpvit_small_160k_ade20k.py'),
                         '--work-dir', str(tmp_path / 'seg_train'), '--cfg-options',
-                        f'train_dataloader.dataset.data_root={tmp_path / "ade"}',
+                        f'data_root={ade}', f'train_dataloader.dataset.data_root={ade}',
+                        f'val_dataloader.dataset.data_root={ade}', f'test_dataloader.dataset.data_root={ade}',
                         f'model.backbone.init_cfg.checkpoint={url}'])
 
 

@@ -25,7 +25,7 @@ import timm
 import torch
 import torch.nn as nn
 from fidelity import compare, golden, synth_input, synth_state_dict
-from helpers import REPO, ForgedArray, hub_cache, load_script, offline_hub
+from helpers import REPO, ForgedArray, hub_cache, load_script, offline_hub, write_tiny_ade
 
 from mpvit import MPViT, model_zoo
 from mpvit.checkpoint import read_checkpoint
@@ -303,10 +303,7 @@ PAYLOAD_PATHS = {
 
 @pytest.fixture(scope='module')
 def data(images, coco, tmp_path_factory):
-    ade = tmp_path_factory.mktemp('ade')
-    for part in ('images/training', 'images/validation', 'annotations/training', 'annotations/validation'):
-        (ade / part).mkdir(parents=True)
-    return dict(images=images, coco=coco, ade=ade)
+    return dict(images=images, coco=coco, ade=write_tiny_ade(tmp_path_factory.mktemp('ade')))
 
 
 @pytest.mark.slow
