@@ -485,7 +485,7 @@ def build_model(args, classes: Optional[List[str]]) -> nn.Module:
     model = timm.create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path)
     if args.pretrained:
         pretrained = read_checkpoint(args.pretrained)
-        load_backbone_weights(model, args.pretrained, checkpoint=pretrained)
+        load_backbone_weights(model, args.pretrained, checkpoint=pretrained, head='reset')
         names = label_names(pretrained)
         if names is not None and classes is not None and names != list(classes):
             _logger.warning('%s was trained on other classes (%s): new classifier for the data\'s %d classes',

@@ -131,7 +131,7 @@ def main(argv: List[str] | None = None) -> List[Path]:
 
     driver.log(f'building Deformable DETR + {cfg.backbone} ({num_classes} class outputs) from {weights}')
     model = build_deformable_detr(cfg.backbone, num_classes, cfg.num_queries, cfg.num_feature_levels)
-    load_detector_weights(model, checkpoint)
+    load_detector_weights(model, weights, checkpoint=checkpoint)
     device = torch.device(args.device)
     model.to(device).eval()
     transform = driver.build_transforms(False, cfg)

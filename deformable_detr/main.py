@@ -68,7 +68,7 @@ from mpvit.deformable_detr import (
 )
 from mpvit.errors import DivergenceError, InvalidInputError, MissingFileError, first_few
 from mpvit.images import check_some_readable, decode_error, open_rgb, unreadable_error, warn_unreadable
-from mpvit.models import BATCH_PATHS, set_batch_paths
+from mpvit.models import BATCH_PATHS
 from mpvit.training import (
     LOG_FILE,
     LossWatch,
@@ -363,9 +363,8 @@ def _evaluate(model, loader, coco_gt: COCO, device, args) -> Dict[str, float]:
 
 def build_model(args: argparse.Namespace, sync_bn: bool) -> torch.nn.Module:
     """The detector ``args`` describe, its backbone's stages batched if ``--batch-paths`` says so."""
-    model = build_deformable_detr(args.backbone, args.num_classes, args.num_queries, args.num_feature_levels,
-                                  args.drop_path, sync_bn=sync_bn)
-    return set_batch_paths(model, args.batch_paths)
+    return build_deformable_detr(args.backbone, args.num_classes, args.num_queries, args.num_feature_levels,
+                                 args.drop_path, sync_bn=sync_bn, batch_paths=args.batch_paths)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -543,7 +542,7 @@ def main(argv=None) -> Dict[str, float]:
     model = build_model(args, sync_bn=args.sync_bn and world > 1 and device.type == 'cuda')
     if pretrained is not None:  # a resumed / evaluated checkpoint holds the backbone anyway
         head = head_classes(pretrained)
-        load_detector_weights(model, pretrained, new_head=True)
+        load_detector_weights(model, args.pretrained, checkpoint=pretrained, head='reset')
         if head is None:
             log(f'backbone initialised from {args.pretrained}')
         else:
@@ -565,7 +564,7 @@ def main(argv=None) -> Dict[str, float]:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     start_epoch, step, rows = 0, 0, []
     if checkpoint is not None:
-        load_detector_weights(model, checkpoint)
+        load_detector_weights(model, args.resume, checkpoint=checkpoint)
         ours = isinstance(checkpoint, dict) and 'model' in checkpoint and not is_original_layout(checkpoint['model'])
         if not args.eval and ours and 'optimizer' in checkpoint:
             start_epoch, step, rows = restore_training_state(checkpoint, args.resume, optimizer, scheduler, scaler,

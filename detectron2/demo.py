@@ -32,7 +32,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from mpvit import model_zoo
 from mpvit.checkpoint import local_checkpoint, read_checkpoint
 from mpvit.coco_checks import coco_2017_names
-from mpvit.d2 import MPViTCheckpointer, add_mpvit_config, merge_user_config, register_coco_datasets
+from mpvit.d2 import add_mpvit_config, load_detector_weights, merge_user_config, register_coco_datasets
 from mpvit.d2.classes import (
     checkpoint_classes,
     dataset_classes,
@@ -48,8 +48,8 @@ DEMO_DATASET = '__mpvit_demo'  # the metadata the Visualizer names classes with
 
 
 class Predictor(DefaultPredictor):
-    """DefaultPredictor whose weights go through MPViTCheckpointer (every released format, clear errors, heads
-    that must fit: a head left random would draw meaningless boxes)."""
+    """DefaultPredictor whose weights go through ``load_detector_weights`` (every released format, clear errors,
+    heads that must fit: a head left random would draw meaningless boxes)."""
 
     def __init__(self, cfg: CfgNode):
         weights, cfg = cfg.MODEL.WEIGHTS, cfg.clone()
@@ -57,7 +57,7 @@ class Predictor(DefaultPredictor):
         cfg.MODEL.WEIGHTS = ''
         super().__init__(cfg)
         if weights:
-            MPViTCheckpointer(self.model, heads_must_fit=True).load(weights)
+            load_detector_weights(self.model, weights, head='require')
 
 
 def setup(args: argparse.Namespace) -> tuple[CfgNode, list[str]]:

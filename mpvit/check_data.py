@@ -49,7 +49,12 @@ class Finding:
 
 
 class Report:
-    """The problems found in one dataset file or folder (``source``): errors, and warnings counted per kind."""
+    """The problems found in one dataset file or folder (``source``): errors, and warnings counted per kind.
+
+    Args:
+        source: the file or folder checked; every line names it.
+        command: the ``python -m mpvit.check_data ...`` line that lists every problem, named when some are cut.
+    """
 
     def __init__(self, source: str, command: str = ''):
         self.source, self.command = source, command

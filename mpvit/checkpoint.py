@@ -23,7 +23,7 @@ torch's wall of keys or a silently half-loaded model.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -271,18 +271,30 @@ def read_checkpoint(source: str) -> Any:
     return safe_load(local_checkpoint(source))
 
 
-def load_backbone_weights(model: nn.Module, path_or_url: str, strict: bool = True, head: str = 'reset',
-                          checkpoint: Any = None) -> None:
-    """Read a checkpoint in any released format and load its backbone part into ``model``.
+def load_backbone_weights(model: nn.Module, source: str, *, checkpoint: Optional[Mapping[str, Any]] = None,
+                          head: str = 'require') -> List[str]:
+    """Read a checkpoint in any released format and load its backbone part into ``model`` (a classifier or
+    a headless core model). Returns the keys left at their initial values.
 
-    ``head``: see :func:`checkpoint_filter_fn` (``'require'`` to evaluate or resume a classifier).
-    ``checkpoint``: its contents when the caller has read it already (``path_or_url`` then names it in errors).
+    The task loaders share this signature (``mpvit.d2.load_detector_weights``,
+    ``mpvit.mmseg.load_segmentor_weights``, ``mpvit.deformable_detr.load_detector_weights``).
+
+    Args:
+        model: the MPViT to fill.
+        source: a file, URL, ``hf-hub:`` id or zoo name; names the weights in errors.
+        checkpoint: the file's contents when the caller has read it already (:func:`read_checkpoint`).
+        head: ``'require'`` (evaluating, resuming): the classifier must fit the model's;
+            ``'reset'`` (fine-tuning): one that does not fit is left at its fresh values, with a warning
+            (see :func:`checkpoint_filter_fn`).
     """
     if checkpoint is None:
-        checkpoint = read_checkpoint(path_or_url)
+        checkpoint = read_checkpoint(source)
     try:
         weights = checkpoint_filter_fn(checkpoint, model, head=head)
     except CheckpointError as e:
-        raise CheckpointError(f'{path_or_url}: {e}') from None
-    model.load_state_dict(weights, strict=strict)
-
+        raise CheckpointError(f'{source}: {e}') from None
+    # A classifier that did not fit is the model's own tensors, which checkpoint_filter_fn put back.
+    left = [k for k, v in model.state_dict().items()
+            if k.startswith('cls_head.') and k in weights and weights[k].data_ptr() == v.data_ptr()]
+    model.load_state_dict(weights)
+    return left

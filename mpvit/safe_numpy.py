@@ -55,7 +55,12 @@ def _spec_dtype(spec: Any) -> np.dtype:
 
 class PickledDtype:
     """``numpy.dtype(spec, align, copy)`` then its state, as numpy pickles a dtype, checked (see the module
-    docstring); :attr:`dtype` is the real dtype."""
+    docstring); :attr:`dtype` is the real dtype.
+
+    Args:
+        spec: the dtype's spec as numpy pickles it (``'f4'``, ``'i8'``, ``'U5'`` ...).
+        align, copy: numpy's flags, which must be plain booleans.
+    """
 
     dtype: Any = None  # also when a file creates one without calling it
     spec: Any = None

@@ -79,7 +79,7 @@ def main(argv=None) -> str:
         if isinstance(cfg.model.get(name), dict):
             cfg.model[name].num_classes = len(meta['classes'])
     model = init_model(cfg, None, device=args.device)
-    load_segmentor_weights(model, checkpoint, weights)
+    load_segmentor_weights(model, weights, checkpoint=checkpoint)
     if not meta['palette'] or len(meta['palette']) < len(meta['classes']):  # fixed colours, one per class
         meta['palette'] = np.random.default_rng(0).integers(0, 256, (len(meta['classes']), 3)).tolist()
     model.dataset_meta = meta

@@ -76,7 +76,7 @@ def test_original_layout_converts_key_for_key():
 
 def test_fidelity_against_reference(released):
     model = build_deformable_detr('mpvit_small').eval()
-    load_detector_weights(model, torch.load(released, weights_only=True))
+    load_detector_weights(model, 'checkpoint', checkpoint=torch.load(released, weights_only=True))
     ref = golden('dd_mpvit_small_256x320.json')
     x = synth_input(**ref['input'])
     mask = torch.ones(1, x.shape[2], x.shape[3], dtype=torch.long)
@@ -92,14 +92,14 @@ def test_fidelity_against_reference(released):
 def test_checkpoint_errors_and_backbone_init(tmp_path):
     model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
     classifier = timm.create_model('mpvit_tiny')
-    left = load_detector_weights(model, {'model': classifier.state_dict()})
+    left = load_detector_weights(model, 'checkpoint', checkpoint={'model': classifier.state_dict()})
     loaded = core_model(model).state_dict()
     for key, value in classifier.state_dict().items():
         if not key.startswith('cls_head.'):
             assert torch.equal(loaded[key], value)
     assert left and not any(k.startswith('model.backbone.') for k in left)
     with pytest.raises(CheckpointError, match='does not fit'):  # MPViT-S weights into MPViT-T
-        load_detector_weights(model, {'model': synth_state_dict(golden(MANIFEST)['tensors'])})
+        load_detector_weights(model, 'small.pth', checkpoint={'model': synth_state_dict(golden(MANIFEST)['tensors'])})
     with pytest.raises(ValueError, match="'mpvit_huge' is not an MPViT variant"):
         build_deformable_detr('mpvit_huge')
 
@@ -112,11 +112,9 @@ def test_weights_that_are_none_are_refused_head_and_backbone(tmp_path, released)
     for key, bad, match in ((head, torch.full_like(state[head], float('nan')), 'non-finite values'),
                             (head, state[head].long(), "is torch.int64 where the model's torch.float32 belongs"),
                             (head, torch.empty(state[head].shape, device='meta'), 'is a meta tensor')):
-        for new_head in (False, True):  # --eval / --resume, and --pretrained (fine-tuning)
+        for head in ('require', 'reset'):  # --eval / --resume, and --pretrained (fine-tuning)
             with pytest.raises(CheckpointError, match=rf'{re.escape(key)} .*{match}'):
-                load_detector_weights(model, {'model': {**state, key: bad}}, new_head=new_head)
-            with pytest.raises(CheckpointError, match=rf'{re.escape(key)} .*{match}'):
-                load_detector_weights(model, {'model': {**state, key: bad}}, strict=False, new_head=new_head)
+                load_detector_weights(model, 'bad.pth', checkpoint={'model': {**state, key: bad}}, head=head)
     original = torch.load(released, weights_only=True)['model']
     key = next(k for k in original if k.startswith('transformer.') and k.endswith('.weight'))
     torch.save({'model': {**original, key: original[key].int()}}, tmp_path / 'int.pth')
@@ -151,7 +149,7 @@ def test_backbone_weights_of_every_layout_go_through_the_shared_extractor():
             for value in classifier.values():
                 if value.is_floating_point():
                     value.add_(1.0)
-        left = load_detector_weights(model, checkpoint)
+        left = load_detector_weights(model, 'checkpoint', checkpoint=checkpoint)
         loaded = core_model(model).state_dict()
         assert set(loaded) == {k for k in classifier if not k.startswith('cls_head.')}, layout
         for key, value in loaded.items():
@@ -166,9 +164,9 @@ def test_backbone_weights_of_every_layout_go_through_the_shared_extractor():
     assert adapt_input_conv(3, grey['stem.0.conv.weight']).shape[1] == 1
     with pytest.raises(CheckpointError, match=r'^backbone weights: .*stem.0.conv.weight \(checkpoint \(32, 1, 3, 3\), '
                                               r'model \(32, 3, 3, 3\)\)'):
-        load_detector_weights(model, {'model': grey})
-    with pytest.raises(CheckpointError, match=r'^backbone weights: .*does not fit'):  # MPViT-S into MPViT-T
-        load_detector_weights(model, {'model': timm.create_model('mpvit_small').state_dict()})
+        load_detector_weights(model, 'checkpoint', checkpoint={'model': grey})
+    with pytest.raises(CheckpointError, match=r'^small.pth: backbone weights: .*does not fit'):  # MPViT-S into -T
+        load_detector_weights(model, 'small.pth', checkpoint={'model': timm.create_model('mpvit_small').state_dict()})
 
 
 def test_checkpoint_of_the_previous_layout_loads():
@@ -179,7 +177,7 @@ def test_checkpoint_of_the_previous_layout_loads():
     assert not any(k.startswith(BACKBONE_KEY) for k in old)
     torch.manual_seed(2)
     model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
-    assert load_detector_weights(model, {'model': old}) == []
+    assert load_detector_weights(model, 'checkpoint', checkpoint={'model': old}) == []
     for key, value in model.state_dict().items():
         assert torch.equal(value, source[key]), key
 
@@ -725,8 +723,8 @@ def test_fine_tuning_keeps_a_new_class_head_and_names_fall_back_to_coco():
     ours = build_deformable_detr('mpvit_tiny', num_labels=3, num_queries=10)
     fresh = ours.class_embed[0].bias.clone()
     with pytest.raises(CheckpointError, match=r'class_embed.0.bias \(checkpoint \(91,\), model \(3,\)\)'):
-        load_detector_weights(ours, {'model': coco_like.state_dict()})
-    left = load_detector_weights(ours, {'model': coco_like.state_dict()}, new_head=True)
+        load_detector_weights(ours, 'checkpoint', checkpoint={'model': coco_like.state_dict()})
+    left = load_detector_weights(ours, 'coco.pth', checkpoint={'model': coco_like.state_dict()}, head='reset')
     assert left and all(k.startswith('class_embed.') for k in left)
     assert torch.equal(ours.class_embed[0].bias, fresh)
     assert torch.equal(ours.model.query_position_embeddings.weight, coco_like.model.query_position_embeddings.weight)

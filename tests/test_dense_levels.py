@@ -66,7 +66,7 @@ def test_detectron2_backbone_names_the_stem_levels():
     pytest.importorskip('detectron2')
     from mpvit.d2 import D2MPViT
 
-    backbone = D2MPViT('mpvit_tiny', out_features=['stage5', 'stem', 'stage1', 'stage2']).eval()
+    backbone = D2MPViT('mpvit_tiny', out_indices=['stage5', 'stem', 'stage1', 'stage2']).eval()
     shapes = backbone.output_shape()
     assert list(shapes) == ['stage1', 'stem', 'stage2', 'stage5']
     assert [(s.channels, s.stride) for s in shapes.values()] == [(32, 2), (64, 4), (96, 4), (216, 32)]
@@ -83,13 +83,13 @@ def test_mmseg_and_deformable_detr_backbones_take_the_stem_levels():
     import mpvit.mmseg  # noqa: F401
     from mpvit.deformable_detr.backbone import DeformableDetrMPViTBackbone
 
-    seg = MODELS.build(dict(type='MPViT', arch='mpvit_tiny', out_indices=('stem.0', 0, 3))).eval()
+    seg = MODELS.build(dict(type='MPViT', model_name='mpvit_tiny', out_indices=('stem.0', 0, 3))).eval()
     assert seg.out_channels == [32, 96, 216]
     with torch.no_grad():
         assert [tuple(m.shape[1:]) for m in seg(torch.zeros(1, 3, 64, 64))] == [(32, 32, 32), (96, 16, 16),
                                                                                (216, 2, 2)]
     with pytest.raises(InvalidInputError, match='stem.0, stem.1'):
-        MODELS.build(dict(type='MPViT', arch='mpvit_tiny', out_indices=('stem.2', 0)))
+        MODELS.build(dict(type='MPViT', model_name='mpvit_tiny', out_indices=('stem.2', 0)))
     detr = DeformableDetrMPViTBackbone('mpvit_tiny', out_indices=('stem.1', 1, 2, 3))
     assert detr.channels == [64, 176, 216, 216]
 

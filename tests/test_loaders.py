@@ -13,7 +13,7 @@ import torch
 from helpers import REPO, load_script
 from PIL import Image
 
-from mpvit import CheckpointError, load_backbone_weights, read_checkpoint
+from mpvit import CheckpointError, load_backbone_weights
 
 KEY = 'stem.0.conv.weight'
 
@@ -62,7 +62,8 @@ def test_model_not_ema_through_every_loader(model_and_ema, caplog):
 
     import mpvit.mmseg  # noqa: F401
 
-    backbone = MODELS.build(dict(type='MPViT', arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=str(path))))
+    backbone = MODELS.build(dict(type='MPViT', model_name='tiny',
+                                 init_cfg=dict(type='Pretrained', checkpoint=str(path))))
     backbone.init_weights()
     loaded['mmseg init_cfg'] = backbone.state_dict()[KEY]
 
@@ -70,7 +71,7 @@ def test_model_not_ema_through_every_loader(model_and_ema, caplog):
     from mpvit.deformable_detr import build_deformable_detr, core_model, load_detector_weights
 
     detr = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
-    load_detector_weights(detr, read_checkpoint(str(path)))
+    load_detector_weights(detr, str(path))
     loaded['Deformable DETR'] = core_model(detr).state_dict()[KEY]
 
     assert len(loaded) == 5

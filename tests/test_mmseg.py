@@ -36,7 +36,8 @@ def _tool(name):
 def _model_cfg(variant: str):
     cfg = Config.fromfile(str(CONFIGS / f'upernet_mpvit_{variant}_160k_ade20k.py'))
     cfg.model.backbone.pop('init_cfg')
-    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+    cfg.model.backbone.norm_layer = dict(type='BN', requires_grad=True)
+    for part in ('decode_head', 'auxiliary_head'):
         cfg.model[part].norm_cfg = dict(type='BN', requires_grad=True)
     return cfg
 
@@ -66,19 +67,19 @@ def test_pretrained_init_cfg_reads_classification_and_refuses_other_variants(tmp
     weights = synth_state_dict(golden('manifest_mpvit_tiny.json')['tensors'])
     path = tmp_path / 'mpvit_tiny.pth'
     torch.save({'model': weights}, path)
-    backbone = MODELS.build(dict(type='MPViT', arch='mpvit_tiny',
+    backbone = MODELS.build(dict(type='MPViT', model_name='mpvit_tiny',
                                  init_cfg=dict(type='Pretrained', checkpoint=str(path))))
     backbone.init_weights()
     assert backbone.is_init
     assert torch.equal(backbone.state_dict()['stem.0.conv.weight'], weights['stem.0.conv.weight'])
     assert [o.shape[1] for o in backbone(torch.randn(1, 3, 64, 64))] == [96, 176, 216, 216]
 
-    other = MODELS.build(dict(type='MPViT', arch='mpvit_small',
+    other = MODELS.build(dict(type='MPViT', model_name='mpvit_small',
                               init_cfg=dict(type='Pretrained', checkpoint=str(path))))
     with pytest.raises(CheckpointError, match='does not fit'):
         other.init_weights()
     with pytest.raises(ValueError, match='out_indices'):
-        MODELS.build(dict(type='MPViT', arch='mpvit_tiny', out_indices=(4,)))
+        MODELS.build(dict(type='MPViT', model_name='mpvit_tiny', out_indices=(4,)))
 
 
 @pytest.mark.parametrize('layout', ['detectron2', 'mmseg'])
@@ -113,23 +114,24 @@ def test_pretrained_init_cfg_reads_the_backbone_of_detection_and_segmentation_ch
     assert all(torch.equal(loaded[f'backbone.{k}'], v) for k, v in weights.items())
 
 
-def test_arch_takes_the_model_name_and_names_an_unknown_one():
+def test_model_name_takes_the_variant_and_names_an_unknown_one():
     """The variant has one name in every adapter: timm's (Detectron2's MODEL.MPVIT.NAME, Deformable DETR's
     backbone); the short name and a dict of MPViT's own arguments still work."""
     from mpvit.errors import InvalidInputError
     from mpvit.models.mpvit import MPVIT_ARCHS
 
-    named = MODELS.build(dict(type='MPViT', arch='mpvit_tiny'))
+    named = MODELS.build(dict(type='MPViT', model_name='mpvit_tiny'))
     assert named.out_channels == [96, 176, 216, 216]
     for other in ('tiny', dict(MPVIT_ARCHS['tiny'])):
-        same = MODELS.build(dict(type='MPViT', arch=other))
+        same = MODELS.build(dict(type='MPViT', model_name=other))
         assert {k: v.shape for k, v in same.state_dict().items()} == \
             {k: v.shape for k, v in named.state_dict().items()}
-    for bad, message in (('mpvit_huge', r"model.backbone.arch 'mpvit_huge' is not .*mpvit_tiny"),
-                         (dict(MPVIT_ARCHS['tiny'], depths=(1, 1)), 'model.backbone.arch has unknown keys depths'),
-                         (3, 'model.backbone.arch 3: expected a variant name')):
+    for bad, message in (('mpvit_huge', r"model.backbone.model_name 'mpvit_huge' is not .*mpvit_tiny"),
+                         (dict(MPVIT_ARCHS['tiny'], depths=(1, 1)),
+                          'model.backbone.model_name has unknown keys depths'),
+                         (3, 'model.backbone.model_name 3: expected a variant name')):
         with pytest.raises(InvalidInputError, match=f'^{message}') as error:
-            MODELS.build(dict(type='MPViT', arch=bad))
+            MODELS.build(dict(type='MPViT', model_name=bad))
         assert '\n' not in str(error.value)
 
 
@@ -140,13 +142,13 @@ def test_backbone_wraps_the_core_model_with_its_flat_keys(tmp_path):
 
     from mpvit.models.mpvit import MPViT
 
-    backbone = MODELS.build(dict(type='MPViT', arch='mpvit_tiny'))
+    backbone = MODELS.build(dict(type='MPViT', model_name='mpvit_tiny'))
     assert isinstance(backbone.backbone, MPViT) and not isinstance(backbone, MPViT)
     state = backbone.state_dict()
     assert list(state) == list(backbone.backbone.state_dict()) and 'stem.0.conv.weight' in state
     assert 'backbone.stem.0.conv.weight' in dict(backbone.named_parameters())  # module paths keep the attribute
 
-    fresh = MODELS.build(dict(type='MPViT', arch='mpvit_tiny'))
+    fresh = MODELS.build(dict(type='MPViT', model_name='mpvit_tiny'))
     fresh.load_state_dict(state)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
 
@@ -162,7 +164,7 @@ def test_backbone_wraps_the_core_model_with_its_flat_keys(tmp_path):
     holder.module = backbone
     assert list(holder.state_dict()) == [f'module.{k}' for k in state]
     other = torch.nn.Module()
-    other.module = MODELS.build(dict(type='MPViT', arch='mpvit_tiny'))
+    other.module = MODELS.build(dict(type='MPViT', model_name='mpvit_tiny'))
     mmengine_load_state_dict(other, holder.state_dict(), strict=True)
     assert torch.equal(other.module.backbone.stem[0].conv.weight, backbone.backbone.stem[0].conv.weight)
     with pytest.raises(RuntimeError, match='missing keys in source state_dict: module.stem.0.conv.weight$'):
@@ -185,7 +187,7 @@ def test_fast_ops_false_gives_flop_counting_the_textbook_ops():
 
     counts = {}
     for fast in (True, False):
-        backbone = MODELS.build(dict(type='MPViT', arch='tiny', fast_ops=fast)).eval()
+        backbone = MODELS.build(dict(type='MPViT', model_name='tiny', fast_ops=fast)).eval()
         assert {m.fast_ops for m in backbone.modules() if hasattr(m, 'fast_ops')} == {fast}
         counts[fast] = get_model_complexity_info(backbone, inputs=(torch.zeros(1, 3, 224, 224),), show_table=False,
                                                  show_arch=False)['flops']
@@ -196,7 +198,7 @@ def test_fast_ops_false_gives_flop_counting_the_textbook_ops():
 
 
 def test_norm_eval_keeps_bn_frozen():
-    backbone = MODELS.build(dict(type='MPViT', arch='tiny', norm_eval=True)).train()
+    backbone = MODELS.build(dict(type='MPViT', model_name='tiny', norm_eval=True)).train()
     bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns)
     assert backbone.backbone.mhca_stages[0].mhca_blks[0].MHCA_layers[0].training
@@ -227,7 +229,8 @@ def _small_run_cfg(data_root: Path, work_dir: Path, max_iters: int):
     ]))
     # Only size, iterations and norm differ from the real config.
     cfg.model.backbone.pop('init_cfg')
-    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+    cfg.model.backbone.norm_layer = dict(type='BN', requires_grad=True)
+    for part in ('decode_head', 'auxiliary_head'):
         cfg.model[part].norm_cfg = dict(type='BN', requires_grad=True)
     cfg.model.data_preprocessor.size = (64, 64)
     cfg.train_dataloader.dataset.pipeline[3].scale = (128, 64)
@@ -266,7 +269,7 @@ def test_runner_train_val_resume_test_and_inference(tmp_path):
         str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), str(work_dir / 'iter_4.pth'),
         '--work-dir', str(tmp_path / 'test'), '--show-dir', str(tmp_path / 'vis'), '--cfg-options',
         f'test_dataloader.dataset.data_root={data_root}', 'test_dataloader.num_workers=0',
-        'test_dataloader.persistent_workers=False', 'model.backbone.norm_cfg.type=BN',
+        'test_dataloader.persistent_workers=False', 'model.backbone.norm_layer.type=BN',
         'model.decode_head.norm_cfg.type=BN', 'model.auxiliary_head.norm_cfg.type=BN'])
     assert 'mIoU' in metrics
     assert list((tmp_path / 'vis').rglob('*.png'))
@@ -380,13 +383,13 @@ def test_evaluation_refuses_a_checkpoint_that_does_not_fit(tmp_path):
             str(CONFIGS / 'upernet_mpvit_small_160k_ade20k.py'), str(tmp_path / 'ten_classes.pth'),
             '--work-dir', str(tmp_path / 'test'), '--cfg-options', f'test_dataloader.dataset.data_root={data_root}',
             'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False',
-            'model.backbone.norm_cfg.type=BN', 'model.decode_head.norm_cfg.type=BN',
+            'model.backbone.norm_layer.type=BN', 'model.decode_head.norm_cfg.type=BN',
             'model.auxiliary_head.norm_cfg.type=BN'])
 
 
 def _test_tool_args(data_root):
     return ['--cfg-options', f'test_dataloader.dataset.data_root={data_root}', 'test_dataloader.num_workers=0',
-            'test_dataloader.persistent_workers=False', 'model.backbone.norm_cfg.type=BN',
+            'test_dataloader.persistent_workers=False', 'model.backbone.norm_layer.type=BN',
             'model.decode_head.norm_cfg.type=BN', 'model.auxiliary_head.norm_cfg.type=BN']
 
 
@@ -543,7 +546,8 @@ def _custom_options(data_root: Path, classes=CUSTOM_CLASSES) -> list:
                'train_cfg.val_begin=3', 'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
                'param_scheduler.0.end=1', 'env_cfg.cudnn_benchmark=False']
     options += [f'{loader}.dataset.pipeline.1.scale=(128,64)' for loader in ('val_dataloader', 'test_dataloader')]
-    options += [f'model.{part}.norm_cfg.type=BN' for part in ('backbone', 'decode_head', 'auxiliary_head')]
+    options += ['model.backbone.norm_layer.type=BN', 'model.decode_head.norm_cfg.type=BN',
+                'model.auxiliary_head.norm_cfg.type=BN']
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         options += [f'{loader}.num_workers=0', f'{loader}.persistent_workers=False']
     return options
@@ -722,5 +726,5 @@ def test_batch_paths_kwarg_installs_the_batched_stages():
     from mpvit.models.mpvit import MHCAStage
 
     for value, kind in (('always', BatchedMHCAStage), ('auto', MHCAStage)):
-        backbone = MODELS.build(dict(type='MPViT', arch='tiny', batch_paths=value))
+        backbone = MODELS.build(dict(type='MPViT', model_name='tiny', batch_paths=value))
         assert {type(m) for m in backbone.modules() if isinstance(m, MHCAStage)} == {kind}

@@ -195,7 +195,8 @@ def test_zoo_word_reaches_every_loader(tmp_path, monkeypatch):
 
         state = CheckpointLoader.load_checkpoint(word)
         loaded['mmengine CheckpointLoader'] = state['model'][key]
-        backbone = MODELS.build(dict(type='MPViT', arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=word)))
+        backbone = MODELS.build(dict(type='MPViT', model_name='tiny',
+                                     init_cfg=dict(type='Pretrained', checkpoint=word)))
         backbone.init_weights()
         loaded['mmseg init_cfg'] = backbone.state_dict()[key]
     if _has('transformers'):

@@ -172,7 +172,8 @@ def test_mmseg_weight_decay_on_every_parameter(variant):
     register_all_modules()
     cfg = _mmseg_cfg(variant)
     cfg.model.backbone.pop('init_cfg')
-    for part in ('backbone', 'decode_head', 'auxiliary_head'):
+    cfg.model.backbone.norm_layer = dict(type='BN', requires_grad=True)
+    for part in ('decode_head', 'auxiliary_head'):
         cfg.model[part].norm_cfg = dict(type='BN', requires_grad=True)
     model = MODELS.build(cfg.model)
     optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer

@@ -92,8 +92,10 @@ def build_model(entry: ZooEntry) -> torch.nn.Module:
         register_all_modules()
         cfg = Config.fromfile(config)
         cfg.model.backbone.pop('init_cfg', None)
-        for part in ('backbone', 'decode_head', 'auxiliary_head'):
-            cfg.model[part].norm_cfg = dict(type='BN', requires_grad=True)  # SyncBN's count, no process group
+        bn = dict(type='BN', requires_grad=True)  # SyncBN's count, no process group
+        cfg.model.backbone.norm_layer = bn
+        for part in ('decode_head', 'auxiliary_head'):
+            cfg.model[part].norm_cfg = bn
         return MODELS.build(cfg.model).eval()
     if entry.task == 'deformable_detr':
         import yaml

@@ -22,7 +22,7 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 import mpvit  # noqa: F401  (registers the models)
 from mpvit import model_zoo
-from mpvit.checkpoint import CheckpointError, checkpoint_filter_fn, checkpoint_tensors, read_checkpoint
+from mpvit.checkpoint import CheckpointError, checkpoint_tensors, load_backbone_weights, read_checkpoint
 from mpvit.errors import InvalidInputError, MissingFileError
 from mpvit.images import open_rgb
 from mpvit.training import user_errors_in_one_line
@@ -76,10 +76,7 @@ def load_classifier(weights: str, model_name: Optional[str]) -> tuple[torch.nn.M
         raise CheckpointError(f'{weights}: unknown model {model_name!r}; MPViT variants: '
                               f"{', '.join(timm.list_models('mpvit_*'))} (--model)")
     model = timm.create_model(model_name, num_classes=len(names)).eval()
-    try:
-        model.load_state_dict(checkpoint_filter_fn(checkpoint, model, head='require'))
-    except CheckpointError as e:
-        raise CheckpointError(f'{weights}: {e}') from None
+    load_backbone_weights(model, weights, checkpoint=checkpoint, head='require')
     data_config = resolve_data_config(pretrained_cfg=cfg or model.pretrained_cfg)
     return model, names, data_config
 

@@ -3,7 +3,7 @@
 _base_ = ['./upernet_mpvit_small_160k_ade20k.py']
 model = dict(
     backbone=dict(
-        arch='mpvit_base',
+        model_name='mpvit_base',
         drop_path_rate=0.4,
         init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_base')),
     decode_head=dict(in_channels=[224, 368, 480, 480]),

@@ -9,7 +9,7 @@ data_preprocessor = dict(size=crop_size)
 model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
-        arch='mpvit_small',
+        model_name='mpvit_small',
         drop_path_rate=0.2,
         # ImageNet weights of the authors (any released MPViT checkpoint works).
         init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_small')),

@@ -5,7 +5,7 @@
 _base_ = ['./upernet_mpvit_small_160k_ade20k.py']
 model = dict(
     backbone=dict(
-        arch='mpvit_tiny',
+        model_name='mpvit_tiny',
         drop_path_rate=0.1,
         init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_tiny')),
     # Stage outputs: each stage projects to the next stage's width, the last keeps its own: [96, 176, 216, 216].

@@ -5,7 +5,7 @@
 _base_ = ['./upernet_mpvit_small_160k_ade20k.py']
 model = dict(
     backbone=dict(
-        arch='mpvit_xsmall',
+        model_name='mpvit_xsmall',
         drop_path_rate=0.1,
         init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_xsmall')),
     # Stage outputs: each stage projects to the next stage's width, the last keeps its own: [128, 192, 256, 256].

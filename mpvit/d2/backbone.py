@@ -12,7 +12,7 @@ Module nesting follows the released checkpoints: the FPN's ``bottom_up`` is
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,8 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P
 
 from mpvit.d2.config import FEATURE_NAMES, STAGE_NAMES
 from mpvit.errors import InvalidInputError
-from mpvit.models.batched_paths import set_batch_paths
-from mpvit.models.mpvit import STEM_LEVELS, MPViT, mpvit_arch
+from mpvit.models.features import create_features, resolve_arch
+from mpvit.models.mpvit import STEM_LEVELS
 
 
 def norm_factory(norm: str):
@@ -41,42 +41,52 @@ def norm_factory(norm: str):
 
 
 _LEVELS = dict(zip(FEATURE_NAMES, STEM_LEVELS + (0, 1, 2, 3)))
+_NAMES = {level: name for name, level in _LEVELS.items()}
 
 
 class D2MPViT(Backbone):
-    """The core MPViT model as a Detectron2 ``Backbone`` returning ``out_features`` of stage2..stage5
-    (and of ``stage1`` / ``stem``, the stem's stride-2 / stride-4 maps, when named)."""
+    """The core MPViT as a Detectron2 ``Backbone``: a dict of the maps at ``out_indices`` under
+    Detectron2's names (``stage2`` .. ``stage5``, strides 4..32; ``stage1`` / ``stem``, the stem's
+    stride-2 / stride-4 maps).
+
+    Takes the arguments every adapter takes (:func:`mpvit.models.create_features`), under the same names.
+
+    Args:
+        model_name: the variant (``'mpvit_small'``, timm's names) or a dict of MPViT's architecture arguments.
+        out_indices: the levels, by Detectron2's names (as ``MODEL.MPVIT.OUT_FEATURES``) or by the core
+            model's (stage indices 0..3, ``'stem.0'``, ``'stem.1'``).
+        in_chans: input image channels.
+        norm_layer: Detectron2's norm name for the conv paths, ``'BN'`` | ``'SyncBN'`` | ``'FrozenBN'`` |
+            ``'GN'`` (:func:`norm_factory`), or a factory ``(channels) -> module``.
+        drop_path_rate: stochastic depth.
+        fast_ops: ``False`` builds the textbook ops, what FLOP counting needs.
+        batch_paths: ``'always'`` runs each stage's transformer paths as one batch
+            (:func:`mpvit.set_batch_paths`); ``'auto'``: path by path.
+    """
 
     def __init__(
             self,
-            name: str = 'mpvit_small',
-            out_features: Optional[List[str]] = None,
-            norm: str = 'BN',
+            model_name: Union[str, Mapping[str, Any]] = 'mpvit_small',
+            out_indices: Sequence[Union[int, str]] = STAGE_NAMES,
+            *,
+            in_chans: int = 3,
+            norm_layer: Union[str, Callable[[int], nn.Module]] = 'BN',
             drop_path_rate: float = 0.,
-            in_channels: int = 3,
             fast_ops: bool = True,
             batch_paths: str = 'auto',
     ):
         super().__init__()
-        out_features = list(out_features or STAGE_NAMES)
-        unknown = [f for f in out_features if f not in FEATURE_NAMES]
-        if unknown or not out_features:
-            raise InvalidInputError(f'MODEL.MPVIT.OUT_FEATURES {out_features} must name some of {list(FEATURE_NAMES)}')
-        try:
-            arch = mpvit_arch(name)
-        except ValueError as e:
-            raise InvalidInputError(f'MODEL.MPVIT.NAME {e}') from None
-        self.backbone = MPViT(
-            **arch, in_chans=in_channels, num_classes=0, global_pool='',
-            drop_path_rate=drop_path_rate, norm_layer=norm_factory(norm), fast_ops=fast_ops,
+        levels = [_LEVELS.get(level, level) for level in out_indices]
+        features = create_features(
+            model_name, levels, in_chans=in_chans, drop_path_rate=drop_path_rate, fast_ops=fast_ops,
+            norm_layer=norm_factory(norm_layer) if isinstance(norm_layer, str) else norm_layer,
+            batch_paths=batch_paths,
         )
-        set_batch_paths(self.backbone, batch_paths)
-        self._out_features = [f for f in FEATURE_NAMES if f in out_features]
-        # The core model's levels: the stem maps by name, the stages by index (the order it returns them in).
-        self._indices = [_LEVELS[f] for f in self._out_features]
-        info = dict(zip(self._out_features, self.backbone.feature_levels(self._indices)))
-        self._out_feature_strides = {f: info[f]['reduction'] for f in self._out_features}
-        self._out_feature_channels = {f: info[f]['num_chs'] for f in self._out_features}
+        self.backbone = features.model  # where the released checkpoints put the core model
+        self._indices = features.out_indices
+        self._out_features = [_NAMES[level] for level in self._indices]
+        self._out_feature_strides = dict(zip(self._out_features, features.feature_info.reduction()))
+        self._out_feature_channels = dict(zip(self._out_features, features.feature_info.channels()))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4:
@@ -106,10 +116,16 @@ def _check_fpn_features(cfg: CfgNode, bottom_up: D2MPViT) -> List[str]:
 
 @BACKBONE_REGISTRY.register()
 def build_mpvit_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2MPViT:
+    """The bare backbone from ``MODEL.MPVIT`` (errors name its keys)."""
+    mp = cfg.MODEL.MPVIT
+    out_features = list(mp.OUT_FEATURES)
+    unknown = [f for f in out_features if f not in FEATURE_NAMES]
+    if unknown or not out_features:
+        raise InvalidInputError(f'MODEL.MPVIT.OUT_FEATURES {out_features} must name some of {list(FEATURE_NAMES)}')
     return D2MPViT(
-        name=cfg.MODEL.MPVIT.NAME, out_features=list(cfg.MODEL.MPVIT.OUT_FEATURES), norm=cfg.MODEL.MPVIT.NORM,
-        drop_path_rate=cfg.MODEL.MPVIT.DROP_PATH, in_channels=input_shape.channels, fast_ops=cfg.MODEL.MPVIT.FAST_OPS,
-        batch_paths=cfg.MODEL.MPVIT.BATCH_PATHS,
+        resolve_arch(mp.NAME, option='MODEL.MPVIT.NAME'), out_features, in_chans=input_shape.channels,
+        norm_layer=norm_factory(mp.NORM), drop_path_rate=mp.DROP_PATH, fast_ops=mp.FAST_OPS,
+        batch_paths=mp.BATCH_PATHS,
     )
 
 

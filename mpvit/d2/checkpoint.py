@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 
 from mpvit.checkpoint import (
+    HEAD_POLICIES,
     CheckpointError,
     backbone_prefix,
     check_fit,
@@ -38,6 +39,12 @@ class MPViTCheckpointer(DetectionCheckpointer):
     Detectron2's usual warning so fine-tuning on a new dataset works, unless
     ``heads_must_fit`` (evaluation: a reset head would give a meaningless AP).
     A backbone-only checkpoint must fill the whole backbone.
+
+    Args:
+        model, save_dir, checkpointables: as ``DetectionCheckpointer``.
+        heads_must_fit: refuse heads of another shape and backbone-only files (evaluation, resuming).
+        dataset_meta: the class names, saved with every checkpoint (:mod:`mpvit.d2.classes`) and compared
+            with a checkpoint's when ``heads_must_fit``.
     """
 
     def __init__(self, model: nn.Module, save_dir: str = '', *, heads_must_fit: bool = False,
@@ -76,7 +83,10 @@ class MPViTCheckpointer(DetectionCheckpointer):
             raise CheckpointError(f'{path}: {e}') from None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        loaded = read_checkpoint(filename)
+        return self._layout(filename, read_checkpoint(filename))
+
+    def _layout(self, filename: str, loaded: Any) -> Dict[str, Any]:
+        """What Detectron2's loader takes (``{'model': ...}`` with our markers) for a file's contents."""
         if filename.endswith('.pkl'):
             return self._pkl_layout(loaded)
         state = unwrap_checkpoint(loaded)
@@ -125,3 +135,33 @@ class MPViTCheckpointer(DetectionCheckpointer):
                   scope=core if backbone_only else '',
                   shape_may_differ=lambda key: not self.heads_must_fit and not key.startswith('backbone.bottom_up.'))
         return super()._load_model(checkpoint)
+
+
+def load_detector_weights(model: nn.Module, source: str, *, checkpoint: Optional[Mapping[str, Any]] = None,
+                          head: str = 'require') -> List[str]:
+    """Load any released checkpoint into a Detectron2 model through :class:`MPViTCheckpointer`: a detector
+    key for key, or a backbone-only file (classification, mmseg, Deformable DETR) into the backbone. Returns the
+    keys left at their initial values. The signature is every loader's
+    (:func:`mpvit.checkpoint.load_backbone_weights`); training and resuming go through the trainer's
+    checkpointer instead, as in Detectron2.
+
+    Args:
+        model: the Detectron2 model.
+        source: the file, URL, ``hf-hub:`` id or zoo name; names the weights in errors.
+        checkpoint: the file's contents when the caller has read it already.
+        head: ``'require'`` (evaluating, predicting): the heads must fit, and a backbone-only file is refused;
+            ``'reset'`` (fine-tuning): heads of another shape keep their fresh values.
+    """
+    if head not in HEAD_POLICIES:
+        raise ValueError(f'head={head!r}: expected one of {HEAD_POLICIES}')
+    checkpointer = MPViTCheckpointer(model, heads_must_fit=head == 'require')
+    try:
+        if checkpoint is None:
+            data = checkpointer._load_file(local_checkpoint(source))
+        else:
+            data = checkpointer._layout(source, checkpoint)
+        incompatible = checkpointer._load_model(data)
+    except CheckpointError as e:
+        raise CheckpointError(e if str(e).startswith(source) else f'{source}: {e}') from None
+    checkpointer._log_incompatible_keys(incompatible)
+    return list(incompatible.missing_keys) + [key for key, _, _ in incompatible.incorrect_shapes]

@@ -46,7 +46,12 @@ class SkipUnreadable:
     """A dataset mapper that handles unreadable images as every driver does: in training it returns ``None``
     for one, with a warning naming it (:class:`LeaveOutUnreadable` then maps the next record), in evaluation
     it refuses it in one line. A 16-bit grey image counts as unreadable: Detectron2's reader would clip it
-    to white. Only a file that cannot be decoded is handled; any other error keeps its traceback."""
+    to white. Only a file that cannot be decoded is handled; any other error keeps its traceback.
+
+    Args:
+        mapper: Detectron2's mapper (``DatasetMapper``) that reads and augments a record.
+        is_train: leave an unreadable image out (training) rather than refuse it (evaluation).
+    """
 
     def __init__(self, mapper: Callable[[Dict], Any], is_train: bool):
         self.mapper, self.is_train, self.left_out = mapper, is_train, 0
@@ -80,7 +85,12 @@ def _is_high_depth_file(path: str) -> bool:
 class LeaveOutUnreadable(Dataset):
     """Training records through a :class:`SkipUnreadable` mapper; an unreadable image is left out and the
     next readable record takes its place, as in the other drivers. (Detectron2's own fallback, a random
-    other record, fails on Python >= 3.11: ``random.sample`` of a set.)"""
+    other record, fails on Python >= 3.11: ``random.sample`` of a set.)
+
+    Args:
+        records: the dataset dicts (``get_detection_dataset_dicts``).
+        mapper: the training mapper, which returns ``None`` for an unreadable image.
+    """
 
     def __init__(self, records: List[Dict], mapper: SkipUnreadable):
         self.records, self.mapper = DatasetFromList(records, copy=False), mapper  # serialised, as Detectron2's

@@ -8,7 +8,14 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from mpvit.checkpoint import CheckpointError, check_fit, check_usable, checkpoint_filter_fn, unwrap_checkpoint
+from mpvit.checkpoint import (
+    HEAD_POLICIES,
+    CheckpointError,
+    check_fit,
+    checkpoint_filter_fn,
+    read_checkpoint,
+    unwrap_checkpoint,
+)
 from mpvit.deformable_detr.backbone import BACKBONE_KEY, core_model
 from mpvit.errors import first_few
 
@@ -93,14 +100,24 @@ def _is_detector(state: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith(('model.', 'class_embed.', 'bbox_embed.')) for k in state)
 
 
-def load_detector_weights(model: nn.Module, checkpoint: Mapping, strict: bool = True,
-                          new_head: bool = False) -> List[str]:
+def load_detector_weights(model: nn.Module, source: str, *, checkpoint: Optional[Mapping] = None,
+                          head: str = 'require') -> List[str]:
     """Load a detector checkpoint in our or the original layout; a backbone-only one (classification or
     another task's) fills the backbone through the extractor every adapter shares
     (:func:`mpvit.checkpoint.checkpoint_filter_fn`). Returns the keys left at their initial values.
+    The signature is every loader's (:func:`mpvit.checkpoint.load_backbone_weights`).
 
-    ``new_head`` (fine-tuning on other classes): a class head of another size than the model's is not
-    loaded, so the model keeps its freshly initialised one; everything else must still fit."""
+    Args:
+        model: the detector (:func:`mpvit.deformable_detr.build_deformable_detr`).
+        source: the file, URL, ``hf-hub:`` id or zoo name; names the weights in errors.
+        checkpoint: the file's contents when the caller has read it already.
+        head: ``'require'`` (evaluating, resuming): everything must fit; ``'reset'`` (fine-tuning on other
+            classes): a class head of another size is not loaded, so the model keeps its fresh one.
+    """
+    if head not in HEAD_POLICIES:
+        raise ValueError(f'head={head!r}: expected one of {HEAD_POLICIES}')
+    if checkpoint is None:
+        checkpoint = read_checkpoint(source)
     state = unwrap_checkpoint(checkpoint)
     own = model.state_dict()
     if is_original_layout(state):
@@ -112,13 +129,11 @@ def load_detector_weights(model: nn.Module, checkpoint: Mapping, strict: bool = 
         try:
             weights = checkpoint_filter_fn(state, core)
         except CheckpointError as e:
-            raise CheckpointError(f'backbone weights: {e}') from None
+            raise CheckpointError(f'{source}: backbone weights: {e}') from None
         core.load_state_dict(weights)
         return [k for k in own if not k.startswith(BACKBONE_KEY)]
-    if strict:  # names missing, unexpected and mis-shaped keys, then weights that are none
-        check_fit(state, model, shape_may_differ=lambda k: new_head and k.startswith('class_embed.'))
-    else:
-        check_usable(state, own)
+    # names missing, unexpected and mis-shaped keys, then weights that are none
+    check_fit(state, model, what=source, shape_may_differ=lambda k: head == 'reset' and k.startswith('class_embed.'))
     missing = [k for k in own if k not in state or state[k].shape != own[k].shape]
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
     return missing

@@ -28,12 +28,22 @@ def build_deformable_detr(
         drop_path_rate: float = 0.,
         sync_bn: bool = False,
         out_indices: Sequence[Union[int, str]] = (1, 2, 3),
+        fast_ops: bool = True,
+        batch_paths: str = 'auto',
 ) -> DeformableDetrForObjectDetection:
     """Plain Deformable DETR (stages 3-5 + one extra level) with the original recipe's settings.
 
-    ``out_indices`` picks the backbone levels (stage indices 0..3 and the stem maps ``'stem.0'`` / ``'stem.1'``,
-    see ``MPViT.forward_intermediates``); ``num_feature_levels`` counts them plus the extra stride-2 levels
-    convolved from the last one, as in transformers."""
+    Args:
+        backbone: the MPViT variant (``'mpvit_small'``, timm's names).
+        num_labels: object classes (91 for COCO's category ids, as the original).
+        num_queries: object queries.
+        num_feature_levels: the backbone levels plus the extra stride-2 levels convolved from the last one,
+            as in transformers.
+        drop_path_rate: the backbone's stochastic depth.
+        sync_bn: SyncBatchNorm in the backbone (multi-GPU training), else BatchNorm2d.
+        out_indices: the backbone levels (:class:`DeformableDetrMPViTBackbone`).
+        fast_ops, batch_paths: as for every adapter (:func:`mpvit.models.create_features`).
+    """
     import mpvit.models  # noqa: F401  (registers the timm models the backbone config names)
 
     mpvit_arch(backbone)  # a clear error for anything but an MPViT variant
@@ -56,7 +66,8 @@ def build_deformable_detr(
     # Replace the frozen-BN copy transformers built with the core model (wrapped) and trainable norms.
     norm_layer = nn.SyncBatchNorm if sync_bn else nn.BatchNorm2d
     encoder = model.model.backbone
-    encoder.model = DeformableDetrMPViTBackbone(name, levels, drop_path_rate=drop_path_rate, norm_layer=norm_layer)
+    encoder.model = DeformableDetrMPViTBackbone(name, levels, norm_layer=norm_layer, drop_path_rate=drop_path_rate,
+                                                fast_ops=fast_ops, batch_paths=batch_paths)
     if len(levels) > len(stages):
         stem_channels = encoder.model.channels[:len(levels) - len(stages)]
         _project_stem_levels(model, stem_channels, num_feature_levels - len(levels))

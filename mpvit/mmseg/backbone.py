@@ -11,7 +11,7 @@ saves all use those keys. Module paths (``named_parameters()``, ``named_modules(
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from mmcv.cnn import build_norm_layer
@@ -22,12 +22,10 @@ from mmseg.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mpvit.checkpoint import load_backbone_weights
-from mpvit.errors import InvalidInputError, first_few
-from mpvit.models.batched_paths import set_batch_paths
-from mpvit.models.mpvit import MPVIT_ARCHS, STEM_LEVELS, MPViT, mpvit_arch
+from mpvit.errors import InvalidInputError
+from mpvit.models.features import create_features, renamed_arguments, resolve_arch
 
 _CORE = 'backbone.'  # the attribute holding the core model, as a key prefix
-_ARCH_KEYS = frozenset(next(iter(MPVIT_ARCHS.values())))
 
 
 def _flat_state_dict(module: torch.nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict) -> None:
@@ -59,25 +57,6 @@ def _flat_incompatible_keys(module: torch.nn.Module, incompatible_keys: Any) -> 
     del module._loading_prefix
 
 
-def resolve_arch(arch: Union[str, Mapping[str, Any]]) -> Dict[str, Any]:
-    """MPViT's architecture arguments for a variant name (``mpvit_small``, as timm, Detectron2's
-    MODEL.MPVIT.NAME and Deformable DETR name it; the short ``small`` too) or a dict of those arguments;
-    an unknown name or argument is one line naming it."""
-    if isinstance(arch, str):
-        try:
-            return mpvit_arch(arch)
-        except ValueError as e:
-            raise InvalidInputError(f'model.backbone.arch {e}') from None
-    if isinstance(arch, Mapping):
-        unknown = sorted(set(arch) - _ARCH_KEYS)
-        if unknown:
-            raise InvalidInputError(f'model.backbone.arch has unknown keys {first_few(unknown)}; '
-                                    f'MPViT takes {", ".join(sorted(_ARCH_KEYS))}')
-        return dict(arch)
-    raise InvalidInputError(f'model.backbone.arch {arch!r}: expected a variant name such as mpvit_small, '
-                            'or a dict of MPViT arguments')
-
-
 def _pretrained_checkpoint(init_cfg: Any) -> Tuple[Optional[str], List[Dict]]:
     """The checkpoint of a ``Pretrained`` init_cfg (if any) and the other init configs."""
     cfgs = list(init_cfg) if isinstance(init_cfg, (list, tuple)) else [init_cfg] if init_cfg else []
@@ -92,23 +71,31 @@ def _pretrained_checkpoint(init_cfg: Any) -> Tuple[Optional[str], List[Dict]]:
     return str(checkpoint), others
 
 
+_RENAMED = dict(arch='model_name', norm_cfg='norm_layer', in_channels='in_chans')
+
+
 @MODELS.register_module(name='MPViT')
 class MMSegMPViT(BaseModule):
     """MPViT backbone returning the stage maps at ``out_indices`` (strides 4, 8, 16, 32), and the stem's maps
     ``'stem.0'`` (stride 2) / ``'stem.1'`` (stride 4) where named there (they come first).
 
+    Takes the arguments every adapter takes (:func:`mpvit.models.create_features`), under the same names;
+    the former ``arch`` / ``norm_cfg`` / ``in_channels`` still work, with a ``FutureWarning``.
+
     Args:
-        arch: the variant by its model name, ``'mpvit_tiny'`` | ``'mpvit_xsmall'`` | ``'mpvit_small'`` |
-            ``'mpvit_base'`` (timm's names; the short ``'small'`` ... are accepted too), or a dict of MPViT's
-            own arguments (``num_path``, ``num_layers``, ``embed_dims``, ``mlp_ratio``).
+        model_name: the variant, ``'mpvit_tiny'`` | ``'mpvit_xsmall'`` | ``'mpvit_small'`` | ``'mpvit_base'``
+            (timm's names; the short ``'small'`` ... are accepted too), or a dict of MPViT's own arguments
+            (``num_path``, ``num_layers``, ``embed_dims``, ``mlp_ratio``).
         out_indices: stages to return (0..3), and stem maps by name (``('stem.0', 0, 1, 2, 3)``).
+        in_chans: input image channels.
+        norm_layer: mmcv norm config for the conv paths (``dict(type='SyncBN', requires_grad=True)``, BN,
+            GN ...), or a factory ``(channels) -> module``.
         drop_path_rate: stochastic depth.
-        norm_cfg: mmcv norm config for the conv paths (BN / SyncBN / GN ...).
-        norm_eval: keep BN layers in eval mode (frozen statistics) while training.
         fast_ops: False builds the textbook ops, what FLOP counting needs
             (``get_flops.py ... --cfg-options model.backbone.fast_ops=False``).
         batch_paths: ``'always'`` runs each stage's transformer paths as one batch
             (:func:`mpvit.set_batch_paths`); ``'auto'``: path by path.
+        norm_eval: keep BN layers in eval mode (frozen statistics) while training.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` takes a classification checkpoint
             or a released segmentation / detection checkpoint (its backbone part, found whatever its
             prefix: ``prefix`` is not needed), read by :func:`mpvit.checkpoint.load_backbone_weights`.
@@ -116,31 +103,35 @@ class MMSegMPViT(BaseModule):
 
     def __init__(
             self,
-            arch: Union[str, Dict] = 'mpvit_small',
+            model_name: Union[str, Dict] = 'mpvit_small',
             out_indices: Sequence[Union[int, str]] = (0, 1, 2, 3),
+            *,
+            in_chans: int = 3,
+            norm_layer: Union[Dict, Callable[[int], torch.nn.Module], None] = None,
             drop_path_rate: float = 0.,
-            norm_cfg: Optional[Dict] = None,
-            norm_eval: bool = False,
-            in_channels: int = 3,
             fast_ops: bool = True,
             batch_paths: str = 'auto',
+            norm_eval: bool = False,
             init_cfg: Optional[Union[Dict, List[Dict]]] = None,
+            **renamed: Any,
     ):
         super().__init__(init_cfg=init_cfg)
-        norm_cfg = dict(norm_cfg or dict(type='BN', requires_grad=True))
-        self.backbone = MPViT(
-            **resolve_arch(arch), in_chans=in_channels, num_classes=0, global_pool='',
-            drop_path_rate=drop_path_rate, norm_layer=lambda channels: build_norm_layer(norm_cfg, channels)[1],
-            fast_ops=fast_ops,
+        if renamed:  # a config written before the one adapter face
+            given = renamed_arguments('MPViT', renamed, _RENAMED)
+            model_name = given.get('model_name', model_name)
+            norm_layer = given.get('norm_layer', norm_layer)
+            in_chans = given.get('in_chans', in_chans)
+        if norm_layer is None or isinstance(norm_layer, Mapping):
+            norm_cfg = dict(norm_layer or dict(type='BN', requires_grad=True))
+            norm_layer = lambda channels: build_norm_layer(norm_cfg, channels)[1]  # noqa: E731
+        features = create_features(
+            resolve_arch(model_name, option='model.backbone.model_name'), out_indices, in_chans=in_chans,
+            norm_layer=norm_layer, drop_path_rate=drop_path_rate, fast_ops=fast_ops, batch_paths=batch_paths,
         )
-        set_batch_paths(self.backbone, batch_paths)
-        num_stages = len(self.backbone.mhca_stages)
-        stages = [i for i in out_indices if not isinstance(i, str)]
-        if (not out_indices or any(not 0 <= i < num_stages for i in stages)
-                or any(i not in STEM_LEVELS for i in out_indices if isinstance(i, str))):
-            raise InvalidInputError(f'out_indices {tuple(out_indices)} must be stage indices in 0..{num_stages - 1} '
-                                    f'or stem maps {", ".join(STEM_LEVELS)}')
+        self.backbone = features.model
         self.out_indices = tuple(out_indices)
+        self._levels = features.out_indices
+        self._channels = features.feature_info.channels()
         self.norm_eval = norm_eval
         self.register_state_dict_post_hook(_flat_state_dict)
         self.register_load_state_dict_pre_hook(_nest_loaded_keys)
@@ -165,7 +156,7 @@ class MMSegMPViT(BaseModule):
         self.is_init = True
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        return tuple(self.backbone.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True))
+        return tuple(self.backbone.forward_intermediates(x, indices=self._levels, intermediates_only=True))
 
     def train(self, mode: bool = True) -> MMSegMPViT:
         super().train(mode)
@@ -177,4 +168,5 @@ class MMSegMPViT(BaseModule):
 
     @property
     def out_channels(self) -> List[int]:
-        return [info['num_chs'] for info in self.backbone.feature_levels(list(self.out_indices))]
+        """Channels of the returned maps, in their order (a decode head's ``in_channels``)."""
+        return list(self._channels)

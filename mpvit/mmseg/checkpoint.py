@@ -9,7 +9,7 @@ mmengine's own reader falls back to full unpickling when its allowlist refuses a
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, List, Mapping, Optional
 
 import mmengine
 import mmengine.runner.checkpoint as mmengine_checkpoint
@@ -17,7 +17,7 @@ import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.utils import apply_to
 
-from mpvit.checkpoint import check_fit, read_checkpoint, require_task_weights, unwrap_checkpoint
+from mpvit.checkpoint import HEAD_POLICIES, check_fit, read_checkpoint, require_task_weights, unwrap_checkpoint
 from mpvit.serialization import safe_load_stream
 
 __all__ = ['last_read', 'load_segmentor_weights']
@@ -79,16 +79,34 @@ def _make_mmengine_safe() -> None:
 _make_mmengine_safe()
 
 
-def load_segmentor_weights(model: torch.nn.Module, checkpoint: Mapping[str, Any], what: str) -> None:
+_CLASS_LAYERS = ('decode_head.conv_seg.', 'auxiliary_head.conv_seg.')
+
+
+def load_segmentor_weights(model: torch.nn.Module, source: str, *, checkpoint: Optional[Mapping[str, Any]] = None,
+                           head: str = 'require') -> List[str]:
     """Load a whole segmentor's weights (evaluation, the demo), strictly: a file without a decode head (a
     backbone-only or classification checkpoint) or one that does not fit ``model`` (another variant or class
-    count) is refused in one line naming ``what``, where mmengine's non-strict load would leave those parts
-    randomly initialised and a wrong mIoU or picture would follow.
+    count) is refused in one line naming ``source``, where mmengine's non-strict load would leave those parts
+    randomly initialised and a wrong mIoU or picture would follow. Returns the keys left at their initial
+    values. The signature is every loader's (:func:`mpvit.checkpoint.load_backbone_weights`).
 
-    ``checkpoint``: the file's contents (:func:`mpvit.checkpoint.read_checkpoint`), read once by the caller,
-    which also takes its ``meta`` (class names) from it.
+    Args:
+        model: the segmentor.
+        source: the file, URL, ``hf-hub:`` id or zoo name; names the weights in errors.
+        checkpoint: the file's contents when the caller has read it already (it also takes the class names
+            from its ``meta``).
+        head: ``'require'``: the heads' class layers must fit the model's; ``'reset'`` (fine-tuning on other
+            classes): class layers of another shape keep their fresh values.
     """
+    if head not in HEAD_POLICIES:
+        raise ValueError(f'head={head!r}: expected one of {HEAD_POLICIES}')
+    if checkpoint is None:
+        checkpoint = read_checkpoint(source)
     state = unwrap_checkpoint(checkpoint)
-    require_task_weights(state, 'decode_head.', what, 'segmentor')
-    check_fit(state, model, what=what)
-    model.load_state_dict(state)
+    require_task_weights(state, 'decode_head.', source, 'segmentor')
+    own = model.state_dict()
+    check_fit(state, model, what=source,
+              shape_may_differ=lambda key: head == 'reset' and key.startswith(_CLASS_LAYERS))
+    left = [k for k in own if k not in state or state[k].shape != own[k].shape]
+    model.load_state_dict({k: v for k, v in state.items() if k not in left}, strict=not left)
+    return left

@@ -22,7 +22,12 @@ from mpvit.images import decode_error, unreadable_error, warn_unreadable
 class CheckedLoadImage(LoadImageFromFile):
     """``LoadImageFromFile`` for a file that cannot be decoded (missing, truncated, not an image):
     ``unreadable='leave_out'`` (training) returns ``None``, on which mmengine's dataset takes another
-    image, with a warning naming the file; ``'refuse'`` (evaluation) raises one line naming it."""
+    image, with a warning naming the file; ``'refuse'`` (evaluation) raises one line naming it.
+
+    Args:
+        unreadable: ``'leave_out'`` | ``'refuse'``.
+        **kwargs: ``LoadImageFromFile``'s own arguments.
+    """
 
     def __init__(self, unreadable: str = 'refuse', **kwargs):
         if unreadable not in ('leave_out', 'refuse'):

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, fast_layer_norm, register_notrace_module, trunc_normal_
 from timm.layers import LayerNorm as TimmLayerNorm
-from timm.models import FeatureInfo, checkpoint
+from timm.models import checkpoint
 from timm.models._features import feature_take_indices  # private (no public export): tests/test_dependencies.py
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
@@ -43,7 +43,7 @@ from mpvit.errors import CheckpointError, InvalidInputError
 
 from ._aliases import copy_shared_aliases, resolve_alias_copies
 
-__all__ = ['MPViT', 'MPVIT_ARCHS', 'MPViTFeatures', 'STEM_LEVELS', 'find_mpvit', 'fold_batchnorm', 'mpvit_arch',
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'STEM_LEVELS', 'find_mpvit', 'fold_batchnorm', 'mpvit_arch',
            'set_fast_ops']
 
 NormLayer = Callable[[int], nn.Module]
@@ -812,7 +812,7 @@ class MPViT(nn.Module):
         not depend on it."""
         from mpvit.checkpoint import load_backbone_weights
 
-        load_backbone_weights(self, checkpoint_path)
+        load_backbone_weights(self, checkpoint_path, head='reset')
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for module in self.modules():
@@ -936,51 +936,3 @@ def find_mpvit(model: nn.Module) -> Tuple[str, 'MPViT']:
         if isinstance(module, MPViT):
             return (name + '.' if name else ''), module
     raise CheckpointError(f'{type(model).__name__} has no MPViT inside to load MPViT weights into')
-
-
-class MPViTFeatures(nn.Module):
-    """The stage maps of a ``features_only`` MPViT (timm's default feature class for it).
-
-    Does what timm's getter wrapper does (the unused stages and the head pruned, the
-    maps from ``forward_intermediates``), and keeps the model's own methods that a
-    feature extractor needs: ``fuse()`` for inference and ``set_grad_checkpointing``.
-    Keys stay ``model.<classification key>``, as with timm's wrappers. ``out_indices`` are
-    the stage indices 0..3 (strides 4..32) and may name the stem maps too, ``'stem.0'``
-    (stride 2) and ``'stem.1'`` (stride 4), which come first: ``feature_info`` then
-    describes the maps in that order.
-    """
-
-    def __init__(self, model: 'MPViT', out_indices: Union[int, Sequence[Level]] = (0, 1, 2, 3),
-                 out_map: Optional[Sequence] = None, return_dict: bool = False, output_fmt: str = 'NCHW',
-                 norm: bool = False, prune: bool = True):
-        super().__init__()
-        if output_fmt != 'NCHW':
-            raise InvalidInputError(f"output_fmt={output_fmt!r}: MPViT's stage maps are NCHW")
-        if out_map is not None or return_dict:  # timm's getter wrapper takes them but does not support them either
-            raise InvalidInputError('features_only MPViT returns a list of maps: out_map / return_dict are not '
-                                    "supported (use feature_cls='hook' for a dict)")
-        names, _, _ = model._take_levels(out_indices)
-        levels = model.feature_levels(out_indices)
-        if prune:
-            stage_indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm)
-        else:
-            _, stage_indices, _ = model._take_levels(out_indices)
-        if names:  # the levels in output order (timm's FeatureInfo indexes a list of them)
-            self.feature_info = FeatureInfo(levels, tuple(range(len(levels))))
-        else:
-            self.feature_info = FeatureInfo(model.feature_info, stage_indices)
-        self.model = model
-        self.out_indices = names + list(stage_indices)
-        self.norm = norm
-
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return self.model.forward_intermediates(x, indices=self.out_indices, norm=self.norm, intermediates_only=True)
-
-    @torch.no_grad()
-    def fuse(self) -> 'MPViTFeatures':
-        """:meth:`MPViT.fuse` of the wrapped model (in place; returns self)."""
-        self.model.fuse()
-        return self
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.set_grad_checkpointing(enable)

@@ -72,14 +72,14 @@ def main(argv=None) -> dict:
         cfg.visualizer.pop('name', None)
     ensure_writable_dir(cfg.work_dir, 'work directory')
     runner = Runner.from_cfg(cfg)
-    load_segmentor_weights(getattr(runner.model, 'module', runner.model), checkpoint, weights)
+    load_segmentor_weights(getattr(runner.model, 'module', runner.model), weights, checkpoint=checkpoint)
     print_log(f'loaded the segmentor weights of {weights}', logger='current')
     warn_other_class_names(checkpoint, runner.test_dataloader.dataset.metainfo, weights)
     metrics = runner.test()
     if is_main_process():
         dataset = runner.test_dataloader.dataset
         eval_results.write_eval_metrics(osp.join(cfg.work_dir, 'eval_metrics.json'), 'mmseg', metrics,
-                                     config=args.config, model=cfg.model.backbone.get('arch'),
+                                     config=args.config, model=cfg.model.backbone.get('model_name'),
                                      dataset=eval_dataset_record(dataset))
     return metrics
 

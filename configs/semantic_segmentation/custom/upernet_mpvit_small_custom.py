@@ -3,7 +3,7 @@
 _base_ = ['./_upernet_custom.py']
 model = dict(
     backbone=dict(
-        arch='mpvit_small',
+        model_name='mpvit_small',
         drop_path_rate=0.2,
         init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_small')),
     decode_head=dict(in_channels=[128, 216, 288, 288]),

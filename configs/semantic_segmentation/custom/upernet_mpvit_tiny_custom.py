@@ -3,7 +3,7 @@
 _base_ = ['./_upernet_custom.py']
 model = dict(
     backbone=dict(
-        arch='mpvit_tiny',
+        model_name='mpvit_tiny',
         drop_path_rate=0.1,
         init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_tiny')),
     decode_head=dict(in_channels=[96, 176, 216, 216]),

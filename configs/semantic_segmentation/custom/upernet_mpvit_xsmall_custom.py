@@ -3,7 +3,7 @@
 _base_ = ['./_upernet_custom.py']
 model = dict(
     backbone=dict(
-        arch='mpvit_xsmall',
+        model_name='mpvit_xsmall',
         drop_path_rate=0.1,
         init_cfg=dict(type='Pretrained', checkpoint='zoo:mpvit_xsmall')),
     decode_head=dict(in_channels=[128, 192, 256, 256]),

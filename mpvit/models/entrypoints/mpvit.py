@@ -17,7 +17,8 @@ from mpvit.checkpoint import CheckpointError, checkpoint_filter_fn, local_checkp
 from mpvit.errors import InvalidInputError
 from mpvit.weights import HUB_PREFIX
 
-from ..mpvit import MPViT, MPViTFeatures, mpvit_arch
+from ..features import MPViTFeatures
+from ..mpvit import MPViT, mpvit_arch
 
 __all__ = ['default_cfgs']
 

@@ -1,4 +1,4 @@
-# UperNet with an MPViT backbone (mmseg 1.x). Variants set backbone.arch, drop path and head in_channels;
+# UperNet with an MPViT backbone (mmseg 1.x). Variants set backbone.model_name, drop path and head in_channels;
 # they import mpvit.mmseg (custom_imports), which registers type='MPViT' and CheckSegMap.
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 data_preprocessor = dict(
@@ -12,7 +12,8 @@ model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
     pretrained=None,
-    backbone=dict(type='MPViT', arch='mpvit_small', out_indices=(0, 1, 2, 3), drop_path_rate=0.2, norm_cfg=norm_cfg),
+    backbone=dict(type='MPViT', model_name='mpvit_small', out_indices=(0, 1, 2, 3), drop_path_rate=0.2,
+                  norm_layer=norm_cfg),
     decode_head=dict(
         type='UPerHead',
         in_channels=[128, 216, 288, 288],
