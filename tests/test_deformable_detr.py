@@ -162,9 +162,9 @@ def test_backbone_weights_of_every_layout_go_through_the_shared_extractor():
     # timm adapts an RGB stem to other input channels, not the other way: a 1-channel one is refused, named.
     grey = timm.create_model('mpvit_tiny', in_chans=1).state_dict()
     assert adapt_input_conv(3, grey['stem.0.conv.weight']).shape[1] == 1
-    with pytest.raises(CheckpointError, match=r'^backbone weights: .*stem.0.conv.weight \(checkpoint \(32, 1, 3, 3\), '
-                                              r'model \(32, 3, 3, 3\)\)'):
-        load_detector_weights(model, 'checkpoint', checkpoint={'model': grey})
+    with pytest.raises(CheckpointError, match=r'^grey.pth: backbone weights: .*stem.0.conv.weight \(checkpoint '
+                                              r'\(32, 1, 3, 3\), model \(32, 3, 3, 3\)\)'):
+        load_detector_weights(model, 'grey.pth', checkpoint={'model': grey})
     with pytest.raises(CheckpointError, match=r'^small.pth: backbone weights: .*does not fit'):  # MPViT-S into -T
         load_detector_weights(model, 'small.pth', checkpoint={'model': timm.create_model('mpvit_small').state_dict()})
 

@@ -679,7 +679,7 @@ def test_every_variant_has_ade20k_and_custom_configs_whose_heads_fit_the_backbon
         assert mine == theirs, part
     assert custom.model.decode_head.num_classes == len(custom.classes) == 2
     drop = {'tiny': 0.1, 'xsmall': 0.1, 'small': 0.2, 'base': 0.4}[variant]
-    assert ade.model.backbone.arch == f'mpvit_{variant}' and ade.model.backbone.drop_path_rate == drop
+    assert ade.model.backbone.model_name == f'mpvit_{variant}' and ade.model.backbone.drop_path_rate == drop
     assert ade.model.backbone.init_cfg.checkpoint == model_zoo.get(f'mpvit_{variant}').zoo_name
     paper_row = importlib.import_module('mpvit.eval_results').paper_row
     assert (paper_row('mmseg', str(CONFIGS / f'upernet_mpvit_{variant}_160k_ade20k.py')) is None) == (
