@@ -47,7 +47,6 @@ from mpvit import eval_results, model_zoo
 from mpvit.check_data import check_imagefolder
 from mpvit.checkpoint import (
     check_usable,
-    checkpoint_filter_fn,
     load_backbone_weights,
     local_checkpoint,
     read_checkpoint,
@@ -603,10 +602,7 @@ def resume_training(args, run: Training, resume: str, output_dir: Path) -> Optio
         raise InvalidInputError(f'{resume} is not a training checkpoint of this script '
                                 '(use --pretrained for weights)')
     check_class_names(state, run.classes, resume)
-    try:
-        run.model.load_state_dict(checkpoint_filter_fn(state['model'], run.model, head='require'))
-    except mpvit.CheckpointError as e:
-        raise mpvit.CheckpointError(f'{resume}: {e}') from None
+    load_backbone_weights(run.model, resume, checkpoint=state['model'], head='require')
     check_same_schedule(state, args, resume)
     resumed = restore_training_state(state, resume, run.optimizer, run.scheduler, run.scaler, output_dir / LOG_FILE)
     run.start_epoch, run.step, run.log = resumed

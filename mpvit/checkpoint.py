@@ -221,7 +221,7 @@ def checkpoint_filter_fn(
                    f'does not fit the model\'s ({_classes(own_head, ckpt_head)})')
         if head == 'require':
             raise CheckpointError(message + '; evaluating or resuming needs the classifier it was trained with '
-                                  '(fine-tune with --pretrained instead)')
+                                  "(to fine-tune, load it with head='reset': classification/main.py --pretrained)")
         _logger.warning('%s: keeping the model\'s freshly initialised classifier (fine-tuning)', message)
     weights.update(ckpt_head if head_fits else own_head)
 

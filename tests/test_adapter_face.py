@@ -152,3 +152,106 @@ def test_the_segmentor_loader_resets_class_layers_only_when_asked(tmp_path):
     stem = 'backbone.stem.0.conv.weight'
     assert torch.equal(ours.state_dict()[stem], ade.state_dict()[stem])
     assert load_segmentor_weights(ade, 'ade.pth', checkpoint=checkpoint) == []
+
+
+def test_mmseg_former_and_new_names_set_differently_are_one_line():
+    """A config that inherits an old base and sets a new name on top (or the other way) must not build the old
+    value silently; the same value under both names is fine."""
+    pytest.importorskip('mmseg')
+    from mmseg.registry import MODELS
+
+    import mpvit.mmseg  # noqa: F401
+
+    with pytest.warns(FutureWarning), pytest.raises(mpvit.UserError, match=r"arch='mpvit_xsmall' and "
+                                                                           r"model_name='mpvit_tiny' are both set"):
+        MODELS.build(dict(type='MPViT', model_name='mpvit_tiny', arch='mpvit_xsmall'))
+    with pytest.warns(FutureWarning), pytest.raises(mpvit.UserError, match='norm_cfg=.* and norm_layer=.* both set'):
+        MODELS.build(dict(type='MPViT', norm_layer=dict(type='GN', num_groups=8), norm_cfg=dict(type='BN')))
+    with pytest.warns(FutureWarning):
+        same = MODELS.build(dict(type='MPViT', model_name='mpvit_tiny', arch='mpvit_tiny'))
+    assert same.out_channels == [96, 176, 216, 216] and same.model_name == 'mpvit_tiny'
+    with pytest.warns(FutureWarning), pytest.raises(mpvit.UserError, match=r"^model.backbone.arch 'mpvit_huge'"):
+        MODELS.build(dict(type='MPViT', arch='mpvit_huge'))
+    assert MODELS.build(dict(type='MPViT')).model_name == 'mpvit_small'  # the default variant
+
+
+def test_unsorted_and_last_n_levels_describe_the_maps_returned():
+    """The maps come by depth whatever order out_indices gives; feature_info / channels follow the maps."""
+    import timm
+
+    features = timm.create_model('mpvit_tiny', features_only=True, out_indices=(3, 1)).eval()
+    with torch.no_grad():
+        maps = features(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == features.feature_info.channels() == [176, 216]
+    assert features.feature_info.reduction() == [8, 32]
+    for name, adapter, norm in _adapters():
+        built = adapter('mpvit_tiny', 2, norm_layer=norm).eval()  # timm's int: the last two stages
+        with torch.no_grad():
+            got = built(torch.randn(1, 3, 64, 64))
+        maps = list(got.values()) if isinstance(got, dict) else list(got)
+        assert [m.shape[-1] for m in maps] == [4, 2], name
+
+
+def test_detectron2_names_and_norms_are_checked_in_the_adapter():
+    pytest.importorskip('detectron2')
+    from mpvit.d2 import D2MPViT
+
+    assert list(D2MPViT('mpvit_tiny', ['stage3', 0]).output_shape()) == ['stage2', 'stage3']
+    with pytest.raises(mpvit.UserError, match=r"D2MPViT out_indices 'stage6': levels are named stage1, stem, "):
+        D2MPViT('mpvit_tiny', ['stage6'])
+    with pytest.raises(mpvit.UserError, match="^D2MPViT norm_layer 'LN' is not one of"):
+        D2MPViT('mpvit_tiny', norm_layer='LN')
+
+
+def _task_models():
+    """(name, a small model of the task, its loader, the prefix of its backbone's keys)."""
+    pytest.importorskip('detectron2')
+    pytest.importorskip('mmseg')
+    pytest.importorskip('transformers')
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    from mpvit.d2 import add_mpvit_config
+    from mpvit.d2 import load_detector_weights as load_d2
+    from mpvit.deformable_detr import build_deformable_detr
+    from mpvit.deformable_detr import load_detector_weights as load_detr
+    from mpvit.mmseg import load_segmentor_weights
+
+    cfg = get_cfg()
+    add_mpvit_config(cfg)
+    cfg.merge_from_file('configs/detectron2/mask_rcnn_mpvit_tiny_1x.yaml')
+    cfg.merge_from_list(['MODEL.DEVICE', 'cpu', 'MODEL.MPVIT.NORM', 'BN', 'MODEL.WEIGHTS', ''])
+    register_all_modules()
+    seg = Config.fromfile('configs/semantic_segmentation/upernet_mpvit_tiny_160k_ade20k.py')
+    seg.model.backbone.pop('init_cfg')
+    seg.model.backbone.norm_layer = dict(type='BN', requires_grad=True)
+    for part in ('decode_head', 'auxiliary_head'):
+        seg.model[part].norm_cfg = dict(type='BN', requires_grad=True)
+    return [('detectron2', build_model(cfg), load_d2, 'backbone.bottom_up.backbone.'),
+            ('mmseg', MODELS.build(seg.model), load_segmentor_weights, 'backbone.'),
+            ('deformable_detr', build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10), load_detr,
+             'model.backbone.model.backbone.')]
+
+
+def test_every_task_loader_means_the_same_by_head(tmp_path):
+    """'require' (evaluating) refuses a backbone-only file in one line; 'reset' (fine-tuning) fills the backbone
+    from it and returns everything else as left at its initial values; the caller's checkpoint is not changed."""
+    import timm
+
+    torch.manual_seed(0)
+    classifier = timm.create_model('mpvit_tiny').state_dict()
+    path = tmp_path / 'classifier.pth'
+    torch.save({'model': classifier}, path)
+    for name, model, load, prefix in _task_models():
+        with pytest.raises(mpvit.CheckpointError, match='backbone weights only|no decode head|decode_head') as error:
+            load(model, str(path))
+        assert '\n' not in str(error.value) and 'classifier.pth' in str(error.value), name
+        checkpoint = {'model': dict(classifier)}
+        left = load(model, str(path), checkpoint=checkpoint, head='reset')
+        own = model.state_dict()
+        assert sorted(left) == sorted(k for k in own if not k.startswith(prefix)), name
+        assert torch.equal(own[prefix + 'stem.0.conv.weight'], classifier['stem.0.conv.weight']), name
+        assert checkpoint['model'].keys() == classifier.keys(), name

@@ -36,7 +36,7 @@ import torch
 
 import mpvit  # noqa: F401  (registers the models)
 from mpvit import model_zoo
-from mpvit.checkpoint import checkpoint_filter_fn, checkpoint_tensors, local_checkpoint
+from mpvit.checkpoint import checkpoint_tensors, load_backbone_weights, local_checkpoint
 from mpvit.model_zoo import HUB_TASKS
 from mpvit.serialization import check_container, load_dropping_objects, safe_load, save_safetensors
 from mpvit.training import ensure_writable_dir, user_errors_in_one_line
@@ -112,8 +112,8 @@ def export(args: argparse.Namespace) -> Path:
         checkpoint = safe_load(str(path))
     classifier = entry.task == 'classification'
     model = timm.create_model(variant, num_classes=1000 if classifier else 0).eval()
-    # The same filter every loader uses: backbone extracted from any layout, classifier required to fit.
-    model.load_state_dict(checkpoint_filter_fn(checkpoint, model, head='require'))
+    # The one loader: backbone extracted from any layout, classifier required to fit.
+    load_backbone_weights(model, str(path), checkpoint=checkpoint, head='require')
     out = ensure_writable_dir(args.out, 'output folder')
     model_config: Dict = {}
     if classifier:

@@ -27,8 +27,8 @@ from mpvit.models.features import create_features, resolve_arch
 from mpvit.models.mpvit import STEM_LEVELS
 
 
-def norm_factory(norm: str):
-    """Detectron2's norm names for the conv paths of MPViT.
+def norm_factory(norm: str, option: str = 'MODEL.MPVIT.NORM') -> Callable[[int], nn.Module]:
+    """Detectron2's norm names for the conv paths of MPViT (``option`` names the setting in errors).
 
     GN uses gcd(32, channels) groups: MPViT widths such as 216 or 368 are not
     multiples of Detectron2's fixed 32 groups.
@@ -36,7 +36,7 @@ def norm_factory(norm: str):
     if norm == 'GN':
         return lambda channels: nn.GroupNorm(math.gcd(32, channels), channels)
     if norm not in ('BN', 'SyncBN', 'FrozenBN', 'nnSyncBN', 'naiveSyncBN'):
-        raise InvalidInputError(f"MODEL.MPVIT.NORM {norm!r} is not one of 'BN', 'SyncBN', 'FrozenBN', 'GN'")
+        raise InvalidInputError(f"{option} {norm!r} is not one of 'BN', 'SyncBN', 'FrozenBN', 'GN'")
     return lambda channels: get_norm(norm, channels)
 
 
@@ -67,7 +67,7 @@ class D2MPViT(Backbone):
     def __init__(
             self,
             model_name: Union[str, Mapping[str, Any]] = 'mpvit_small',
-            out_indices: Sequence[Union[int, str]] = STAGE_NAMES,
+            out_indices: Union[int, Sequence[Union[int, str]]] = STAGE_NAMES,
             *,
             in_chans: int = 3,
             norm_layer: Union[str, Callable[[int], nn.Module]] = 'BN',
@@ -76,10 +76,17 @@ class D2MPViT(Backbone):
             batch_paths: str = 'auto',
     ):
         super().__init__()
-        levels = [_LEVELS.get(level, level) for level in out_indices]
+        if isinstance(out_indices, int):  # timm's last-n
+            levels = out_indices
+        else:
+            unknown = [v for v in out_indices if isinstance(v, str) and v not in _LEVELS and v not in STEM_LEVELS]
+            if unknown:
+                raise InvalidInputError(f'D2MPViT out_indices {unknown[0]!r}: levels are named {", ".join(_LEVELS)}, '
+                                        f'or stage indices 0..3 and {", ".join(STEM_LEVELS)}')
+            levels = [_LEVELS.get(level, level) for level in out_indices]
         features = create_features(
             model_name, levels, in_chans=in_chans, drop_path_rate=drop_path_rate, fast_ops=fast_ops,
-            norm_layer=norm_factory(norm_layer) if isinstance(norm_layer, str) else norm_layer,
+            norm_layer=norm_factory(norm_layer, 'D2MPViT norm_layer') if isinstance(norm_layer, str) else norm_layer,
             batch_paths=batch_paths,
         )
         self.backbone = features.model  # where the released checkpoints put the core model

@@ -92,7 +92,7 @@ class MPViTCheckpointer(DetectionCheckpointer):
         state = unwrap_checkpoint(loaded)
         if backbone_prefix(state) == D2_BACKBONE_PREFIX:
             extra = {k: v for k, v in loaded.items() if k not in ('model', 'state_dict')}
-            return {**extra, 'model': state}
+            return {**extra, 'model': dict(state)}  # copies: loading edits them, the caller's stay as they were
         # A backbone from another task: the shared extractor fits it to our core model, placed where it sits.
         where, core = find_mpvit(self.model)
         try:
@@ -110,7 +110,7 @@ class MPViTCheckpointer(DetectionCheckpointer):
         if not isinstance(data, dict):
             raise CheckpointError(f'expected a dict in the .pkl file, got {type(data).__name__}')
         if 'model' in data and '__author__' in data:
-            return data
+            return {**data, 'model': dict(data['model'])}
         data = data.get('blobs', data)
         return {'model': {k: v for k, v in data.items() if not k.endswith('_momentum')}, '__author__': 'Caffe2',
                 'matching_heuristics': True}
@@ -122,7 +122,8 @@ class MPViTCheckpointer(DetectionCheckpointer):
         core = checkpoint.pop('__mpvit_core__', D2_BACKBONE_PREFIX)
         if backbone_only and self.heads_must_fit:
             raise CheckpointError('the checkpoint holds MPViT backbone weights only (a classification or other-task '
-                                  'checkpoint): no detector to evaluate')
+                                  "checkpoint): no detector to evaluate; head='reset' initialises the backbone from "
+                                  'it')
         # Fine-tuning resets heads of another shape (Detectron2 skips them with a warning); evaluation may not.
         if self.heads_must_fit:
             check_head_classes(weights, self.model, 'the checkpoint')

@@ -111,8 +111,9 @@ def load_detector_weights(model: nn.Module, source: str, *, checkpoint: Optional
         model: the detector (:func:`mpvit.deformable_detr.build_deformable_detr`).
         source: the file, URL, ``hf-hub:`` id or zoo name; names the weights in errors.
         checkpoint: the file's contents when the caller has read it already.
-        head: ``'require'`` (evaluating, resuming): everything must fit; ``'reset'`` (fine-tuning on other
-            classes): a class head of another size is not loaded, so the model keeps its fresh one.
+        head: ``'require'`` (evaluating, resuming): a whole detector that fits; ``'reset'`` (fine-tuning on
+            other classes): a class head of another size is not loaded, so the model keeps its fresh one, and a
+            backbone-only file initialises the backbone.
     """
     if head not in HEAD_POLICIES:
         raise ValueError(f'head={head!r}: expected one of {HEAD_POLICIES}')
@@ -125,6 +126,10 @@ def load_detector_weights(model: nn.Module, source: str, *, checkpoint: Optional
     elif _is_detector(state):
         state = upgrade_state_dict(state)
     else:  # a classification / Detectron2 / mmseg / DETR-backbone / TimmWrapper checkpoint: backbone only
+        if head == 'require':
+            raise CheckpointError(f'{source} holds MPViT backbone weights only (a classification or other-task '
+                                  "checkpoint): no detector to evaluate; head='reset' initialises the backbone "
+                                  'from it')
         core = core_model(model)
         try:
             weights = checkpoint_filter_fn(state, core)

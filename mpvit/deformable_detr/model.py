@@ -49,7 +49,9 @@ def build_deformable_detr(
     mpvit_arch(backbone)  # a clear error for anything but an MPViT variant
     name = 'mpvit_' + backbone.removeprefix('mpvit_')
     levels = list(out_indices)
-    stages = [i for i in levels if not isinstance(i, str)]
+    num_stages = len(mpvit_arch(backbone)['num_layers'])
+    # By depth, as the backbone returns them (transformers sizes its input projections in this order).
+    stages = sorted({i + num_stages if i < 0 else i for i in levels if not isinstance(i, str)})
     if not stages or len(levels) > num_feature_levels:
         raise InvalidInputError(f'out_indices {tuple(levels)}: at least one stage and at most num_feature_levels '
                                 f'({num_feature_levels}) levels')

@@ -80,14 +80,15 @@ class MMSegMPViT(BaseModule):
     ``'stem.0'`` (stride 2) / ``'stem.1'`` (stride 4) where named there (they come first).
 
     Takes the arguments every adapter takes (:func:`mpvit.models.create_features`), under the same names;
-    the former ``arch`` / ``norm_cfg`` / ``in_channels`` still work, with a ``FutureWarning``.
+    the former ``arch`` / ``norm_cfg`` / ``in_channels`` still work, with a ``FutureWarning`` (a former and a
+    new name set to different values is one line naming both).
 
     Args:
-        model_name: the variant, ``'mpvit_tiny'`` | ``'mpvit_xsmall'`` | ``'mpvit_small'`` | ``'mpvit_base'``
-            (timm's names; the short ``'small'`` ... are accepted too), or a dict of MPViT's own arguments
-            (``num_path``, ``num_layers``, ``embed_dims``, ``mlp_ratio``).
+        model_name: the variant, ``'mpvit_tiny'`` | ``'mpvit_xsmall'`` | ``'mpvit_small'`` (the default) |
+            ``'mpvit_base'`` (timm's names; the short ``'small'`` ... are accepted too), or a dict of MPViT's
+            own arguments (``num_path``, ``num_layers``, ``embed_dims``, ``mlp_ratio``).
         out_indices: stages to return (0..3), and stem maps by name (``('stem.0', 0, 1, 2, 3)``).
-        in_chans: input image channels.
+        in_chans: input image channels (3 by default).
         norm_layer: mmcv norm config for the conv paths (``dict(type='SyncBN', requires_grad=True)``, BN,
             GN ...), or a factory ``(channels) -> module``.
         drop_path_rate: stochastic depth.
@@ -103,10 +104,10 @@ class MMSegMPViT(BaseModule):
 
     def __init__(
             self,
-            model_name: Union[str, Dict] = 'mpvit_small',
-            out_indices: Sequence[Union[int, str]] = (0, 1, 2, 3),
+            model_name: Union[str, Dict, None] = None,
+            out_indices: Union[int, Sequence[Union[int, str]]] = (0, 1, 2, 3),
             *,
-            in_chans: int = 3,
+            in_chans: Optional[int] = None,
             norm_layer: Union[Dict, Callable[[int], torch.nn.Module], None] = None,
             drop_path_rate: float = 0.,
             fast_ops: bool = True,
@@ -116,20 +117,24 @@ class MMSegMPViT(BaseModule):
             **renamed: Any,
     ):
         super().__init__(init_cfg=init_cfg)
+        option = 'model.backbone.model_name'
         if renamed:  # a config written before the one adapter face
-            given = renamed_arguments('MPViT', renamed, _RENAMED)
-            model_name = given.get('model_name', model_name)
-            norm_layer = given.get('norm_layer', norm_layer)
-            in_chans = given.get('in_chans', in_chans)
+            given = renamed_arguments('model.backbone (MPViT)', renamed, _RENAMED,
+                                      dict(model_name=model_name, norm_layer=norm_layer, in_chans=in_chans))
+            model_name, norm_layer, in_chans = given['model_name'], given['norm_layer'], given['in_chans']
+            option = 'model.backbone.arch' if 'arch' in renamed else option
+        model_name = 'mpvit_small' if model_name is None else model_name
+        in_chans = 3 if in_chans is None else in_chans
         if norm_layer is None or isinstance(norm_layer, Mapping):
             norm_cfg = dict(norm_layer or dict(type='BN', requires_grad=True))
             norm_layer = lambda channels: build_norm_layer(norm_cfg, channels)[1]  # noqa: E731
         features = create_features(
-            resolve_arch(model_name, option='model.backbone.model_name'), out_indices, in_chans=in_chans,
+            resolve_arch(model_name, option=option), out_indices, in_chans=in_chans,
             norm_layer=norm_layer, drop_path_rate=drop_path_rate, fast_ops=fast_ops, batch_paths=batch_paths,
         )
         self.backbone = features.model
-        self.out_indices = tuple(out_indices)
+        self.model_name = model_name  # what was built, for the evaluation record
+        self.out_indices = out_indices if isinstance(out_indices, int) else tuple(out_indices)
         self._levels = features.out_indices
         self._channels = features.feature_info.channels()
         self.norm_eval = norm_eval

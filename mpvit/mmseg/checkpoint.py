@@ -17,7 +17,16 @@ import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.utils import apply_to
 
-from mpvit.checkpoint import HEAD_POLICIES, check_fit, read_checkpoint, require_task_weights, unwrap_checkpoint
+from mpvit.checkpoint import (
+    HEAD_POLICIES,
+    CheckpointError,
+    check_fit,
+    checkpoint_filter_fn,
+    read_checkpoint,
+    require_task_weights,
+    unwrap_checkpoint,
+)
+from mpvit.models.mpvit import find_mpvit
 from mpvit.serialization import safe_load_stream
 
 __all__ = ['last_read', 'load_segmentor_weights']
@@ -95,16 +104,24 @@ def load_segmentor_weights(model: torch.nn.Module, source: str, *, checkpoint: O
         source: the file, URL, ``hf-hub:`` id or zoo name; names the weights in errors.
         checkpoint: the file's contents when the caller has read it already (it also takes the class names
             from its ``meta``).
-        head: ``'require'``: the heads' class layers must fit the model's; ``'reset'`` (fine-tuning on other
-            classes): class layers of another shape keep their fresh values.
+        head: ``'require'`` (evaluating): a whole segmentor that fits; ``'reset'`` (fine-tuning on other
+            classes): class layers of another shape keep their fresh values, and a backbone-only file
+            (classification, detection) initialises the backbone.
     """
     if head not in HEAD_POLICIES:
         raise ValueError(f'head={head!r}: expected one of {HEAD_POLICIES}')
     if checkpoint is None:
         checkpoint = read_checkpoint(source)
     state = unwrap_checkpoint(checkpoint)
-    require_task_weights(state, 'decode_head.', source, 'segmentor')
     own = model.state_dict()
+    if head == 'reset' and not any(k.startswith('decode_head.') for k in state):
+        _, core = find_mpvit(model)
+        try:
+            core.load_state_dict(checkpoint_filter_fn(state, core))
+        except CheckpointError as e:
+            raise CheckpointError(f'{source}: backbone weights: {e}') from None
+        return [k for k in own if not k.startswith('backbone.')]  # the backbone's keys are the core's, flat
+    require_task_weights(state, 'decode_head.', source, 'segmentor')
     check_fit(state, model, what=source,
               shape_may_differ=lambda key: head == 'reset' and key.startswith(_CLASS_LAYERS))
     left = [k for k in own if k not in state or state[k].shape != own[k].shape]

@@ -45,16 +45,27 @@ def resolve_arch(model_name: Union[str, Mapping[str, Any]], option: str = 'model
                             'or a dict of MPViT arguments')
 
 
-def renamed_arguments(owner: str, given: Dict[str, Any], renames: Mapping[str, str]) -> Dict[str, Any]:
-    """The adapters' former argument names (``arch``, ``norm_cfg``, ``in_channels``) under their new ones, with
-    one ``FutureWarning``, so configs written before the one adapter face still build; any other unknown
-    name is a ``TypeError``, as Python gives."""
+def renamed_arguments(owner: str, given: Mapping[str, Any], renames: Mapping[str, str],
+                      current: Mapping[str, Any]) -> Dict[str, Any]:
+    """``current`` (the new names' values; ``None``: not set) with the former names in ``given`` moved to the
+    new ones, and one ``FutureWarning``, so that configs written before the one adapter face still build.
+
+    An old and a new name both set to different values is one line naming both (neither is taken silently);
+    any other unknown name is a ``TypeError``, as Python gives.
+    """
     unknown = [name for name in given if name not in renames]
     if unknown:
         raise TypeError(f"{owner}() got an unexpected keyword argument '{unknown[0]}'")
+    merged = dict(current)
+    for old, value in given.items():
+        new = renames[old]
+        if merged.get(new) is not None and merged[new] != value:
+            raise InvalidInputError(f'{owner}: {old}={value!r} and {new}={merged[new]!r} are both set; {old!r} is '
+                                    f'the former name of {new!r}: keep one')
+        merged[new] = value
     warnings.warn(f'{owner}: ' + ', '.join(f'{old!r} is now {renames[old]!r}' for old in given), FutureWarning,
                   stacklevel=3)
-    return {renames[old]: value for old, value in given.items()}
+    return merged
 
 
 class MPViTFeatures(nn.Module):
@@ -89,8 +100,8 @@ class MPViTFeatures(nn.Module):
                                     "supported (use feature_cls='hook' for a dict)")
         names, stage_indices = _check_levels(model, out_indices)
         levels = model.feature_levels(out_indices)
-        if prune:
-            stage_indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm)
+        if prune:  # its indices in the given order; the maps come by depth
+            model.prune_intermediate_layers(out_indices, prune_norm=not norm)
         if names:  # the levels in output order (timm's FeatureInfo indexes a list of them)
             self.feature_info = FeatureInfo(levels, tuple(range(len(levels))))
         else:

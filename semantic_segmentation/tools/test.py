@@ -78,8 +78,9 @@ def main(argv=None) -> dict:
     metrics = runner.test()
     if is_main_process():
         dataset = runner.test_dataloader.dataset
+        built = getattr(getattr(runner.model, 'module', runner.model).backbone, 'model_name', None)  # what ran
         eval_results.write_eval_metrics(osp.join(cfg.work_dir, 'eval_metrics.json'), 'mmseg', metrics,
-                                     config=args.config, model=cfg.model.backbone.get('model_name'),
+                                     config=args.config, model=built if isinstance(built, str) else None,
                                      dataset=eval_dataset_record(dataset))
     return metrics
 

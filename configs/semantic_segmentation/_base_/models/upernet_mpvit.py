@@ -12,8 +12,8 @@ model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
     pretrained=None,
-    backbone=dict(type='MPViT', model_name='mpvit_small', out_indices=(0, 1, 2, 3), drop_path_rate=0.2,
-                  norm_layer=norm_cfg),
+    # model_name: each variant's config (the backbone's default is mpvit_small).
+    backbone=dict(type='MPViT', out_indices=(0, 1, 2, 3), drop_path_rate=0.2, norm_layer=norm_cfg),
     decode_head=dict(
         type='UPerHead',
         in_channels=[128, 216, 288, 288],
