@@ -162,10 +162,9 @@ def test_mmseg_former_and_new_names_set_differently_are_one_line():
 
     import mpvit.mmseg  # noqa: F401
 
-    with pytest.warns(FutureWarning), pytest.raises(mpvit.UserError, match=r"arch='mpvit_xsmall' and "
-                                                                           r"model_name='mpvit_tiny' are both set"):
+    with pytest.raises(mpvit.UserError, match=r"arch='mpvit_xsmall' and model_name='mpvit_tiny' are both set"):
         MODELS.build(dict(type='MPViT', model_name='mpvit_tiny', arch='mpvit_xsmall'))
-    with pytest.warns(FutureWarning), pytest.raises(mpvit.UserError, match='norm_cfg=.* and norm_layer=.* both set'):
+    with pytest.raises(mpvit.UserError, match='norm_cfg=.* and norm_layer=.* both set'):
         MODELS.build(dict(type='MPViT', norm_layer=dict(type='GN', num_groups=8), norm_cfg=dict(type='BN')))
     with pytest.warns(FutureWarning):
         same = MODELS.build(dict(type='MPViT', model_name='mpvit_tiny', arch='mpvit_tiny'))

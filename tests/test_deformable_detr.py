@@ -92,7 +92,7 @@ def test_fidelity_against_reference(released):
 def test_checkpoint_errors_and_backbone_init(tmp_path):
     model = build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10)
     classifier = timm.create_model('mpvit_tiny')
-    left = load_detector_weights(model, 'checkpoint', checkpoint={'model': classifier.state_dict()})
+    left = load_detector_weights(model, 'checkpoint', checkpoint={'model': classifier.state_dict()}, head='reset')
     loaded = core_model(model).state_dict()
     for key, value in classifier.state_dict().items():
         if not key.startswith('cls_head.'):
@@ -149,7 +149,7 @@ def test_backbone_weights_of_every_layout_go_through_the_shared_extractor():
             for value in classifier.values():
                 if value.is_floating_point():
                     value.add_(1.0)
-        left = load_detector_weights(model, 'checkpoint', checkpoint=checkpoint)
+        left = load_detector_weights(model, 'checkpoint', checkpoint=checkpoint, head='reset')
         loaded = core_model(model).state_dict()
         assert set(loaded) == {k for k in classifier if not k.startswith('cls_head.')}, layout
         for key, value in loaded.items():
@@ -164,9 +164,10 @@ def test_backbone_weights_of_every_layout_go_through_the_shared_extractor():
     assert adapt_input_conv(3, grey['stem.0.conv.weight']).shape[1] == 1
     with pytest.raises(CheckpointError, match=r'^grey.pth: backbone weights: .*stem.0.conv.weight \(checkpoint '
                                               r'\(32, 1, 3, 3\), model \(32, 3, 3, 3\)\)'):
-        load_detector_weights(model, 'grey.pth', checkpoint={'model': grey})
+        load_detector_weights(model, 'grey.pth', checkpoint={'model': grey}, head='reset')
     with pytest.raises(CheckpointError, match=r'^small.pth: backbone weights: .*does not fit'):  # MPViT-S into -T
-        load_detector_weights(model, 'small.pth', checkpoint={'model': timm.create_model('mpvit_small').state_dict()})
+        load_detector_weights(model, 'small.pth', checkpoint={'model': timm.create_model('mpvit_small').state_dict()},
+                              head='reset')
 
 
 def test_checkpoint_of_the_previous_layout_loads():
