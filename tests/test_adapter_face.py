@@ -124,14 +124,12 @@ def test_the_backbone_loader_returns_the_classifier_it_reset(tmp_path):
     assert torch.equal(five.stem[0].conv.weight, source.stem[0].conv.weight)
 
 
-def test_the_segmentor_loader_resets_class_layers_only_when_asked(tmp_path):
-    pytest.importorskip('mmseg')
+def _upernet_tiny_cfg():
+    """The UperNet MPViT-T config with BN for SyncBN (one process) and no pretrained init."""
     from mmengine.config import Config
-    from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
-    from mpvit.errors import CheckpointError
-    from mpvit.mmseg import load_segmentor_weights
+    import mpvit.mmseg  # noqa: F401
 
     register_all_modules()
     cfg = Config.fromfile('configs/semantic_segmentation/upernet_mpvit_tiny_160k_ade20k.py')
@@ -139,6 +137,17 @@ def test_the_segmentor_loader_resets_class_layers_only_when_asked(tmp_path):
     cfg.model.backbone.norm_layer = dict(type='BN', requires_grad=True)
     for part in ('decode_head', 'auxiliary_head'):
         cfg.model[part].norm_cfg = dict(type='BN', requires_grad=True)
+    return cfg
+
+
+def test_the_segmentor_loader_resets_class_layers_only_when_asked(tmp_path):
+    pytest.importorskip('mmseg')
+    from mmseg.registry import MODELS
+
+    from mpvit.errors import CheckpointError
+    from mpvit.mmseg import load_segmentor_weights
+
+    cfg = _upernet_tiny_cfg()
     ade = MODELS.build(cfg.model)
     for part in ('decode_head', 'auxiliary_head'):
         cfg.model[part].num_classes = 4
@@ -209,9 +218,7 @@ def _task_models():
     pytest.importorskip('transformers')
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
-    from mmengine.config import Config
     from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
 
     from mpvit.d2 import add_mpvit_config
     from mpvit.d2 import load_detector_weights as load_d2
@@ -223,12 +230,7 @@ def _task_models():
     add_mpvit_config(cfg)
     cfg.merge_from_file('configs/detectron2/mask_rcnn_mpvit_tiny_1x.yaml')
     cfg.merge_from_list(['MODEL.DEVICE', 'cpu', 'MODEL.MPVIT.NORM', 'BN', 'MODEL.WEIGHTS', ''])
-    register_all_modules()
-    seg = Config.fromfile('configs/semantic_segmentation/upernet_mpvit_tiny_160k_ade20k.py')
-    seg.model.backbone.pop('init_cfg')
-    seg.model.backbone.norm_layer = dict(type='BN', requires_grad=True)
-    for part in ('decode_head', 'auxiliary_head'):
-        seg.model[part].norm_cfg = dict(type='BN', requires_grad=True)
+    seg = _upernet_tiny_cfg()
     return [('detectron2', build_model(cfg), load_d2, 'backbone.bottom_up.backbone.'),
             ('mmseg', MODELS.build(seg.model), load_segmentor_weights, 'backbone.'),
             ('deformable_detr', build_deformable_detr('mpvit_tiny', num_labels=5, num_queries=10), load_detr,
