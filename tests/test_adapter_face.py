@@ -67,6 +67,8 @@ def test_a_bad_level_or_variant_is_one_line_in_every_adapter():
                 (dict(out_indices=(4,)), r"out_indices \(4,\): levels are stage indices 0..3"),
                 (dict(out_indices=()), 'out_indices'),
                 (dict(out_indices=('stem.2', 0)), "'stem.2'"),
+                (dict(out_indices=(1, 1, 2)), r'out_indices \(1, 1, 2\) names a level twice'),
+                (dict(out_indices=(-1, 3)), 'names a level twice'),
                 (dict(model_name='mpvit_huge'), "'mpvit_huge' is not an MPViT variant")):
             with pytest.raises(mpvit.UserError, match=match) as error:
                 adapter(**{**ARGS, **bad}, norm_layer=norm)
@@ -198,6 +200,18 @@ def test_unsorted_and_last_n_levels_describe_the_maps_returned():
             got = built(torch.randn(1, 3, 64, 64))
         maps = list(got.values()) if isinstance(got, dict) else list(got)
         assert [m.shape[-1] for m in maps] == [4, 2], name
+
+
+def test_the_deformable_detr_builder_takes_the_adapters_levels():
+    pytest.importorskip('transformers')
+    from mpvit.deformable_detr import build_deformable_detr, core_model
+
+    detr = build_deformable_detr('mpvit_tiny', num_labels=3, num_queries=5, out_indices=2, num_feature_levels=3)
+    assert detr.model.backbone.model.out_indices == [2, 3]
+    assert detr.model.backbone.intermediate_channel_sizes == [216, 216]
+    assert core_model(detr).in_chans == 3
+    with pytest.raises(mpvit.UserError, match=r'^out_indices \(1, 1, 2\) names a level twice$'):
+        build_deformable_detr('mpvit_tiny', num_labels=3, num_queries=5, out_indices=(1, 1, 2))
 
 
 def test_detectron2_names_and_norms_are_checked_in_the_adapter():

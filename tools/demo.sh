@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs whatever is missing, then the main job on built-in demo data (CPU, about 3 minutes on 2 cores):
+# Installs whatever is missing, then the main job on built-in demo data (CPU, about 3 minutes on 2 cores after the install):
 # writes a small coloured-shapes ImageFolder, trains MPViT-T on it with classification/main.py,
 # and evaluates the checkpoint that the run saved; then Mask R-CNN on COCO-format shapes, and the paper tables.
 set -euo pipefail

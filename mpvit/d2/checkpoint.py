@@ -122,8 +122,9 @@ class MPViTCheckpointer(DetectionCheckpointer):
         core = checkpoint.pop('__mpvit_core__', D2_BACKBONE_PREFIX)
         if backbone_only and self.heads_must_fit:
             raise CheckpointError('the checkpoint holds MPViT backbone weights only (a classification or other-task '
-                                  "checkpoint): no detector to evaluate; head='reset' initialises the backbone from "
-                                  'it')
+                                  'checkpoint): no detector to evaluate (it can initialise the backbone for '
+                                  "training: MODEL.WEIGHTS without --eval-only, or load_detector_weights(..., "
+                                  "head='reset'))")
         # Fine-tuning resets heads of another shape (Detectron2 skips them with a warning); evaluation may not.
         if self.heads_must_fit:
             check_head_classes(weights, self.model, 'the checkpoint')

@@ -12,6 +12,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import Deforma
 from mpvit.deformable_detr.backbone import DeformableDetrMPViTBackbone
 from mpvit.deformable_detr.loss import LOSS_WEIGHTS
 from mpvit.errors import InvalidInputError
+from mpvit.models.features import check_levels
 from mpvit.models.mpvit import mpvit_arch
 
 __all__ = ['DROPOUT', 'MATCHER_COSTS', 'build_deformable_detr', 'reset_deformable_attention']
@@ -48,10 +49,9 @@ def build_deformable_detr(
 
     mpvit_arch(backbone)  # a clear error for anything but an MPViT variant
     name = 'mpvit_' + backbone.removeprefix('mpvit_')
-    levels = list(out_indices)
-    num_stages = len(mpvit_arch(backbone)['num_layers'])
-    # By depth, as the backbone returns them (transformers sizes its input projections in this order).
-    stages = sorted({i + num_stages if i < 0 else i for i in levels if not isinstance(i, str)})
+    # In the order the backbone returns them (transformers sizes its input projections in this order).
+    names, stages = check_levels(out_indices, len(mpvit_arch(backbone)['num_layers']))
+    levels = names + stages
     if not stages or len(levels) > num_feature_levels:
         raise InvalidInputError(f'out_indices {tuple(levels)}: at least one stage and at most num_feature_levels '
                                 f'({num_feature_levels}) levels')

@@ -10,18 +10,19 @@ attribute (``features.model``), where the released checkpoints put it.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models import FeatureInfo
+from timm.models._features import feature_take_indices  # private (no public export): tests/test_dependencies.py
 
 from mpvit.errors import InvalidInputError, first_few
 
 from .batched_paths import set_batch_paths
 from .mpvit import MPVIT_ARCHS, STEM_LEVELS, Level, MPViT, NormLayer, mpvit_arch
 
-__all__ = ['MPViTFeatures', 'create_features', 'renamed_arguments', 'resolve_arch']
+__all__ = ['MPViTFeatures', 'check_levels', 'create_features', 'renamed_arguments', 'resolve_arch']
 
 _ARCH_KEYS = frozenset(next(iter(MPVIT_ARCHS.values())))
 
@@ -60,8 +61,9 @@ def renamed_arguments(owner: str, given: Mapping[str, Any], renames: Mapping[str
     for old, value in given.items():
         new = renames[old]
         if merged.get(new) is not None and merged[new] != value:
-            raise InvalidInputError(f'{owner}: {old}={value!r} and {new}={merged[new]!r} are both set; {old!r} is '
-                                    f'the former name of {new!r}: keep one')
+            raise InvalidInputError(f'{owner}: {old}={value!r} and {new}={merged[new]!r} are both set (a former '
+                                    f'name over a config that uses the new one?); {old!r} is now {new!r}: set '
+                                    f'that one only')
         merged[new] = value
     warnings.warn(f'{owner}: ' + ', '.join(f'{old!r} is now {renames[old]!r}' for old in given), FutureWarning,
                   stacklevel=3)
@@ -98,7 +100,7 @@ class MPViTFeatures(nn.Module):
         if out_map is not None or return_dict:  # timm's getter wrapper takes them but does not support them either
             raise InvalidInputError('features_only MPViT returns a list of maps: out_map / return_dict are not '
                                     "supported (use feature_cls='hook' for a dict)")
-        names, stage_indices = _check_levels(model, out_indices)
+        names, stage_indices = check_levels(out_indices, len(model.mhca_stages))
         levels = model.feature_levels(out_indices)
         if prune:  # its indices in the given order; the maps come by depth
             model.prune_intermediate_layers(out_indices, prune_norm=not norm)
@@ -123,20 +125,31 @@ class MPViTFeatures(nn.Module):
         self.model.set_grad_checkpointing(enable)
 
 
-def _check_levels(model: MPViT, out_indices: Union[int, Sequence[Level]]) -> tuple:
-    """The stem names and stage indices of ``out_indices``, or one line naming them."""
-    stages = len(model.mhca_stages)
-    empty = isinstance(out_indices, (list, tuple)) and not out_indices
+def check_levels(out_indices: Union[int, Sequence[Level]], num_stages: int = 4) -> Tuple[List[str], List[int]]:
+    """The stem maps and the stage indices that ``out_indices`` names, in the order the maps come (the stem
+    first, the stages by depth), or one line saying what is wrong with it.
+
+    Stage indices follow timm (an int n is the last n stages, negatives count from the end).
+    """
+    shown = tuple(out_indices) if isinstance(out_indices, (list, tuple)) else out_indices
+    levels = f'levels are stage indices 0..{num_stages - 1} (or an int n, the last n stages) and the stem maps ' \
+             f'{", ".join(STEM_LEVELS)}'
+    if isinstance(out_indices, (list, tuple)):
+        unknown = [i for i in out_indices if isinstance(i, str) and i not in STEM_LEVELS]
+        if unknown or not out_indices:
+            what = f'no level {unknown[0]!r}' if unknown else 'no level named'
+            raise InvalidInputError(f'out_indices {shown!r}: {what}; {levels}')
+        names = [i for i in out_indices if isinstance(i, str)]
+        numbers = [i for i in out_indices if not isinstance(i, str)]
+    else:
+        names, numbers = [], out_indices
     try:
-        if empty:
-            raise AssertionError('no level')
-        names, take, _ = model._take_levels(out_indices)
-    except AssertionError:  # timm's range asserts
-        shown = tuple(out_indices) if isinstance(out_indices, (list, tuple)) else out_indices
-        raise InvalidInputError(f'out_indices {shown!r}: levels are stage indices 0..{stages - 1} '
-                                f'(or an int n, the last n stages) and the stem maps '
-                                f'{", ".join(STEM_LEVELS)}') from None
-    return names, sorted(set(take))  # forward_intermediates returns the stages by depth
+        take = feature_take_indices(num_stages, numbers)[0] if numbers != [] else []
+    except (AssertionError, TypeError):  # timm's range asserts
+        raise InvalidInputError(f'out_indices {shown!r}: {levels}') from None
+    if len(set(take)) != len(take) or len(set(names)) != len(names):
+        raise InvalidInputError(f'out_indices {shown!r} names a level twice')
+    return [n for n in STEM_LEVELS if n in names], sorted(take)
 
 
 def create_features(
