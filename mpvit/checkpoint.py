@@ -23,7 +23,7 @@ torch's wall of keys or a silently half-loaded model.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -204,6 +204,12 @@ def checkpoint_filter_fn(
     counts. A classifier that fits is always loaded; a model without one
     (``num_classes=0``) ignores the checkpoint's.
     """
+    return _backbone_weights(state_dict, model, head)[0]
+
+
+def _backbone_weights(state_dict: Mapping[str, Any], model: nn.Module,
+                      head: str) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """:func:`checkpoint_filter_fn`'s weights, and the keys of the model's own classifier kept in them."""
     if head not in HEAD_POLICIES:
         raise ValueError(f'head={head!r}: expected one of {HEAD_POLICIES}')
     state_dict = unwrap_checkpoint(state_dict)
@@ -224,6 +230,7 @@ def checkpoint_filter_fn(
                                   "(to fine-tune, load it with head='reset': classification/main.py --pretrained)")
         _logger.warning('%s: keeping the model\'s freshly initialised classifier (fine-tuning)', message)
     weights.update(ckpt_head if head_fits else own_head)
+    kept = [] if head_fits else list(own_head)
 
     drop_unused_norm_stats(weights, own)
 
@@ -236,7 +243,7 @@ def checkpoint_filter_fn(
         _logger.info('adapted %s from %d to %d input channels', STEM_WEIGHT, stem.shape[1], in_chans)
 
     check_fit(weights, model)
-    return weights
+    return weights, kept
 
 
 def checkpoint_tensors(checkpoint: Any, what: str = 'checkpoint') -> Dict[str, torch.Tensor]:
@@ -290,11 +297,8 @@ def load_backbone_weights(model: nn.Module, source: str, *, checkpoint: Optional
     if checkpoint is None:
         checkpoint = read_checkpoint(source)
     try:
-        weights = checkpoint_filter_fn(checkpoint, model, head=head)
+        weights, left = _backbone_weights(checkpoint, model, head)
     except CheckpointError as e:
         raise CheckpointError(f'{source}: {e}') from None
-    # A classifier that did not fit is the model's own tensors, which checkpoint_filter_fn put back.
-    left = [k for k, v in model.state_dict().items()
-            if k.startswith('cls_head.') and k in weights and weights[k].data_ptr() == v.data_ptr()]
     model.load_state_dict(weights)
     return left

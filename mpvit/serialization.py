@@ -270,13 +270,13 @@ class _RefusedContentError(CheckpointError):
 def _refusal(path: str, names: List[str], hint: bool = True) -> CheckpointError:
     what = ', '.join(names) if names else 'a Python object that is not a tensor or a known data type'
     return _RefusedContentError(f'{path} asks to unpickle {what}: refused, as loading it could run code '
-                           '(only tensors and plain data are read)' + (f'; {_convert_hint(path)}' if hint else ''))
+                                '(only tensors and plain data are read)' + (f'; {_convert_hint(path)}' if hint else ''))
 
 
 def _data_refusal(path: str, error: safe_numpy.RefusedData) -> CheckpointError:
-    return _RefusedContentError(f'{path} holds {error}: refused, only numpy data of bool, number, bytes and str types '
-                           'is read (other or edited dtypes make numpy take the file\'s bytes as memory addresses); '
-                           'get the file from a source you trust')
+    return _RefusedContentError(f'{path} holds {error}: refused, only numpy data of bool, number, bytes and str '
+                                'types is read (other or edited dtypes make numpy take the file\'s bytes as memory '
+                                'addresses); get the file from a source you trust')
 
 
 def _read_safetensors(path: str, header_only: bool = False) -> Dict[str, torch.Tensor]:

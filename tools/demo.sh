@@ -40,3 +40,4 @@ echo "[demo] detection: COCO AP above"
 
 echo "[demo] the paper's tables; the demo runs (toy data) are listed apart, under 'Other results'"
 "$PY" tools/paper_tables.py --no-flops --results output/demo
+echo "[demo] done in ${SECONDS}s"

@@ -12,8 +12,7 @@ from transformers.models.deformable_detr.modeling_deformable_detr import Deforma
 from mpvit.deformable_detr.backbone import DeformableDetrMPViTBackbone
 from mpvit.deformable_detr.loss import LOSS_WEIGHTS
 from mpvit.errors import InvalidInputError
-from mpvit.models.features import check_levels
-from mpvit.models.mpvit import mpvit_arch
+from mpvit.models.mpvit import check_levels, mpvit_arch
 
 __all__ = ['DROPOUT', 'MATCHER_COSTS', 'build_deformable_detr', 'reset_deformable_attention']
 
@@ -47,10 +46,10 @@ def build_deformable_detr(
     """
     import mpvit.models  # noqa: F401  (registers the timm models the backbone config names)
 
-    mpvit_arch(backbone)  # a clear error for anything but an MPViT variant
+    arch = mpvit_arch(backbone)  # a clear error for anything but an MPViT variant
     name = 'mpvit_' + backbone.removeprefix('mpvit_')
     # In the order the backbone returns them (transformers sizes its input projections in this order).
-    names, stages = check_levels(out_indices, len(mpvit_arch(backbone)['num_layers']))
+    names, stages = check_levels(out_indices, len(arch['num_layers']))
     levels = names + stages
     if not stages or len(levels) > num_feature_levels:
         raise InvalidInputError(f'out_indices {tuple(levels)}: at least one stage and at most num_feature_levels '

@@ -10,19 +10,18 @@ attribute (``features.model``), where the released checkpoints put it.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from timm.models import FeatureInfo
-from timm.models._features import feature_take_indices  # private (no public export): tests/test_dependencies.py
 
 from mpvit.errors import InvalidInputError, first_few
 
 from .batched_paths import set_batch_paths
-from .mpvit import MPVIT_ARCHS, STEM_LEVELS, Level, MPViT, NormLayer, mpvit_arch
+from .mpvit import MPVIT_ARCHS, Level, MPViT, NormLayer, check_levels, mpvit_arch
 
-__all__ = ['MPViTFeatures', 'check_levels', 'create_features', 'renamed_arguments', 'resolve_arch']
+__all__ = ['MPViTFeatures', 'create_features', 'renamed_arguments', 'resolve_arch']
 
 _ARCH_KEYS = frozenset(next(iter(MPVIT_ARCHS.values())))
 
@@ -123,33 +122,6 @@ class MPViTFeatures(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
-
-
-def check_levels(out_indices: Union[int, Sequence[Level]], num_stages: int = 4) -> Tuple[List[str], List[int]]:
-    """The stem maps and the stage indices that ``out_indices`` names, in the order the maps come (the stem
-    first, the stages by depth), or one line saying what is wrong with it.
-
-    Stage indices follow timm (an int n is the last n stages, negatives count from the end).
-    """
-    shown = tuple(out_indices) if isinstance(out_indices, (list, tuple)) else out_indices
-    levels = f'levels are stage indices 0..{num_stages - 1} (or an int n, the last n stages) and the stem maps ' \
-             f'{", ".join(STEM_LEVELS)}'
-    if isinstance(out_indices, (list, tuple)):
-        unknown = [i for i in out_indices if isinstance(i, str) and i not in STEM_LEVELS]
-        if unknown or not out_indices:
-            what = f'no level {unknown[0]!r}' if unknown else 'no level named'
-            raise InvalidInputError(f'out_indices {shown!r}: {what}; {levels}')
-        names = [i for i in out_indices if isinstance(i, str)]
-        numbers = [i for i in out_indices if not isinstance(i, str)]
-    else:
-        names, numbers = [], out_indices
-    try:
-        take = feature_take_indices(num_stages, numbers)[0] if numbers != [] else []
-    except (AssertionError, TypeError):  # timm's range asserts
-        raise InvalidInputError(f'out_indices {shown!r}: {levels}') from None
-    if len(set(take)) != len(take) or len(set(names)) != len(names):
-        raise InvalidInputError(f'out_indices {shown!r} names a level twice')
-    return [n for n in STEM_LEVELS if n in names], sorted(take)
 
 
 def create_features(

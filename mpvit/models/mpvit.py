@@ -43,7 +43,7 @@ from mpvit.errors import CheckpointError, InvalidInputError
 
 from ._aliases import copy_shared_aliases, resolve_alias_copies
 
-__all__ = ['MPViT', 'MPVIT_ARCHS', 'STEM_LEVELS', 'find_mpvit', 'fold_batchnorm', 'mpvit_arch',
+__all__ = ['MPViT', 'MPVIT_ARCHS', 'STEM_LEVELS', 'check_levels', 'find_mpvit', 'fold_batchnorm', 'mpvit_arch',
            'set_fast_ops']
 
 NormLayer = Callable[[int], nn.Module]
@@ -60,6 +60,35 @@ MPVIT_ARCHS: Dict[str, Dict] = {
     'small': dict(num_path=(2, 3, 3, 3), num_layers=(1, 3, 6, 3), embed_dims=(64, 128, 216, 288), mlp_ratio=4.),
     'base': dict(num_path=(2, 3, 3, 3), num_layers=(1, 3, 8, 3), embed_dims=(128, 224, 368, 480), mlp_ratio=4.),
 }
+
+
+def check_levels(out_indices: Optional[Union[int, Sequence[Level]]], num_stages: int = 4,
+                 option: str = 'out_indices') -> Tuple[List[str], List[int]]:
+    """The stem maps and the stage indices that ``out_indices`` names, in the order the maps come (the stem
+    first, the stages by depth), or one line saying what is wrong with it.
+
+    Stage indices follow timm (an int n is the last n stages, negatives count from the end; ``None``: all).
+    ``option`` names the argument in errors.
+    """
+    shown = tuple(out_indices) if isinstance(out_indices, (list, tuple)) else out_indices
+    levels = f'levels are stage indices 0..{num_stages - 1} (or an int n, the last n stages) and the stem maps ' \
+             f'{", ".join(STEM_LEVELS)}'
+    if isinstance(out_indices, (list, tuple)):
+        unknown = [i for i in out_indices if isinstance(i, str) and i not in STEM_LEVELS]
+        if unknown or not out_indices:
+            what = f'no level {unknown[0]!r}' if unknown else 'no level named'
+            raise InvalidInputError(f'{option} {shown!r}: {what}; {levels}')
+        names = [i for i in out_indices if isinstance(i, str)]
+        numbers = [i for i in out_indices if not isinstance(i, str)]
+    else:
+        names, numbers = [], out_indices
+    try:
+        take = feature_take_indices(num_stages, numbers)[0] if numbers != [] else []
+    except (AssertionError, TypeError):  # timm's range asserts
+        raise InvalidInputError(f'{option} {shown!r}: {levels}') from None
+    if len(set(take)) != len(take) or len(set(names)) != len(names):
+        raise InvalidInputError(f'{option} {shown!r} names a level twice')
+    return [n for n in STEM_LEVELS if n in names], sorted(take)
 
 
 def mpvit_arch(name: str) -> Dict:
@@ -838,29 +867,16 @@ class MPViT(nn.Module):
         return set_fast_ops(self, enable)
 
     def _take_levels(self, indices: Optional[Union[int, Sequence[Level]]]) -> Tuple[List[str], List[int], int]:
-        """``indices`` split into the stem levels named (``STEM_LEVELS``, in forward order), the stage indices
-        (timm's rules: an int n is the last n stages, negatives count from the end) and the last stage to run
-        (-1: none)."""
-        if isinstance(indices, (list, tuple)):
-            names = [i for i in indices if isinstance(i, str)]
-            unknown = [n for n in names if n not in STEM_LEVELS]
-            if unknown:
-                raise InvalidInputError(f'MPViT feature level {unknown[0]!r}: levels are stage indices 0..'
-                                        f'{len(self.mhca_stages) - 1} or the stem maps {", ".join(STEM_LEVELS)}')
-            numbers = [i for i in indices if not isinstance(i, str)]
-            if names and not numbers:
-                return [n for n in STEM_LEVELS if n in names], [], -1
-            take, max_index = feature_take_indices(len(self.mhca_stages), numbers)
-            return [n for n in STEM_LEVELS if n in names], take, max_index
-        take, max_index = feature_take_indices(len(self.mhca_stages), indices)
-        return [], take, max_index
+        """:func:`check_levels` of ``indices`` and the last stage to run (-1: none)."""
+        names, take = check_levels(indices, len(self.mhca_stages), option='indices')
+        return names, take, max(take, default=-1)
 
     def feature_levels(self, indices: Optional[Union[int, Sequence[Level]]] = None) -> List[Dict]:
         """The ``feature_info`` entries (channels, stride, module) of what ``forward_intermediates(x, indices)``
         returns, in its order (the stem maps first, then the stages by depth)."""
         names, take, _ = self._take_levels(indices)
         stems = [dict(info) for info in self.stem_feature_info if info['module'] in names]
-        return stems + [dict(self.feature_info[i]) for i in sorted(set(take))]
+        return stems + [dict(self.feature_info[i]) for i in take]
 
     def forward_intermediates(
             self,
